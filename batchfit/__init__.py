@@ -1,0 +1,9 @@
+"""batchfit: fit very many independent curves at once, on the GPU when there is one."""
+
+from .engine import fit
+from .losses import BUILTIN_LOSSES
+from .problem import FitResult, History, Status
+from .solvers import SOLVERS
+
+__version__ = "0.1.0"
+__all__ = ["fit", "FitResult", "History", "Status", "BUILTIN_LOSSES", "SOLVERS", "__version__"]

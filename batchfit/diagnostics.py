@@ -1,0 +1,85 @@
+"""Per-series diagnostics of a finished fit: loss, rmse, r2, standard errors, status.
+
+Formulas (weights w, used points n, coefficients k, residuals r = y - f(x)):
+
+* ``loss``: weighted mean of the per-point loss; ``rmse = sqrt(mean r^2)`` over used points
+  (unweighted, in y units); ``r2 = 1 - sum w r^2 / sum w (y - ybar_w)^2`` (statsmodels' WLS
+  ``rsquared``), NaN when y is constant.
+* Standard errors, MSE: weighted least squares, ``cov = s^2 (X^T W X)^-1`` with
+  ``s^2 = sum w r^2 / (n - k)``, as statsmodels' WLS and ``numpy.polyfit(..., cov=True)`` with
+  ``w = sqrt(weights)``. Robust losses: Huber's M-estimator form with ``psi(r) = l'(r) / 2``
+  (l the per-point loss), ``cov = s^2 A^-1``, ``A = X^T diag(w psi'(r)) X``,
+  ``s^2 = sum w psi^2 / (n - k) / mean_w(psi')^2``, which reduces to the MSE formula for MSE.
+  Undefined (NaN) when n <= k, for user loss callables, and where A is not positive definite
+  (possible for the non-convex cauchy and arctan).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import linalg
+from .losses import Loss
+from .models import Sums, chebyshev_eval, to_raw_map, total_squares, weighted_gram
+from .problem import Status
+
+
+def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
+    """Raw-unit standard errors from the frame's curvature matrix and residual spread."""
+    k = len(curvature)
+    dof = sums.n - k
+    cov_frame, ok = linalg.inverse(curvature, pivot_tol)
+    sigma2 = (spread / dof.clamp(min=1)).to(torch.float64)
+    to_raw = to_raw_map(sums.centre_raw, sums.half, k)
+    cov_frame = tuple(tuple(c.to(torch.float64) * sigma2 for c in row) for row in cov_frame)
+    cov = linalg.mat_mat(linalg.mat_mat(to_raw, cov_frame), linalg.transpose(to_raw))
+    defined = ok & (dof > 0)
+    return tuple(torch.where(defined, torch.sqrt(cov[i][i].clamp(min=0)), torch.nan)
+                 for i in range(k))
+
+
+def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
+    """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame."""
+    pred = chebyshev_eval(t, q)
+    r = y - pred
+    sse = (w * r * r).sum()
+    sst = total_squares(y, w, sums.ybar)
+    out = {
+        "loss": loss.series_loss(pred, y, w, f_scale),
+        "rmse": torch.sqrt(torch.where(w > 0, r * r, 0).sum() / sums.n),
+        "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
+        "params": linalg.mat_vec(to_raw_map(sums.centre_raw, sums.half, len(q)),
+                                 tuple(qj.to(torch.float64) for qj in q)),
+    }
+    if loss.user is not None:
+        out["stderr"] = tuple(torch.full_like(p, torch.nan) for p in out["params"])
+    elif loss.is_mse:
+        out["stderr"] = coefficient_errors(sums, sums.gram, sse, pivot_tol)
+    else:
+        psi, dpsi = loss.psi(r, f_scale)
+        spread = (w * psi**2).sum() / ((w * dpsi).sum() / sums.wsum) ** 2
+        out["stderr"] = coefficient_errors(sums, weighted_gram(t, w * dpsi, len(q)), spread,
+                                           pivot_tol)
+    return out
+
+
+def finalize(summary: dict, n, solvable, converged, diverged, params=None) -> dict:
+    """One series' final record: its status (most fundamental failure first), and NaN in
+    place of every number that means nothing for a series whose fit is not identified."""
+    params = summary["params"] if params is None else tuple(p.to(torch.float64) for p in params)
+    k = len(params)
+    finite = torch.isfinite(summary["loss"])
+    for p in params:
+        finite = finite & torch.isfinite(p)
+    code = torch.where(converged, int(Status.OK), int(Status.NOT_CONVERGED))
+    code = torch.where(diverged | ~finite, int(Status.DIVERGED), code)
+    code = torch.where(solvable, code, int(Status.SINGULAR))
+    code = torch.where(n < k, int(Status.TOO_FEW_POINTS), code)
+    unidentified = (n < k) | ~solvable
+
+    def blank(value):
+        return torch.where(unidentified, torch.nan, value)
+
+    return {"params": tuple(map(blank, params)), "stderr": tuple(map(blank, summary["stderr"])),
+            "loss": blank(summary["loss"]), "rmse": blank(summary["rmse"]),
+            "r2": blank(summary["r2"]), "n_points": n, "status": code.to(torch.int8)}

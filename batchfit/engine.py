@@ -1,0 +1,177 @@
+"""The front door ``fit``: the one place that picks devices, vmaps and compiles.
+
+Solvers hand per-series functions to ``_Vectorizer``, which vmaps them over the batch (inputs
+with a leading batch axis are mapped, scalars are shared) and, for the hot kernels and when it
+pays, compiles them with ``torch.compile(dynamic=True)``: one compiled kernel then serves every
+batch size and series length, and is reused across calls.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Callable
+
+import torch
+from torch.func import vmap
+from torch.utils import _pytree as pytree
+
+from .losses import resolve_loss
+from .problem import FitResult, Series, make_problem, used_points
+from .solvers import (DEFAULT_EPOCHS, SOLVERS, SolverConfig, solve_descent, solve_exact,
+                      solve_newton, solve_without_points)
+
+MAX_DEGREE = 10
+COMPILE_MIN_WORK = 2e7  # element-steps below which eager beats a (cached) compile
+_VMAPPED: dict = {}
+# Inductor's own lowering code calls a deprecated torch helper; that is torch's business, not
+# the user's, so keep it off their terminal.
+warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated",
+                        category=FutureWarning)
+_COMPILED: dict = {}
+
+
+def resolve_device(device, *arrays) -> torch.device:
+    """``auto``: the device of a CUDA tensor input, else CUDA when available, else the CPU."""
+    if device is None or device == "auto":
+        for array in arrays:
+            if isinstance(array, torch.Tensor) and array.device.type != "cpu":
+                return array.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def resolve_dtype(dtype, y) -> torch.dtype:
+    """Default float32 (the contract's), or float64 when y is already a float64 tensor."""
+    if dtype is None:
+        return torch.float64 if isinstance(y, torch.Tensor) and y.dtype == torch.float64 \
+            else torch.float32
+    names = {"float32": torch.float32, "float64": torch.float64}
+    resolved = names.get(dtype, dtype)
+    if resolved not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def _own_entry(batched: Callable) -> Callable:
+    """A wrapper with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object, at most 8 of them; every vmapped kernel
+    would otherwise share the code of vmap's wrapper and they would evict each other.
+    """
+    def entry(*args):
+        return batched(*args)
+    entry.__code__ = entry.__code__.replace()  # a copy: same bytecode, separate cache
+    return entry
+
+
+def _in_dims(args):
+    """Map every tensor with a leading axis over the batch; share scalars and everything else."""
+    return pytree.tree_map(
+        lambda a: 0 if isinstance(a, torch.Tensor) and a.ndim > 0 else None, args)
+
+
+class _Vectorizer:
+    """``vectorize(fn, *args, work=0)``: run per-series ``fn`` over the batch.
+
+    ``work`` estimates the element-steps the call will do; it is compiled when ``compile`` is
+    True and work > 0 (a hot kernel), or when ``compile='auto'`` and work is large enough.
+    """
+
+    def __init__(self, compile, fullgraph: bool):
+        self.compile = compile
+        self.fullgraph = fullgraph
+
+    def __call__(self, fn: Callable, *args, work: float = 0):
+        key = (fn, _in_dims(args))
+        hot = work > 0 if self.compile is True else (
+            self.compile == "auto" and work >= COMPILE_MIN_WORK)
+        if hot:
+            batched = _COMPILED.get(key)
+            if batched is None:
+                batched = torch.compile(_own_entry(vmap(fn, in_dims=key[1])), dynamic=True,
+                                        fullgraph=self.fullgraph)
+                _COMPILED[key] = batched
+        else:
+            batched = _VMAPPED.setdefault(key, vmap(fn, in_dims=key[1]))
+        return batched(*args)
+
+
+def _check_number(name, value, *, low=None, integer=False, strictly=False):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if low is not None and (value <= low if strictly else value < low):
+        raise ValueError(f"{name} must be {'>' if strictly else '>='} {low}, got {value!r}")
+    return value
+
+
+def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="mse",
+        f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
+        epochs: int | None = None, tol: float = 1e-6, init="random", seed: int = 0,
+        device="auto", dtype=None, compile="auto", history_every: int = 0,
+        track=None) -> FitResult:
+    """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
+
+    Parameters
+    ----------
+    x, y : (B, N) arrays or tensors (padded), or (N,) for one series; x may be (N,) shared.
+    weights : (B, N), >= 0; a weight multiplies the point's squared residual (as in WLS).
+    lengths : (B,) ints, points beyond them are padding. ``mask`` (B, N) bool does the same.
+        Points with a non-finite x, y or weight, or weight 0, are skipped.
+    degree : polynomial degree, 0 to 10.
+    loss : ``mse`` or scipy's robust ``huber``, ``soft_l1``, ``cauchy``, ``arctan`` (with
+        ``f_scale``), or a callable ``loss(pred, y)`` (see batchfit.losses).
+    solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
+    lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
+        epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
+        or an array); Newton: epochs is the iteration cap (default 50).
+    device, dtype : ``auto|cpu|cuda``; float32 (default) or float64.
+    compile : True, False or ``auto`` (compile the hot loop when the job is big enough to pay).
+    history_every, track : record the training loss every so many epochs (0: about 300
+        records) for the batch's quantiles and for the tracked series indices.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    _check_number("degree", degree, low=0, integer=True)
+    if degree > MAX_DEGREE:
+        raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
+    _check_number("f_scale", f_scale, low=0, strictly=True)
+    _check_number("tol", tol, low=0)
+    _check_number("seed", seed, integer=True)
+    _check_number("history_every", history_every, low=0, integer=True)
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    loss_spec = resolve_loss(loss)
+    if solver == "auto":
+        solver = "exact" if loss_spec.is_mse else "newton"
+    if lr is None:
+        lr = 1e-3
+    _check_number("lr", lr, low=0, strictly=True)
+    epochs = DEFAULT_EPOCHS.get(solver, 1) if epochs is None else epochs
+    _check_number("epochs", epochs, low=0, integer=True)
+
+    device = resolve_device(device, x, y)
+    problem = make_problem(x, y, weights, lengths, mask, dtype=resolve_dtype(dtype, y),
+                           device=device)
+    vectorize = _Vectorizer(compile, fullgraph=loss_spec.user is None)
+    if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
+        raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
+                         "weighted or non-finite points; return per-point losses instead")
+    cfg = SolverConfig(degree=degree, loss=loss_spec, f_scale=float(f_scale), lr=float(lr),
+                       epochs=int(epochs), tol=float(tol), init=init, seed=seed,
+                       history_every=history_every, track=tuple(int(i) for i in track or ()))
+
+    if problem.y.numel() == 0:
+        return solve_without_points(problem, cfg, solver)
+    if solver == "exact":
+        return solve_exact(problem, cfg, vectorize)
+    if solver == "newton":
+        return solve_newton(problem, cfg, vectorize)
+    return solve_descent(problem, cfg, vectorize, solver)

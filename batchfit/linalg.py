@@ -1,0 +1,93 @@
+"""Small dense algebra on one series, unrolled over the matrix size.
+
+Inside the kernels a series' vectors and matrices are tuples of 0-d tensors (``Vec``, ``Mat``),
+not (k,) or (k, k) tensors. Vmapped, every entry becomes one contiguous (B,) vector, so the
+compiled code is a single fused, vectorised loop over the batch; (B, k) and (B, k, k) tensors
+instead split it into many strided passes (measured 8x slower for a GD step; see
+benchmarks/RESULTS.md). A pivot that is not clearly positive marks the matrix as (numerically)
+singular instead of raising, so one bad series never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Vec = tuple  # of k 0-d tensors
+Mat = tuple  # of k Vecs (rows)
+
+
+def mat_vec(a: Mat, v: Vec) -> Vec:
+    return tuple(sum(aij * vj for aij, vj in zip(row, v)) for row in a)
+
+
+def mat_mat(a: Mat, b: Mat) -> Mat:
+    columns = list(zip(*b))
+    return tuple(tuple(sum(x * y for x, y in zip(row, col)) for col in columns) for row in a)
+
+
+def transpose(a: Mat) -> Mat:
+    return tuple(zip(*a))
+
+
+def dot(u: Vec, v: Vec):
+    return sum(x * y for x, y in zip(u, v))
+
+
+def cholesky(a: Mat, rel_tol: torch.Tensor):
+    """Lower Cholesky factor of a small symmetric matrix, as nested lists.
+
+    Returns ``(factor, ok)``; ``ok`` is False when some pivot is not above ``rel_tol`` times its
+    diagonal entry (rank-deficient or indefinite). Failed pivots are replaced by 1 so the
+    arithmetic stays finite; callers must mask by ``ok``.
+    """
+    k = len(a)
+    factor = [[None] * k for _ in range(k)]
+    ok = None
+    for j in range(k):
+        pivot = a[j][j] - sum(factor[j][m] ** 2 for m in range(j))
+        good = pivot > rel_tol * a[j][j].abs()
+        ok = good if ok is None else ok & good
+        root = torch.sqrt(torch.where(good, pivot, 1))
+        factor[j][j] = root
+        for i in range(j + 1, k):
+            factor[i][j] = (a[i][j] - sum(factor[i][m] * factor[j][m] for m in range(j))) / root
+    return factor, ok
+
+
+def _forward(factor, b: Vec) -> list:
+    """Solve L z = b."""
+    z = []
+    for i in range(len(factor)):
+        z.append((b[i] - sum(factor[i][m] * z[m] for m in range(i))) / factor[i][i])
+    return z
+
+
+def _backward(factor, z) -> Vec:
+    """Solve L^T x = z."""
+    k = len(factor)
+    x = [None] * k
+    for i in reversed(range(k)):
+        x[i] = (z[i] - sum(factor[m][i] * x[m] for m in range(i + 1, k))) / factor[i][i]
+    return tuple(x)
+
+
+def solve(a: Mat, b: Vec, rel_tol: torch.Tensor):
+    """``(a^-1 b, ok)`` for a small symmetric positive definite ``a``."""
+    factor, ok = cholesky(a, rel_tol)
+    return _backward(factor, _forward(factor, b)), ok
+
+
+def inverse(a: Mat, rel_tol: torch.Tensor):
+    """``(a^-1, ok)`` for a small symmetric positive definite ``a``."""
+    factor, ok = cholesky(a, rel_tol)
+    k = len(a)
+    one, zero = torch.ones_like(a[0][0]), torch.zeros_like(a[0][0])
+    columns = [_backward(factor, _forward(factor, [one if i == j else zero for i in range(k)]))
+               for j in range(k)]
+    return transpose(columns), ok
+
+
+def inverse_quadratic(a: Mat, g: Vec, rel_tol: torch.Tensor):
+    """``(g^T a^-1 g, ok)``: the squared Newton decrement when ``a`` is a Hessian."""
+    factor, ok = cholesky(a, rel_tol)
+    return sum(z**2 for z in _forward(factor, g)), ok

@@ -1,0 +1,225 @@
+"""The two values everything else passes around: a batch of series in, a batch of fits out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Status(IntEnum):
+    """Per-series outcome. A failure is data, not an exception."""
+
+    OK = 0
+    TOO_FEW_POINTS = 1  # fewer usable points than coefficients
+    SINGULAR = 2  # x does not have enough distinct values for the degree
+    NOT_CONVERGED = 3  # an iterative solver stopped before meeting tol
+    DIVERGED = 4  # non-finite values, or the loss grew
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+STATUS_LABELS = np.array([s.label for s in Status])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """B series padded to N points, on one device in one floating dtype.
+
+    A point is used when x, y (and w, when given) are finite, w > 0, ``mask`` (when given) is
+    true and its index is below ``lengths`` (when given). Nothing is filtered eagerly: the
+    kernels derive the weights, so no (B, N) temporary is made here.
+    ``x_offset`` (float64, per series) has been subtracted from x already; it is set when x
+    arrived in more precision than the working dtype, so timestamps survive the cast.
+    """
+
+    x: torch.Tensor  # (B, N)
+    y: torch.Tensor  # (B, N)
+    w: torch.Tensor | None = None  # (B, N), >= 0
+    mask: torch.Tensor | None = None  # (B, N) bool
+    lengths: torch.Tensor | None = None  # (B,) int64
+    x_offset: torch.Tensor | None = None  # (B,) float64
+
+    def take(self, rows: torch.Tensor) -> "Problem":
+        """The series at ``rows`` (a copy), e.g. to refit a few of them another way."""
+        def pick(value):
+            return None if value is None else value[rows]
+        return Problem(x=self.x[rows], y=self.y[rows], w=pick(self.w), mask=pick(self.mask),
+                       lengths=pick(self.lengths), x_offset=pick(self.x_offset))
+
+    @property
+    def batch_size(self) -> int:
+        return self.y.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.y.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
+
+@dataclass(frozen=True)
+class History:
+    """Loss over training for the iterative solvers, recorded every few epochs.
+
+    The whole batch is summarised by quantiles (NaN-aware); a few tracked series keep their full
+    curve and their initial parameters, enough to draw the seed's before/after pictures.
+    """
+
+    epochs: torch.Tensor  # (R,)
+    quantile_levels: torch.Tensor  # (Q,)
+    loss_quantiles: torch.Tensor  # (R, Q)
+    tracked: torch.Tensor  # (T,) series indices
+    tracked_loss: torch.Tensor  # (R, T)
+    tracked_initial_params: torch.Tensor  # (T, k), raw units, float64
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One fit per series. ``params[:, i]`` multiplies ``x**i`` in the input's units.
+
+    Coefficients and their standard errors are float64 whatever the working dtype: mapping
+    them back from the per-series scaled basis is ill-conditioned for offset x, and float32
+    storage would throw away the accuracy the fit had. Diagnostics use the working dtype.
+    """
+
+    params: torch.Tensor  # (B, k) float64
+    stderr: torch.Tensor  # (B, k) float64, NaN where undefined
+    loss: torch.Tensor  # (B,) weighted mean of the per-point loss
+    rmse: torch.Tensor  # (B,) root mean squared residual over used points
+    r2: torch.Tensor  # (B,) weighted coefficient of determination
+    n_points: torch.Tensor  # (B,) int64
+    iterations: torch.Tensor  # (B,) int64
+    status: torch.Tensor  # (B,) int8 codes of Status
+    solver: str
+    loss_name: str
+    history: History | None = field(default=None, repr=False)
+
+    @property
+    def degree(self) -> int:
+        return self.params.shape[-1] - 1
+
+    def status_labels(self) -> np.ndarray:
+        """Status names ('ok', 'singular', ...) as a numpy array of str."""
+        return STATUS_LABELS[self.status.cpu().numpy()]
+
+    def status_counts(self) -> dict[str, int]:
+        counts = torch.bincount(self.status.long().cpu(), minlength=len(Status))
+        return {s.label: int(counts[s]) for s in Status if counts[s]}
+
+
+def _as_tensor(name: str, value, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} is not array-like: {exc}") from None
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    return torch.as_tensor(array, device=device)
+
+
+def _floating(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be real numbers, got {value.dtype}")
+    return value.to(dtype)
+
+
+def make_problem(x, y, weights=None, lengths=None, mask=None, *,
+                 dtype: torch.dtype, device: torch.device) -> Problem:
+    """Validate arrays or tensors and lay them out as a Problem.
+
+    ``y`` is (B, N) or (N,) for one series; ``x`` is the same shape, or (N,) shared by all
+    series (broadcast without a copy). Raises ValueError with a one-line message on bad input.
+    """
+    y_in = _as_tensor("y", y, device)
+    if y_in.ndim == 1:
+        y_in = y_in[None]
+    if y_in.ndim != 2:
+        raise ValueError(f"y must be 1-D or 2-D (batch, points), got shape {tuple(y_in.shape)}")
+    batch, n = y_in.shape
+    x_in = _as_tensor("x", x, device)
+    if x_in.shape == (n,):
+        x_in = x_in.expand(batch, n)
+    elif x_in.ndim == 1 and batch == 1:
+        x_in = x_in[None]
+    if x_in.shape != y_in.shape:
+        raise ValueError(f"x has shape {tuple(x_in.shape)} but y has {tuple(y_in.shape)}; "
+                         "x must match y or be 1-D with one value per point")
+
+    w = None
+    if weights is not None:
+        w = _floating("weights", _as_tensor("weights", weights, device), dtype)
+        if w.ndim == 1 and w.shape[0] == n:
+            w = w.expand(batch, n)
+        elif w.ndim == 1 and batch == 1:
+            w = w[None]
+        if w.shape != y_in.shape:
+            raise ValueError(f"weights have shape {tuple(w.shape)} but y has {tuple(y_in.shape)}")
+        if bool((w < 0).any()):
+            raise ValueError("weights must be >= 0 (a weight multiplies a squared residual)")
+    if lengths is not None:
+        lengths = _as_tensor("lengths", lengths, device).reshape(-1)
+        if lengths.is_floating_point() or lengths.shape != (batch,):
+            raise ValueError(f"lengths must be {batch} integers, one per series")
+        if bool(((lengths < 0) | (lengths > n)).any()):
+            raise ValueError(f"lengths must lie in [0, {n}]")
+        lengths = lengths.long()
+    if mask is not None:
+        mask = _as_tensor("mask", mask, device)
+        if mask.dtype != torch.bool or mask.shape != y_in.shape:
+            raise ValueError(f"mask must be a bool array of shape {tuple(y_in.shape)}")
+
+    x_offset = None
+    if x_in.is_floating_point() and torch.finfo(x_in.dtype).bits > torch.finfo(dtype).bits:
+        # Centre in the input's precision before the cast: float32 cannot hold timestamps.
+        valid = torch.isfinite(x_in)
+        if mask is not None:
+            valid &= mask
+        if lengths is not None:
+            valid &= torch.arange(n, device=device) < lengths[:, None]
+        lo = torch.where(valid, x_in, torch.inf).amin(dim=1) if n else torch.zeros(batch)
+        hi = torch.where(valid, x_in, -torch.inf).amax(dim=1) if n else torch.zeros(batch)
+        mid = (lo + hi) / 2
+        x_offset = torch.where(torch.isfinite(mid), mid, 0).to(torch.float64)
+        x_in = x_in - x_offset[:, None].to(x_in.dtype)
+    return Problem(x=_floating("x", x_in, dtype), y=_floating("y", y_in, dtype), w=w,
+                   mask=mask, lengths=lengths, x_offset=x_offset)
+
+
+class Series(NamedTuple):
+    """A Problem's fields, vmapped over the batch: one series' slice inside the kernels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor | None
+    mask: torch.Tensor | None
+    length: torch.Tensor | None
+    x_offset: torch.Tensor | None
+
+    @classmethod
+    def of(cls, problem: Problem) -> "Series":
+        return cls(problem.x, problem.y, problem.w, problem.mask, problem.lengths,
+                   problem.x_offset)
+
+
+def used_points(series: Series):
+    """``(w, x, y)`` of one series with every unused point at weight 0 and value 0."""
+    x, y = series.x, series.y
+    used = torch.isfinite(x) & torch.isfinite(y)
+    if series.w is not None:
+        used &= torch.isfinite(series.w) & (series.w > 0)
+    if series.mask is not None:
+        used &= series.mask
+    if series.length is not None:
+        used &= torch.arange(y.shape[-1], device=y.device) < series.length
+    w = used.to(y.dtype) if series.w is None else torch.where(used, series.w, 0)
+    return w, torch.where(used, x, 0), torch.where(used, y, 0)

@@ -1,0 +1,617 @@
+"""The solvers: exact, newton, gd, adam.
+
+Each is a pure function ``(problem, config, vectorize) -> FitResult``. The maths is written
+for ONE series and handed to ``vectorize(fn, *args, work=...)``, the engine's hook that vmaps
+it over the batch and compiles it when ``work`` (element-steps) makes that pay; nothing here
+picks devices or decides to compile. Per-series vectors are tuples of scalars
+(see linalg.py), so batched they are tuples of contiguous (B,) tensors.
+
+Every fit happens in the series' own frame (t in [-1, 1], Chebyshev basis; see models.py).
+MSE never revisits the points: its loss, gradient and Hessian come from the per-series sums.
+GD and Adam move the raw coefficients p (the seed's parameters, so ``lr`` means what it meant
+there) through the fixed linear map ``q = A p`` into the frame; Newton moves q directly.
+Convergence everywhere means: the loss is within ``tol`` (relative) of the minimum of the
+local quadratic model, i.e. half the squared Newton decrement ``g^T H^-1 g / 2``, which is
+invariant to the parametrisation and exact for MSE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, NamedTuple
+
+import torch
+from torch.func import grad
+
+from . import linalg
+from .diagnostics import coefficient_errors, finalize, summarise
+from .linalg import Mat, Vec, mat_vec
+from .losses import Loss
+from .models import (Sums, chebyshev_eval, chebyshev_terms, from_raw_map, gram_from_sums,
+                     prepare, to_raw_map, total_squares)
+from .problem import FitResult, History, Problem, Series, Status, used_points
+
+SOLVERS = ("auto", "exact", "newton", "gd", "adam")
+DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
+QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+MAX_QUANTILE_SAMPLE = 1 << 14  # history quantiles use an even sample of at most this many series
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    degree: int = 2
+    loss: Loss | None = None
+    f_scale: float = 1.0
+    lr: float = 1e-3
+    epochs: int = 15000
+    tol: float = 1e-6
+    init: object = "random"  # "random" (seeded normal, like the seed), "zeros", or (k,)/(B, k)
+    seed: int = 0
+    history_every: int = 0  # 0 picks about 300 records
+    track: tuple[int, ...] = ()
+    unroll: int = 10  # GD/Adam epochs per compiled call
+
+    @property
+    def k(self) -> int:
+        return self.degree + 1
+
+
+class Consts(NamedTuple):
+    """Scalars shared by the whole batch, as 0-d tensors so changing them never recompiles."""
+
+    pivot_tol: torch.Tensor
+    cancellation_tol: torch.Tensor
+    f_scale: torch.Tensor
+    tol: torch.Tensor
+    lr: torch.Tensor
+    epochs: torch.Tensor
+
+
+class MomentData(NamedTuple):
+    """MSE in the frame: ``L(q) = (qc^T G qc - 2 qc^T rhs_c + sst) / wsum``, qc = q - ybar e_0."""
+
+    gram: Mat
+    rhs_c: Vec
+    sst: torch.Tensor
+    wsum: torch.Tensor
+    ybar: torch.Tensor
+
+
+class PointData(NamedTuple):
+    """Any loss on the raw points, in the frame."""
+
+    t: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor
+
+
+class LoopState(NamedTuple):
+    """What an iterative solver carries from one compiled call to the next, per series."""
+
+    params: Vec  # raw p (GD, Adam) or frame q (Newton)
+    aux: object  # optimiser state, or Newton's damping
+    iterations: torch.Tensor
+    frozen: torch.Tensor  # no further updates: structural failure, converged or diverged
+
+
+def _consts(cfg: SolverConfig, problem: Problem) -> Consts:
+    def scalar(value, dtype=problem.dtype):
+        return torch.tensor(value, dtype=dtype, device=problem.device)
+
+    eps = torch.finfo(problem.dtype).eps
+    return Consts(pivot_tol=scalar(100 * cfg.k * eps),
+                  cancellation_tol=scalar(CANCELLATION_MARGIN * eps), f_scale=scalar(cfg.f_scale),
+                  tol=scalar(cfg.tol), lr=scalar(cfg.lr), epochs=scalar(cfg.epochs, torch.int64))
+
+
+def _scatter(full, rows: torch.Tensor, part):
+    """``full`` with ``part`` written into ``rows``, over any nesting of tuples and dicts."""
+    if isinstance(full, dict):
+        return {key: _scatter(full[key], rows, part[key]) for key in full}
+    if isinstance(full, tuple):
+        return tuple(_scatter(f, rows, p) for f, p in zip(full, part))
+    return full.index_put((rows,), part.to(full.dtype))
+
+
+def _columns(matrix: torch.Tensor) -> Vec:
+    """(B, k) -> k contiguous (B,) tensors."""
+    return tuple(matrix.T.contiguous().unbind(0))
+
+
+def _stack(vec: Vec) -> torch.Tensor:
+    return torch.stack(vec, dim=-1)
+
+
+def _cast(vec: Vec, dtype) -> Vec:
+    return tuple(v.to(dtype) for v in vec)
+
+
+# ---------------------------------------------------------------- per-series objectives
+
+def moment_objective(q: Vec, data: MomentData, consts: Consts):
+    qc = (q[0] - data.ybar,) + tuple(q[1:])
+    quad = linalg.dot(qc, mat_vec(data.gram, qc))
+    return (quad - 2 * linalg.dot(qc, data.rhs_c) + data.sst) / data.wsum
+
+
+def moment_hessian(q: Vec, data: MomentData, consts: Consts) -> Mat:
+    """The MSE Hessian, 2 G / wsum: constant, so no autograd is spent on it."""
+    return tuple(tuple(2 * g / data.wsum for g in row) for row in data.gram)
+
+
+@lru_cache(maxsize=None)
+def point_objective(loss: Loss) -> Callable:
+    def objective(q: Vec, data: PointData, consts: Consts):
+        return loss.series_loss(chebyshev_eval(data.t, q), data.y, data.w, consts.f_scale)
+    return objective
+
+
+def _objective(loss: Loss) -> Callable:
+    return moment_objective if loss.is_mse else point_objective(loss)
+
+
+def hessian(objective: Callable, q: Vec, *args) -> Mat:
+    """Hessian of a per-series objective, one reverse-over-reverse row at a time.
+
+    ``torch.func.hessian`` (jacfwd) fails under torch.compile in torch 2.13, and ``jacrev``
+    stacks its rows into a (k, k) tensor, the layout that splits the compiled loop; k rows of
+    ``grad(grad(...)[i])`` stay a tuple of scalars. MSE's Hessian is known in closed form.
+    """
+    if objective is moment_objective:
+        return moment_hessian(q, *args)
+
+    def gradient_entry(i):
+        return lambda q, *args: grad(objective)(q, *args)[i]
+    return tuple(grad(gradient_entry(i))(q, *args) for i in range(len(q)))
+
+
+@lru_cache(maxsize=None)
+def convergence_check(objective: Callable) -> Callable:
+    """Per series: ``(loss, converged)`` at q, by the Newton decrement test."""
+    def check(q: Vec, data, floor, consts: Consts):
+        value = objective(q, data, consts)
+        gradient = grad(objective)(q, data, consts)
+        curvature = hessian(objective, q, data, consts)
+        decrement2, ok = linalg.inverse_quadratic(curvature, gradient, consts.pivot_tol)
+        return value, ok & (decrement2 / 2 <= consts.tol * (value.abs() + floor))
+    return check
+
+
+# ---------------------------------------------------------------- per-series kernels
+
+@lru_cache(maxsize=None)
+def prepare_kernel(degree: int) -> Callable:
+    """Per series: frame, sums, spread of y, the exact MSE solution and whether it exists."""
+    def kernel(series: Series, consts: Consts):
+        w, x, y = used_points(series)
+        sums, _ = prepare(x, y, w, series.x_offset, degree)
+        q, solvable = linalg.solve(sums.gram, sums.rhs, consts.pivot_tol)
+        return sums, total_squares(y, w, sums.ybar), q, solvable
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def points_kernel(degree: int) -> Callable:
+    def kernel(series: Series, consts: Consts):
+        w, x, y = used_points(series)
+        _, t = prepare(x, y, w, series.x_offset, degree)
+        return PointData(t, y, w)
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def final_kernel(loss: Loss, degree: int) -> Callable:
+    """Per series, after an iterative solver: last convergence check, diagnostics, status."""
+    check = convergence_check(_objective(loss))
+
+    def kernel(series: Series, sums: Sums, solvable, q: Vec, params, data, floor, loss0,
+               consts: Consts):
+        value, converged = check(q, data, floor, consts)
+        w, x, y = used_points(series)
+        _, t = prepare(x, y, w, series.x_offset, degree)
+        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
+        diverged = ~torch.isfinite(value) | (value > 10 * loss0)
+        return finalize(summary, sums.n, solvable, converged, diverged, params)
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def exact_kernel(loss: Loss, degree: int) -> Callable:
+    """The whole exact fit of one series in one kernel: prepare, solve, summarise."""
+    def kernel(series: Series, consts: Consts):
+        w, x, y = used_points(series)
+        sums, t = prepare(x, y, w, series.x_offset, degree)
+        q, solvable = linalg.solve(sums.gram, sums.rhs, consts.pivot_tol)
+        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
+        return finalize(summary, sums.n, solvable, torch.ones_like(solvable),
+                        torch.zeros_like(solvable))
+    return kernel
+
+
+# A sums-based residual sum of squares is trusted only when it is at least this many float
+# epsilons of the (shifted) sum y^2; below, cancellation would cost more than ~4 digits.
+CANCELLATION_MARGIN = 1e4
+
+
+@lru_cache(maxsize=None)
+def dense_exact_kernel(degree: int) -> Callable:
+    """The exact fit of a series with every point valid and unit weights: two passes.
+
+    One pass finds the x range, one gathers the sums, with y shifted by the mean of a spread
+    sample of its points so that sum y^2 stays close to the total sum of squares; the residual
+    sum of squares then follows from the sums, with no third pass. (A one-pass variant that
+    took the frame from a sample of x measured no faster: the sums pass is compute-bound.)
+    ``trusted`` is False where that shortcut is unsafe: a non-finite value in the data, a
+    degenerate series, or a fit so close that the subtraction loses too many digits. The
+    caller refits those rows with the careful kernel.
+    """
+    k = degree + 1
+
+    def kernel(x, y, x_offset, consts: Consts):
+        n = torch.full((), x.shape[-1], dtype=torch.int64, device=x.device)
+        lo, hi = x.amin(), x.amax()
+        centre = (lo + hi) / 2
+        half = torch.where(hi > lo, (hi - lo) / 2, 1)
+        t = (x - centre) / half
+        y_shift = y[:: max(1, y.shape[-1] // 8)].mean()
+        y = y - y_shift
+        terms = chebyshev_terms(t, 2 * degree)
+        cheb_sums = [n.to(y.dtype)] + [tm.sum() for tm in terms[1:]]  # T_0 = 1
+        rhs = tuple((y * tm).sum() for tm in terms[:k])
+        syy = (y * y).sum()
+        gram = gram_from_sums(cheb_sums, k)
+        q, solvable = linalg.solve(gram, rhs, consts.pivot_tol)
+        sse = syy - linalg.dot(q, rhs)
+        sst = syy - rhs[0] ** 2 / cheb_sums[0]
+        trusted = (solvable & (n >= k) & torch.isfinite(sse) & torch.isfinite(sst)
+                   & (sse >= consts.cancellation_tol * syy))
+        centre_raw = centre.to(torch.float64)
+        if x_offset is not None:
+            centre_raw = centre_raw + x_offset
+        sums = Sums(centre, half, centre_raw, gram, rhs, cheb_sums[0], n, rhs[0] / cheb_sums[0])
+        q = (q[0] + y_shift,) + tuple(q[1:])
+        mean_square = sse / cheb_sums[0]
+        summary = {"loss": mean_square, "rmse": torch.sqrt(mean_square),
+                   "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
+                   "params": _frame_to_raw(sums, q),
+                   "stderr": coefficient_errors(sums, gram, sse, consts.pivot_tol)}
+        return trusted, finalize(summary, n, solvable, torch.ones_like(solvable),
+                                 torch.zeros_like(solvable))
+    return kernel
+
+
+def _raw_to_frame(sums: Sums, k: int, dtype) -> Mat:
+    return tuple(_cast(row, dtype) for row in from_raw_map(sums.centre_raw, sums.half, k))
+
+
+def _frame_to_raw(sums: Sums, q: Vec) -> Vec:
+    return mat_vec(to_raw_map(sums.centre_raw, sums.half, len(q)), _cast(q, torch.float64))
+
+
+# ---------------------------------------------------------------- optimisers (optax style)
+
+class Optimizer(NamedTuple):
+    """A pair of pure functions: ``init(p) -> state``; ``update(g, state, step, lr)``."""
+
+    init: Callable
+    update: Callable
+
+
+def sgd() -> Optimizer:
+    def update(g, state, step, lr):
+        return tuple(-lr * gj for gj in g), state
+    return Optimizer(init=lambda p: (), update=update)
+
+
+def adam() -> Optimizer:
+    """Adam with torch.optim.Adam's defaults (betas 0.9, 0.999; eps 1e-8).
+
+    The constants are literals on purpose: dynamo traces float variables as symbols, which
+    vmap's batching rules reject (torch 2.13).
+    """
+    def update(g, state, step, lr):
+        m, v = state
+        m = tuple(0.9 * mj + 0.1 * gj for mj, gj in zip(m, g))
+        v = tuple(0.999 * vj + 0.001 * gj * gj for vj, gj in zip(v, g))
+        m_scale = -1 / torch.expm1(step * -0.10536051565782628)  # 1 / (1 - 0.9**step)
+        v_scale = -1 / torch.expm1(step * -0.0010005003335835344)  # 1 / (1 - 0.999**step)
+        delta = tuple(-lr * mj * m_scale / (torch.sqrt(vj * v_scale) + 1e-8)
+                      for mj, vj in zip(m, v))
+        return delta, (m, v)
+
+    def init(p):
+        return (tuple(torch.zeros_like(pj) for pj in p),) * 2
+    return Optimizer(init=init, update=update)
+
+
+OPTIMIZERS = {"gd": sgd, "adam": adam}
+
+
+def _keep_frozen(active, new, old):
+    """``new`` where the series is active, ``old`` where it is frozen, over any tuple nesting."""
+    if isinstance(new, tuple):
+        return tuple(_keep_frozen(active, n, o) for n, o in zip(new, old))
+    return torch.where(active, new, old)
+
+
+@lru_cache(maxsize=None)
+def descent_chunk(objective: Callable, optimizer_name: str, unroll: int) -> Callable:
+    """Per series: ``unroll`` epochs of GD/Adam on the raw coefficients, then a check.
+
+    Frozen series (structural failures, converged, diverged) keep their parameters through
+    ``torch.where``: no host sync, no data-dependent branch.
+    """
+    optimizer = OPTIMIZERS[optimizer_name]()
+    check = convergence_check(objective)
+
+    def raw_objective(p: Vec, to_frame: Mat, data, consts):
+        return objective(mat_vec(to_frame, p), data, consts)
+
+    def chunk(p: Vec, state, iterations, frozen, to_frame: Mat, data, floor, epoch0,
+              consts: Consts):
+        for i in range(unroll):
+            active = ~frozen & (epoch0 + i < consts.epochs)
+            g = grad(raw_objective)(p, to_frame, data, consts)
+            step = epoch0.to(p[0].dtype) + (i + 1)
+            delta, new_state = optimizer.update(g, state, step, consts.lr)
+            p = _keep_frozen(active, tuple(pj + dj for pj, dj in zip(p, delta)), p)
+            state = _keep_frozen(active, new_state, state)
+            iterations = iterations + active
+        value, converged = check(mat_vec(to_frame, p), data, floor, consts)
+        finite = torch.isfinite(value)
+        for pj in p:
+            finite = finite & torch.isfinite(pj)
+        return p, state, iterations, frozen | converged | ~finite, value
+    return chunk
+
+
+@lru_cache(maxsize=None)
+def newton_step(objective: Callable) -> Callable:
+    """Per series: one damped Newton (Levenberg-Marquardt) iteration in the frame.
+
+    Full Newton steps while they lower the loss (so MSE lands on its minimum in one step);
+    a rejected step raises the damping ``mu`` (steps shrink towards gradient descent), an
+    accepted one lowers it. A series whose damping explodes stops, not converged.
+    """
+    check = convergence_check(objective)
+
+    def step(q: Vec, mu, iterations, frozen, data, floor, consts: Consts):
+        value, converged = check(q, data, floor, consts)
+        gradient = grad(objective)(q, data, consts)
+        curvature = hessian(objective, q, data, consts)
+        active = ~frozen & ~converged
+        k = len(q)
+        scale = sum(curvature[j][j].abs() for j in range(k)) / k + torch.finfo(value.dtype).tiny
+        damped = tuple(tuple(h + mu * scale if i == j else h for j, h in enumerate(row))
+                       for i, row in enumerate(curvature))
+        delta, ok = linalg.solve(damped, tuple(-g for g in gradient), consts.pivot_tol)
+        candidate = tuple(qj + dj for qj, dj in zip(q, delta))
+        new_value = objective(candidate, data, consts)
+        accept = active & ok & torch.isfinite(new_value) & (new_value <= value)
+        q = _keep_frozen(accept, candidate, q)
+        mu = torch.where(accept, mu / 3, torch.where(active, (4 * mu).clamp(min=1e-4), mu))
+        iterations = iterations + active
+        stop = converged | ~torch.isfinite(value) | (mu > 1e10)
+        return q, mu, iterations, frozen | stop, torch.where(accept, new_value, value)
+    return step
+
+
+# ---------------------------------------------------------------- history
+
+class _Recorder:
+    """Keeps loss quantiles and tracked series' losses on the device until the end."""
+
+    def __init__(self, batch: int, tracked: torch.Tensor, initial_params: torch.Tensor,
+                 structural: torch.Tensor):
+        self.sample = torch.arange(0, batch, max(1, -(-batch // MAX_QUANTILE_SAMPLE)),
+                                   device=tracked.device)
+        self.tracked = tracked
+        self.initial_params = initial_params  # (T, k) raw, float64
+        self.structural = structural
+        self.epochs: list[int] = []
+        self.rows: list[torch.Tensor] = []
+
+    def record(self, epoch: int, loss: torch.Tensor):
+        loss = torch.where(self.structural, torch.nan, loss)
+        levels = torch.tensor(QUANTILE_LEVELS, dtype=loss.dtype, device=loss.device)
+        sample = loss[self.sample]
+        quantiles = torch.nanquantile(sample, levels) if sample.numel() else levels * torch.nan
+        self.epochs.append(epoch)
+        self.rows.append(torch.cat([quantiles, loss[self.tracked]]))
+
+    def history(self) -> History:
+        table = torch.stack(self.rows).cpu()
+        q = len(QUANTILE_LEVELS)
+        return History(epochs=torch.tensor(self.epochs),
+                       quantile_levels=torch.tensor(QUANTILE_LEVELS),
+                       loss_quantiles=table[:, :q], tracked=self.tracked.cpu(),
+                       tracked_loss=table[:, q:],
+                       tracked_initial_params=self.initial_params.cpu())
+
+
+def _tracked(cfg: SolverConfig, batch: int, device) -> torch.Tensor:
+    if cfg.track:
+        ids = [i for i in cfg.track if 0 <= i < batch]
+    else:  # a reproducible spread over the batch
+        ids = sorted({round(i * (batch - 1) / 4) for i in range(5)}) if batch else []
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+def _train(call, state: LoopState, cfg: SolverConfig, recorder: _Recorder, loss0, *,
+           per_call: int, sync_every: int) -> LoopState:
+    """Run ``call`` (one compiled chunk) until the epochs are spent or every series is frozen.
+
+    The host looks at the device only every ``sync_every`` calls, to stop early.
+    """
+    every = cfg.history_every or max(1, cfg.epochs // 300)
+    every = per_call * -(-every // per_call)  # records fall on chunk boundaries
+    recorder.record(0, loss0)
+    done, calls = 0, 0
+    while done < cfg.epochs:
+        state, loss = call(state, done)
+        done, calls = min(done + per_call, cfg.epochs), calls + 1
+        finished = done >= cfg.epochs or (calls % sync_every == 0 and bool(state.frozen.all()))
+        if done % every == 0 or finished:
+            recorder.record(done, loss)
+        if finished:
+            break
+    return state
+
+
+# ---------------------------------------------------------------- front doors
+
+def _fit_result(out: dict, iterations, cfg: SolverConfig, solver: str,
+                history: History | None = None) -> FitResult:
+    return FitResult(params=_stack(out["params"]), stderr=_stack(out["stderr"]),
+                     loss=out["loss"], rmse=out["rmse"], r2=out["r2"],
+                     n_points=out["n_points"].to(torch.int64),
+                     iterations=iterations.to(torch.int64), status=out["status"],
+                     solver=solver, loss_name=cfg.loss.name, history=history)
+
+
+def solve_without_points(problem: Problem, cfg: SolverConfig, solver: str) -> FitResult:
+    """An empty batch, or series of length 0 (vmap needs at least one of each)."""
+    batch = problem.batch_size
+    nan = torch.full((batch, cfg.k), torch.nan, dtype=torch.float64, device=problem.device)
+    zeros = _zeros(problem, torch.int64)
+    status = torch.full((batch,), int(Status.TOO_FEW_POINTS), dtype=torch.int8,
+                        device=problem.device)
+    return FitResult(params=nan, stderr=nan.clone(), loss=_zeros(problem) * torch.nan,
+                     rmse=_zeros(problem) * torch.nan, r2=_zeros(problem) * torch.nan,
+                     n_points=zeros, iterations=zeros.clone(), status=status, solver=solver,
+                     loss_name=cfg.loss.name)
+
+
+def solve_exact(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
+    """Weighted least squares per series, in one pass over the points (plus one for diagnostics)."""
+    if not cfg.loss.is_mse:
+        raise ValueError(f"the exact solver fits MSE only; use newton for loss {cfg.loss.name!r}")
+    consts = _consts(cfg, problem)
+    careful = exact_kernel(cfg.loss, cfg.degree)
+    if problem.w is None and problem.mask is None and problem.lengths is None:
+        batch, points = problem.y.shape
+        trusted, out = vectorize(dense_exact_kernel(cfg.degree), problem.x, problem.y,
+                                 problem.x_offset, consts, work=batch * points)
+        redo = torch.nonzero(~trusted).squeeze(1)  # one host sync; usually empty
+        if redo.numel():
+            part = vectorize(careful, Series.of(problem.take(redo)), consts,
+                             work=redo.numel() * points)
+            out = _scatter(out, redo, part)
+    else:
+        out = vectorize(careful, Series.of(problem), consts, work=problem.y.numel())
+    solved = (out["status"] == int(Status.OK)) | (out["status"] == int(Status.DIVERGED))
+    return _fit_result(out, solved.to(torch.int64), cfg, "exact")
+
+
+class _Setup(NamedTuple):
+    consts: Consts
+    series: Series
+    sums: Sums
+    q_exact: Vec  # the MSE solution in the frame
+    solvable: torch.Tensor
+    data: MomentData | PointData
+    floor: torch.Tensor  # per series: loss differences below this are rounding noise
+
+    def structural(self, k: int) -> torch.Tensor:
+        return (self.sums.n < k) | ~self.solvable
+
+
+def _setup(problem: Problem, cfg: SolverConfig, vectorize) -> _Setup:
+    consts = _consts(cfg, problem)
+    series = Series.of(problem)
+    sums, sst, q_exact, solvable = vectorize(prepare_kernel(cfg.degree), series, consts)
+    if cfg.loss.is_mse:
+        rhs_c = tuple(r - sums.ybar * row[0] for r, row in zip(sums.rhs, sums.gram))
+        data = MomentData(sums.gram, rhs_c, sst, sums.wsum, sums.ybar)
+    else:
+        data = vectorize(points_kernel(cfg.degree), series, consts)
+    eps = torch.finfo(problem.dtype).eps
+    floor = eps * sst / sums.wsum.clamp(min=eps) + torch.finfo(problem.dtype).tiny
+    return _Setup(consts, series, sums, q_exact, solvable, data, floor)
+
+
+def _finish(cfg, vectorize, setup: _Setup, q: Vec, iterations, loss0, recorder, solver,
+            params: Vec | None = None) -> FitResult:
+    """Final convergence check, diagnostics and statuses of an iterative fit."""
+    out = vectorize(final_kernel(cfg.loss, cfg.degree), setup.series, setup.sums,
+                    setup.solvable, q, params, setup.data, setup.floor, loss0, setup.consts)
+    return _fit_result(out, iterations, cfg, solver, recorder.history())
+
+
+def _initial_params(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
+    shape = (problem.batch_size, cfg.k)
+    if isinstance(cfg.init, str):
+        if cfg.init == "zeros":
+            return torch.zeros(shape, dtype=problem.dtype, device=problem.device)
+        if cfg.init == "random":  # the seed's torch.randn, made on the CPU so every device agrees
+            generator = torch.Generator().manual_seed(cfg.seed)
+            return torch.randn(shape, generator=generator, dtype=problem.dtype).to(problem.device)
+        raise ValueError(f"init must be 'random', 'zeros' or an array, got {cfg.init!r}")
+    p0 = torch.as_tensor(cfg.init, dtype=problem.dtype, device=problem.device)
+    if p0.shape not in ((cfg.k,), shape):
+        raise ValueError(f"init must have shape ({cfg.k},) or {shape}, got {tuple(p0.shape)}")
+    return p0.expand(shape)
+
+
+def _zeros(problem: Problem, dtype=None) -> torch.Tensor:
+    return torch.zeros(problem.batch_size, dtype=dtype or problem.dtype, device=problem.device)
+
+
+def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -> FitResult:
+    """The seed's training loop at batch scale: GD (``solver='gd'``) or Adam on raw coefficients."""
+    setup = _setup(problem, cfg, vectorize)
+    structural = setup.structural(cfg.k)
+    objective = _objective(cfg.loss)
+    to_frame = vectorize(_raw_to_frame, setup.sums, cfg.k, problem.dtype)
+    p0 = _initial_params(cfg, problem)
+    p = _columns(p0)
+    state = LoopState(p, OPTIMIZERS[solver]().init(p), _zeros(problem, torch.int64), structural)
+    loss0 = vectorize(objective, mat_vec(to_frame, p), setup.data, setup.consts)
+    tracked = _tracked(cfg, problem.batch_size, problem.device)
+    recorder = _Recorder(problem.batch_size, tracked, p0[tracked].to(torch.float64), structural)
+    chunk = descent_chunk(objective, solver, cfg.unroll)
+    per_epoch = cfg.k**2 if cfg.loss.is_mse else problem.y.shape[1]
+    work = cfg.epochs * problem.batch_size * per_epoch
+
+    def call(state: LoopState, epoch0: int):
+        epoch = torch.tensor(epoch0, device=problem.device)
+        *new, loss = vectorize(chunk, *state, to_frame, setup.data, setup.floor, epoch,
+                               setup.consts, work=work)
+        return LoopState(*new), loss
+
+    state = _train(call, state, cfg, recorder, loss0, per_call=cfg.unroll,
+                   sync_every=max(1, 1000 // cfg.unroll))
+    q = mat_vec(to_frame, state.params)
+    return _finish(cfg, vectorize, setup, q, state.iterations, loss0, recorder, solver,
+                   params=state.params)
+
+
+def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
+    """Damped Newton in each series' frame; robust losses start from the exact MSE fit."""
+    setup = _setup(problem, cfg, vectorize)
+    structural = setup.structural(cfg.k)
+    objective = _objective(cfg.loss)
+    if not isinstance(cfg.init, str):
+        to_frame = vectorize(_raw_to_frame, setup.sums, cfg.k, problem.dtype)
+        q0 = mat_vec(to_frame, _columns(_initial_params(cfg, problem)))
+    elif cfg.loss.is_mse:
+        q0 = tuple(torch.zeros_like(qj) for qj in setup.q_exact)  # one Newton step is exact
+    else:
+        q0 = tuple(torch.where(structural, 0, qj) for qj in setup.q_exact)
+    state = LoopState(q0, _zeros(problem), _zeros(problem, torch.int64), structural)
+    loss0 = vectorize(objective, q0, setup.data, setup.consts)
+    tracked = _tracked(cfg, problem.batch_size, problem.device)
+    raw0 = _stack(vectorize(_frame_to_raw, setup.sums, q0))[tracked]
+    recorder = _Recorder(problem.batch_size, tracked, raw0, structural)
+    step = newton_step(objective)
+    per_step = cfg.k**2 if cfg.loss.is_mse else problem.y.shape[1]
+    work = cfg.epochs * problem.batch_size * per_step
+
+    def call(state: LoopState, _):
+        *new, loss = vectorize(step, *state, setup.data, setup.floor, setup.consts, work=work)
+        return LoopState(*new), loss
+
+    state = _train(call, state, cfg, recorder, loss0, per_call=1, sync_every=1)
+    return _finish(cfg, vectorize, setup, state.params, state.iterations, loss0, recorder,
+                   "newton")

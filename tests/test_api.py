@@ -1,0 +1,139 @@
+"""The Python front door: user losses, defaults, and bad input answered with clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import batchfit
+from zoo import polyfit_rows, seed_data
+
+
+def test_user_loss_per_point_form_equals_builtin(rng):
+    x, y = seed_data(10, 30, rng)
+    y[2, 5] = np.nan  # per-point losses can skip points
+    builtin = batchfit.fit(x, y, loss="mse", solver="newton", dtype="float64", compile=False)
+    custom = batchfit.fit(x, y, loss=lambda pred, y: (pred - y) ** 2, dtype="float64",
+                          compile=False)
+    assert custom.solver == "newton" and custom.loss_name == "<lambda>"
+    np.testing.assert_allclose(custom.params, builtin.params, rtol=1e-9)
+    assert torch.isnan(custom.stderr).all()  # no likelihood model known for a custom loss
+
+
+def test_user_loss_seed_scalar_form(rng):
+    """The seed's own ``((pred - y) ** 2).mean()``, trained the seed's way."""
+    x, y = seed_data(4, 25, rng)
+    p0 = np.zeros(3)
+    seed_form = batchfit.fit(x, y, loss=lambda pred, y: ((pred - y) ** 2).mean(), solver="gd",
+                             lr=0.05, epochs=200, init=p0, dtype="float64", compile=False)
+    builtin = batchfit.fit(x, y, solver="gd", lr=0.05, epochs=200, init=p0, dtype="float64",
+                           compile=False)
+    np.testing.assert_allclose(seed_form.params, builtin.params, rtol=1e-9)
+
+
+def test_scalar_user_loss_refuses_padded_data(rng):
+    x, y = seed_data(3, 10, rng)
+    with pytest.raises(ValueError, match="per-point losses"):
+        batchfit.fit(x, y, lengths=[10, 5, 10], loss=lambda p, y: ((p - y) ** 2).mean())
+
+
+def test_robust_user_loss_per_point(rng):
+    x, y = seed_data(6, 40, rng)
+    mine = batchfit.fit(x, y, loss=lambda p, y: torch.log1p((p - y) ** 2), dtype="float64",
+                        compile=False)
+    cauchy = batchfit.fit(x, y, loss="cauchy", dtype="float64", compile=False)
+    np.testing.assert_allclose(mine.params, cauchy.params, rtol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(solver="lbfgs"), "unknown solver"),
+    (dict(loss="l2"), "unknown loss"),
+    (dict(degree=-1), "degree must be >= 0"),
+    (dict(degree=11), "degree must be at most 10"),
+    (dict(degree=2.5), "degree must be an integer"),
+    (dict(f_scale=0), "f_scale must be > 0"),
+    (dict(lr=-1.0, solver="gd"), "lr must be > 0"),
+    (dict(epochs=-5, solver="gd"), "epochs must be >= 0"),
+    (dict(tol=-1e-3), "tol must be >= 0"),
+    (dict(dtype="float16"), "dtype must be float32 or float64"),
+    (dict(device="tpu"), "unknown device"),
+    (dict(compile="yes"), "compile must be"),
+    (dict(solver="exact", loss="huber"), "exact solver fits MSE only"),
+    (dict(solver="gd", init="ones"), "init must be"),
+    (dict(solver="gd", init=[1.0, 2.0]), "init must have shape"),
+    (dict(weights=-np.ones((2, 5))), "weights must be >= 0"),
+    (dict(weights=np.ones((2, 4))), "weights have shape"),
+    (dict(lengths=[5, 6]), r"lengths must lie in \[0, 5\]"),
+    (dict(lengths=[5.0, 2.0]), "lengths must be 2 integers"),
+    (dict(mask=np.ones((2, 5))), "mask must be a bool array"),
+])
+def test_bad_arguments_raise_one_clear_error(kwargs, message):
+    x = np.linspace(0, 1, 5)
+    y = np.stack([x, x**2])
+    with pytest.raises(ValueError, match=message):
+        batchfit.fit(x, y, **{"compile": False, **kwargs})
+
+
+@pytest.mark.parametrize("x,y,message", [
+    (np.zeros((2, 3)), np.zeros((2, 4)), "x has shape"),
+    (np.zeros(3), np.zeros((2, 2, 3)), "y must be 1-D or 2-D"),
+    (np.array(["a", "b"]), np.zeros(2), "x must be numeric"),
+    (np.zeros(2), [[1, 2], [3]], "not array-like"),
+    (np.zeros(2, dtype=complex), np.zeros(2), "must be real"),
+])
+def test_bad_arrays_raise_one_clear_error(x, y, message):
+    with pytest.raises(ValueError, match=message):
+        batchfit.fit(x, y, compile=False)
+
+
+def test_cuda_request_without_gpu_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        batchfit.fit(np.zeros(3), np.zeros(3), device="cuda")
+
+
+def test_dtype_and_device_defaults():
+    x = np.linspace(0, 1, 10)
+    assert batchfit.fit(x, x**2, compile=False).loss.dtype == torch.float32
+    t = torch.as_tensor(x, dtype=torch.float64)
+    assert batchfit.fit(t, t**2, compile=False).loss.dtype == torch.float64
+    assert batchfit.fit(x, x**2, compile=False).loss.device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_inputs_are_not_modified(rng):
+    x, y = seed_data(3, 10, rng)
+    y[0, 0] = np.nan
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    x_copy, y_copy = xt.clone(), yt.clone()
+    batchfit.fit(xt, yt, solver="gd", epochs=20, compile=False)
+    assert torch.equal(xt, x_copy) and torch.equal(yt.nan_to_num(), y_copy.nan_to_num())
+
+
+def test_empty_batch():
+    fit = batchfit.fit(np.zeros((0, 5)), np.zeros((0, 5)), compile=False)
+    assert fit.params.shape == (0, 3) and fit.status_counts() == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    coefs=arrays(np.float64, 3, elements=st.floats(-100, 100)),
+    x=arrays(np.int32, st.integers(3, 40), elements=st.integers(-10**6, 10**6), unique=True),
+    x_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    noise_seed=st.integers(0, 2**31 - 1),
+)
+def test_property_exact_matches_polyfit(coefs, x, x_scale, noise_seed):
+    """Any x with at least 3 distinct values: exact equals numpy.polyfit in float64."""
+    x = x * x_scale
+    noise = np.random.default_rng(noise_seed).normal(0, 1, x.shape)
+    y = coefs[0] + coefs[1] * x + coefs[2] * x**2 + noise
+    fit = batchfit.fit(x, y, dtype="float64", compile=False)
+    want, _ = polyfit_rows(x[None], y[None], 2)
+    span = np.abs(x).max()
+    scale = np.abs(want[0]) * np.array([1, span, span**2])  # each term's size
+    assert fit.status_labels()[0] == "ok"
+    err = np.abs(fit.params[0].numpy() - want[0]) * np.array([1, span, span**2])
+    assert (err <= 1e-7 * (scale.max() + np.abs(y).max())).all()

@@ -1,0 +1,70 @@
+"""A zoo of batched problems with known answers, and independent float64 oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+SEED_TRUTH = np.array([-3.0, 5.0, 20.0])  # c, b, a of the seed's 20x^2 + 5x - 3
+
+
+def seed_data(batch: int, points: int, rng, noise: float = 1.0, dtype=np.float64):
+    """The seed's problem at batch scale: x in [0, 1], y = 20x^2 + 5x - 3 + noise."""
+    x = rng.uniform(0, 1, (batch, points))
+    y = SEED_TRUTH[2] * x**2 + SEED_TRUTH[1] * x + SEED_TRUTH[0] + rng.normal(0, noise, x.shape)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def random_polys(batch: int, points: int, degree: int, rng, noise=0.1, offset=0.0, span=1.0):
+    coefs = rng.normal(0, 3, (batch, degree + 1))
+    x = offset + span * rng.uniform(-1, 1, (batch, points))
+    t = (x - offset) / span
+    y = sum(coefs[:, [j]] * t**j for j in range(degree + 1)) + rng.normal(0, noise, x.shape)
+    return x, y
+
+
+def polyfit_rows(x, y, degree, w=None):
+    """numpy.polyfit per row in float64; coefficients lowest power first, plus stderr.
+
+    ``w`` are batchfit weights (multiplying squared residuals); polyfit wants their sqrt.
+    """
+    params, errors = [], []
+    for i in range(len(y)):
+        keep = np.isfinite(x[i]) & np.isfinite(y[i])
+        wi = None if w is None else np.sqrt(w[i][keep])
+        if keep.sum() > degree + 1:
+            p, cov = np.polyfit(x[i][keep], y[i][keep], degree, w=wi, cov=True)
+            errors.append(np.sqrt(np.diag(cov))[::-1])
+        else:  # exactly determined: polyfit cannot scale a covariance
+            p = np.polyfit(x[i][keep], y[i][keep], degree, w=wi)
+            errors.append(np.full(degree + 1, np.nan))
+        params.append(p[::-1])
+    return np.array(params), np.array(errors)
+
+
+def naive_descent(x, y, p0, lr, epochs, adam=False):
+    """The seed's loop, batched the obvious way: vmap(grad) of the MSE over the raw points.
+
+    Returns the final parameters and the loss of every series at every epoch.
+    """
+    def loss(p, x, y):
+        pred = sum(p[i] * x**i for i in range(p.shape[0]))
+        return ((pred - y) ** 2).mean()
+
+    step = vmap(grad(loss))
+    losses = vmap(loss)
+    p = p0.clone()
+    m = torch.zeros_like(p)
+    v = torch.zeros_like(p)
+    curve = [losses(p, x, y)]
+    for epoch in range(1, epochs + 1):
+        g = step(p, x, y)
+        if adam:  # torch.optim.Adam's update, written out
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            p = p - lr * (m / (1 - 0.9**epoch)) / (torch.sqrt(v / (1 - 0.999**epoch)) + 1e-8)
+        else:
+            p = p - lr * g
+        curve.append(losses(p, x, y))
+    return p, torch.stack(curve)
