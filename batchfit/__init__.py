@@ -6,4 +6,4 @@ from .problem import FitResult, History, Status
 from .solvers import SOLVERS
 
 __version__ = "0.1.0"
-__all__ = ["fit", "FitResult", "History", "Status", "BUILTIN_LOSSES", "SOLVERS", "__version__"]
+__all__ = ["BUILTIN_LOSSES", "SOLVERS", "FitResult", "History", "Status", "__version__", "fit"]

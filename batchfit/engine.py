@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import vmap
@@ -18,8 +18,15 @@ from torch.utils import _pytree as pytree
 
 from .losses import resolve_loss
 from .problem import FitResult, Series, make_problem, used_points
-from .solvers import (DEFAULT_EPOCHS, SOLVERS, SolverConfig, solve_descent, solve_exact,
-                      solve_newton, solve_without_points)
+from .solvers import (
+    DEFAULT_EPOCHS,
+    SOLVERS,
+    SolverConfig,
+    solve_descent,
+    solve_exact,
+    solve_newton,
+    solve_without_points,
+)
 
 MAX_DEGREE = 10
 COMPILE_MIN_WORK = 2e7  # element-steps below which eager beats a (cached) compile

@@ -13,8 +13,8 @@ its points valid and unit weights (a scalar cannot skip padding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -64,7 +64,7 @@ class Loss:
 
     def psi(self, r: torch.Tensor, f_scale: torch.Tensor):
         """Per-point ``psi(r) = l'(r) / 2`` and its derivative (built-in losses only)."""
-        half_loss = lambda ri: self.point_loss(ri, f_scale) / 2  # noqa: E731
+        half_loss = lambda ri: self.point_loss(ri, f_scale) / 2
         first = torch.func.grad(half_loss)
         return torch.func.vmap(first)(r), torch.func.vmap(torch.func.grad(first))(r)
 

@@ -45,7 +45,7 @@ class Problem:
     lengths: torch.Tensor | None = None  # (B,) int64
     x_offset: torch.Tensor | None = None  # (B,) float64
 
-    def take(self, rows: torch.Tensor) -> "Problem":
+    def take(self, rows: torch.Tensor) -> Problem:
         """The series at ``rows`` (a copy), e.g. to refit a few of them another way."""
         def pick(value):
             return None if value is None else value[rows]
@@ -206,7 +206,7 @@ class Series(NamedTuple):
     x_offset: torch.Tensor | None
 
     @classmethod
-    def of(cls, problem: Problem) -> "Series":
+    def of(cls, problem: Problem) -> Series:
         return cls(problem.x, problem.y, problem.w, problem.mask, problem.lengths,
                    problem.x_offset)
 

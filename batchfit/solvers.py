@@ -17,9 +17,10 @@ invariant to the parametrisation and exact for MSE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, NamedTuple
+from functools import cache
+from typing import NamedTuple
 
 import torch
 from torch.func import grad
@@ -28,8 +29,16 @@ from . import linalg
 from .diagnostics import coefficient_errors, finalize, summarise
 from .linalg import Mat, Vec, mat_vec
 from .losses import Loss
-from .models import (Sums, chebyshev_eval, chebyshev_terms, from_raw_map, gram_from_sums,
-                     prepare, to_raw_map, total_squares)
+from .models import (
+    Sums,
+    chebyshev_eval,
+    chebyshev_terms,
+    from_raw_map,
+    gram_from_sums,
+    prepare,
+    to_raw_map,
+    total_squares,
+)
 from .problem import FitResult, History, Problem, Series, Status, used_points
 
 SOLVERS = ("auto", "exact", "newton", "gd", "adam")
@@ -61,6 +70,7 @@ class Consts(NamedTuple):
     """Scalars shared by the whole batch, as 0-d tensors so changing them never recompiles."""
 
     pivot_tol: torch.Tensor
+    refine_tol: torch.Tensor
     cancellation_tol: torch.Tensor
     f_scale: torch.Tensor
     tol: torch.Tensor
@@ -100,7 +110,7 @@ def _consts(cfg: SolverConfig, problem: Problem) -> Consts:
         return torch.tensor(value, dtype=dtype, device=problem.device)
 
     eps = torch.finfo(problem.dtype).eps
-    return Consts(pivot_tol=scalar(100 * cfg.k * eps),
+    return Consts(pivot_tol=scalar(100 * cfg.k * eps), refine_tol=scalar(eps**0.5),
                   cancellation_tol=scalar(CANCELLATION_MARGIN * eps), f_scale=scalar(cfg.f_scale),
                   tol=scalar(cfg.tol), lr=scalar(cfg.lr), epochs=scalar(cfg.epochs, torch.int64))
 
@@ -140,7 +150,7 @@ def moment_hessian(q: Vec, data: MomentData, consts: Consts) -> Mat:
     return tuple(tuple(2 * g / data.wsum for g in row) for row in data.gram)
 
 
-@lru_cache(maxsize=None)
+@cache
 def point_objective(loss: Loss) -> Callable:
     def objective(q: Vec, data: PointData, consts: Consts):
         return loss.series_loss(chebyshev_eval(data.t, q), data.y, data.w, consts.f_scale)
@@ -166,7 +176,7 @@ def hessian(objective: Callable, q: Vec, *args) -> Mat:
     return tuple(grad(gradient_entry(i))(q, *args) for i in range(len(q)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def convergence_check(objective: Callable) -> Callable:
     """Per series: ``(loss, converged)`` at q, by the Newton decrement test."""
     def check(q: Vec, data, floor, consts: Consts):
@@ -180,7 +190,7 @@ def convergence_check(objective: Callable) -> Callable:
 
 # ---------------------------------------------------------------- per-series kernels
 
-@lru_cache(maxsize=None)
+@cache
 def prepare_kernel(degree: int) -> Callable:
     """Per series: frame, sums, spread of y, the exact MSE solution and whether it exists."""
     def kernel(series: Series, consts: Consts):
@@ -191,7 +201,7 @@ def prepare_kernel(degree: int) -> Callable:
     return kernel
 
 
-@lru_cache(maxsize=None)
+@cache
 def points_kernel(degree: int) -> Callable:
     def kernel(series: Series, consts: Consts):
         w, x, y = used_points(series)
@@ -200,7 +210,7 @@ def points_kernel(degree: int) -> Callable:
     return kernel
 
 
-@lru_cache(maxsize=None)
+@cache
 def final_kernel(loss: Loss, degree: int) -> Callable:
     """Per series, after an iterative solver: last convergence check, diagnostics, status."""
     check = convergence_check(_objective(loss))
@@ -216,13 +226,25 @@ def final_kernel(loss: Loss, degree: int) -> Callable:
     return kernel
 
 
-@lru_cache(maxsize=None)
+def refine(t, y, w, gram: Mat, q: Vec, pivot_tol) -> Vec:
+    """One step of iterative refinement of a normal-equations solution (semi-normal
+    equations, Bjorck): solve again for the part of the residual the basis still explains.
+    Clustered x make the Gram matrix's condition the square of the design's; this step brings
+    the error back to about the design's condition times eps, as a QR solve would."""
+    r = y - chebyshev_eval(t, q)
+    correction = tuple((w * r * tm).sum() for tm in chebyshev_terms(t, len(q) - 1))
+    delta, _ = linalg.solve(gram, correction, pivot_tol)
+    return tuple(qj + dj for qj, dj in zip(q, delta))
+
+
+@cache
 def exact_kernel(loss: Loss, degree: int) -> Callable:
-    """The whole exact fit of one series in one kernel: prepare, solve, summarise."""
+    """The careful exact fit of one series: prepare, solve, refine, summarise."""
     def kernel(series: Series, consts: Consts):
         w, x, y = used_points(series)
         sums, t = prepare(x, y, w, series.x_offset, degree)
         q, solvable = linalg.solve(sums.gram, sums.rhs, consts.pivot_tol)
+        q = refine(t, y, w, sums.gram, q, consts.pivot_tol)
         summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
         return finalize(summary, sums.n, solvable, torch.ones_like(solvable),
                         torch.zeros_like(solvable))
@@ -234,7 +256,7 @@ def exact_kernel(loss: Loss, degree: int) -> Callable:
 CANCELLATION_MARGIN = 1e4
 
 
-@lru_cache(maxsize=None)
+@cache
 def dense_exact_kernel(degree: int) -> Callable:
     """The exact fit of a series with every point valid and unit weights: two passes.
 
@@ -243,8 +265,9 @@ def dense_exact_kernel(degree: int) -> Callable:
     sum of squares then follows from the sums, with no third pass. (A one-pass variant that
     took the frame from a sample of x measured no faster: the sums pass is compute-bound.)
     ``trusted`` is False where that shortcut is unsafe: a non-finite value in the data, a
-    degenerate series, or a fit so close that the subtraction loses too many digits. The
-    caller refits those rows with the careful kernel.
+    degenerate or ill-conditioned series (a relative Cholesky pivot below sqrt(eps): the
+    careful kernel refines those), or a fit so close that the subtraction loses too many
+    digits. The caller refits those rows with the careful kernel.
     """
     k = degree + 1
 
@@ -264,7 +287,8 @@ def dense_exact_kernel(degree: int) -> Callable:
         q, solvable = linalg.solve(gram, rhs, consts.pivot_tol)
         sse = syy - linalg.dot(q, rhs)
         sst = syy - rhs[0] ** 2 / cheb_sums[0]
-        trusted = (solvable & (n >= k) & torch.isfinite(sse) & torch.isfinite(sst)
+        well_conditioned = linalg.cholesky(gram, consts.refine_tol)[1]
+        trusted = (well_conditioned & (n >= k) & torch.isfinite(sse) & torch.isfinite(sst)
                    & (sse >= consts.cancellation_tol * syy))
         centre_raw = centre.to(torch.float64)
         if x_offset is not None:
@@ -335,7 +359,7 @@ def _keep_frozen(active, new, old):
     return torch.where(active, new, old)
 
 
-@lru_cache(maxsize=None)
+@cache
 def descent_chunk(objective: Callable, optimizer_name: str, unroll: int) -> Callable:
     """Per series: ``unroll`` epochs of GD/Adam on the raw coefficients, then a check.
 
@@ -366,7 +390,7 @@ def descent_chunk(objective: Callable, optimizer_name: str, unroll: int) -> Call
     return chunk
 
 
-@lru_cache(maxsize=None)
+@cache
 def newton_step(objective: Callable) -> Callable:
     """Per series: one damped Newton (Levenberg-Marquardt) iteration in the frame.
 

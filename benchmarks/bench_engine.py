@@ -18,11 +18,11 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import batchfit  # noqa: E402
-from batchfit.demo import seed_dataset  # noqa: E402
+import batchfit
+from batchfit.demo import seed_dataset
 
 
 def machine() -> dict:
@@ -64,9 +64,11 @@ def bench_sizes(sizes, points, repeats, polyfit_rows) -> list[dict]:
     for batch in sizes:
         x, y = seed_dataset(batch, points)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        _, floor = timed(lambda: read_once(xt, yt), repeats)
-        compile_s, compiled = timed(lambda: batchfit.fit(xt, yt, compile=True), repeats)
-        _, eager = timed(lambda: batchfit.fit(xt, yt, compile=False), max(1, repeats // 2))
+        _, floor = timed(lambda xt=xt, yt=yt: read_once(xt, yt), repeats)
+        compile_s, compiled = timed(lambda xt=xt, yt=yt: batchfit.fit(xt, yt, compile=True),
+                                    repeats)
+        _, eager = timed(lambda xt=xt, yt=yt: batchfit.fit(xt, yt, compile=False),
+                         max(1, repeats // 2))
         loop, extrapolated = polyfit_loop(x, y, polyfit_rows)
         rows.append({"series": batch, "points": points, "floor_s": floor,
                      "exact_compiled_s": compiled, "exact_first_call_s": compile_s,

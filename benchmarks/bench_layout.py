@@ -13,8 +13,8 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import torch  # noqa: E402
-from torch.func import grad, vmap  # noqa: E402
+import torch
+from torch.func import grad, vmap
 
 K = 3
 

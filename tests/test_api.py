@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from zoo import polyfit_rows, seed_data
 
 import batchfit
-from zoo import polyfit_rows, seed_data
 
 
 def test_user_loss_per_point_form_equals_builtin(rng):
@@ -118,7 +118,7 @@ def test_empty_batch():
     assert fit.params.shape == (0, 3) and fit.status_counts() == {}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     coefs=arrays(np.float64, 3, elements=st.floats(-100, 100)),
     x=arrays(np.int32, st.integers(3, 40), elements=st.integers(-10**6, 10**6), unique=True),

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from zoo import SEED_TRUTH, naive_descent, polyfit_rows, seed_data
 
 import batchfit
-from zoo import SEED_TRUTH, naive_descent, polyfit_rows, seed_data
 
 
 @pytest.mark.parametrize("solver,lr", [("gd", 1e-2), ("adam", 1e-2)])

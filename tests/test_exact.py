@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from zoo import polyfit_rows, random_polys, seed_data
 
 import batchfit
 from batchfit import Status
-from zoo import polyfit_rows, random_polys, seed_data
 
 
 def rel_err(got, want):
@@ -154,3 +154,14 @@ def test_runs_on_device(device, rng):
     want, _ = polyfit_rows(x, y, 2)
     assert rel_err(fit.params.cpu(), want) < 1e-9
     assert Status(int(fit.status[0])) is Status.OK
+
+
+def test_clustered_x_keeps_polyfit_accuracy(rng):
+    """Two of three distinct x nearly coincide: the normal equations square the design's
+    condition; refinement must bring the answer back to numpy.polyfit's (QR) accuracy."""
+    base = np.array([0.0, 1e-3, 62.994])
+    x = np.tile(np.repeat(base, 4), (5, 1))
+    y = rng.normal(0, 1, x.shape)
+    fit = batchfit.fit(x, y, dtype="float64", compile=False)
+    want, _ = polyfit_rows(x, y, 2)
+    assert rel_err(fit.params, want) < 1e-9

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import least_squares
+from zoo import SEED_TRUTH, seed_data
 
 import batchfit
 from batchfit.losses import RHO
-from zoo import SEED_TRUTH, seed_data
 
 ROBUST = ["huber", "soft_l1", "cauchy", "arctan"]
 
