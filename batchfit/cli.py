@@ -1,4 +1,8 @@
-"""Command-line glue: parse, call the library, print, map errors to exit codes."""
+"""Command-line glue: parse, call the library, print, map errors to exit codes.
+
+Exit codes: 0 the command finished (series may still carry a non-ok status); 2 bad usage or
+bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,61 @@ from . import __version__
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, like every other bad-usage error
         self.exit(2, f"batchfit: error: {message}\n")
+
+
+def _say(message: str):
+    print(f"batchfit: {message}", file=sys.stderr)
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm bar on stderr, only when stderr is a terminal; returns (callback, close)."""
+    if not enabled or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="series", unit_scale=True, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def _run(args) -> int:
+    from .io import ColumnSpec
+    from .job import run_job
+
+    columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col,
+                         weight=args.weight_col or "weight",
+                         weight_given=args.weight_col is not None, format=args.format)
+    fit_options = dict(degree=args.degree, loss=args.loss, f_scale=args.f_scale,
+                       solver=args.solver, lr=args.lr, epochs=args.epochs, tol=args.tol,
+                       device=args.device, dtype=args.dtype,
+                       compile=False if args.no_compile else "auto")
+    update, close = _progress_bar(not args.no_progress)
+    try:
+        summary = run_job(args.input, args.output, columns=columns, batch_size=args.batch_size,
+                          progress=update, **fit_options)
+    finally:
+        close()
+    statuses = ", ".join(f"{name} {count:,}" for name, count in summary.status_counts.items())
+    _say(f"fitted {summary.n_series:,} series ({statuses}) from {summary.n_points:,} points "
+         f"in {summary.seconds:.2f} s ({summary.series_per_second:,.0f} series/s)")
+    _say(f"wrote {summary.output}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import generate
+
+    info = generate(args.output, series=args.series, points=args.points, noise=args.noise,
+                    seed=args.seed, fmt=args.format, x_kind=args.x,
+                    min_points=args.min_points, max_points=args.max_points,
+                    outliers=args.outliers, degree=args.degree)
+    _say(f"wrote {info['series']:,} series ({info['points']:,} points, {info['format']} "
+         f"format) to {info['path']} and their true coefficients to {info['truth']}")
+    return 0
 
 
 def _demo(args) -> int:
@@ -33,26 +92,93 @@ def _demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchfit", description="Fit very many curves at once.")
     parser.add_argument("--version", action="version", version=f"batchfit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser(
+        "run", help="fit every series in a Parquet file or directory, write coefficients",
+        description="Fit every series of INPUT; write one row per series to OUTPUT. "
+                    "Example: batchfit run data.parquet -o fits.parquet --loss huber")
+    run.add_argument("input", help="a Parquet file, or a directory of Parquet files")
+    run.add_argument("-o", "--output", help="output Parquet file [INPUT.coeffs.parquet]")
+    run.add_argument("--format", choices=["auto", "long", "list"], default="auto",
+                     help="long: a row per point; list: a row per series [auto: by x's type]")
+    run.add_argument("--id-col", default="series_id", help="series id column [series_id]")
+    run.add_argument("--x-col", default="x", help="x column [x]")
+    run.add_argument("--y-col", default="y", help="y column [y]")
+    run.add_argument("--weight-col", help="weight column, >= 0 [weight, used when present]")
+    run.add_argument("--degree", type=int, default=2, help="polynomial degree [2]")
+    run.add_argument("--loss", default="mse",
+                     choices=["mse", "huber", "soft_l1", "cauchy", "arctan"], help="[mse]")
+    run.add_argument("--f-scale", type=float, default=1.0,
+                     help="residual scale of the robust losses [1.0]")
+    run.add_argument("--solver", default="auto",
+                     choices=["auto", "exact", "newton", "gd", "adam"],
+                     help="[auto: exact for mse, newton otherwise]")
+    run.add_argument("--lr", type=float, help="learning rate of gd/adam [1e-3]")
+    run.add_argument("--epochs", type=int,
+                     help="gd/adam epochs [15000]; newton iteration cap [50]")
+    run.add_argument("--tol", type=float, default=1e-6,
+                     help="relative excess-loss tolerance of the iterative solvers [1e-6]")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto]")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                     help="[float32]")
+    run.add_argument("--no-compile", action="store_true", help="never use torch.compile")
+    run.add_argument("--batch-size", type=_positive_int, default=100_000,
+                     help="series per fit call [100000]")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(handler=_run)
+
+    gen = commands.add_parser(
+        "generate", help="write a synthetic dataset (and its true coefficients)",
+        description="Write noisy series around the seed's y = 20x^2 + 5x - 3, and their true "
+                    "coefficients to OUTPUT.truth.parquet. "
+                    "Example: batchfit generate data.parquet --series 100000 --points 100")
+    gen.add_argument("output", help="the Parquet file to write")
+    gen.add_argument("--series", type=_positive_int, default=10_000, help="[10000]")
+    gen.add_argument("--points", type=_positive_int, default=100, help="points per series [100]")
+    gen.add_argument("--noise", type=float, default=1.0, help="Gaussian noise sd [1.0]")
+    gen.add_argument("--seed", type=int, default=0, help="[0]")
+    gen.add_argument("--format", choices=["long", "list"], default="long", help="[long]")
+    gen.add_argument("--x", choices=["linspace", "uniform"], default="linspace",
+                     help="x = linspace(0, 1, n) or sorted uniform draws [linspace]")
+    gen.add_argument("--min-points", type=int, help="ragged lengths: shortest series")
+    gen.add_argument("--max-points", type=int, help="ragged lengths: longest series")
+    gen.add_argument("--outliers", type=float, default=0.0,
+                     help="fraction of points pushed 10-30 noise sds away [0]")
+    gen.add_argument("--degree", type=int, default=2, help="[2]")
+    gen.set_defaults(handler=_generate)
+
     demo = commands.add_parser(
         "demo", help="fit 10,000 generated seed series with the exact solver and with GD",
         description="Example: batchfit demo --series 10000")
-    demo.add_argument("--series", type=int, default=10_000, help="number of series [10000]")
-    demo.add_argument("--points", type=int, default=100, help="points per series [100]")
+    demo.add_argument("--series", type=_positive_int, default=10_000, help="[10000]")
+    demo.add_argument("--points", type=_positive_int, default=100,
+                      help="points per series [100]")
     demo.add_argument("--seed", type=int, default=0, help="random seed [0]")
     demo.set_defaults(handler=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return int(exc.code or 0)
     try:
         return args.handler(args)
-    except ValueError as exc:  # bad input: one line, no traceback
-        print(f"batchfit: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # bad input: one line, no traceback
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"batchfit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("batchfit: interrupted", file=sys.stderr)

@@ -8,10 +8,12 @@ batch size and series length, and is reused across calls.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
@@ -182,3 +184,43 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     if solver == "newton":
         return solve_newton(problem, cfg, vectorize)
     return solve_descent(problem, cfg, vectorize, solver)
+
+
+def _gather(values: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Equal-length series stored at ``starts`` -> a (len(starts), length) array; adjacent
+    series are a reshape (no copy)."""
+    count = len(starts)
+    if count and (np.diff(starts) == length).all():
+        return values[starts[0]:starts[0] + count * length].reshape(count, length)
+    return values[starts[:, None] + np.arange(length)]
+
+
+def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
+               **options) -> FitResult:
+    """``fit`` for series stored back to back: series i is ``x[offsets[i]:offsets[i + 1]]``.
+
+    Series are fitted in groups of equal length, so nothing is padded (equal-length data
+    takes the fast path) and a series' numbers depend only on its own points, never on
+    which other series share its batch. Results come back in series order; the training
+    history is kept only when there was a single group.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths, starts = np.diff(offsets), offsets[:-1]
+    groups = np.unique(lengths)
+    if len(groups) == 0:
+        return fit(np.zeros((0, 1)), np.zeros((0, 1)), **options)
+    parts, rows_of = [], []
+    for length in groups:
+        rows = np.flatnonzero(lengths == length)
+        at = starts[rows]
+        parts.append(fit(_gather(x, at, length), _gather(y, at, length),
+                         None if weights is None else _gather(weights, at, length), **options))
+        rows_of.append(rows)
+    if len(parts) == 1:
+        return parts[0]
+    order = torch.from_numpy(np.argsort(np.concatenate(rows_of), kind="stable"))
+    fields = {}
+    for field in ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status"):
+        joined = torch.cat([getattr(part, field) for part in parts])
+        fields[field] = joined[order.to(joined.device)]
+    return dataclasses.replace(parts[0], history=None, **fields)

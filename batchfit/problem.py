@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
@@ -124,7 +125,10 @@ def _as_tensor(name: str, value, device) -> torch.Tensor:
         raise ValueError(f"{name} is not array-like: {exc}") from None
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
-    return torch.as_tensor(array, device=device)
+    with warnings.catch_warnings():
+        # Read-only arrays (e.g. zero-copy from Arrow) are fine: batchfit never writes inputs.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array, device=device)
 
 
 def _floating(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

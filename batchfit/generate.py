@@ -1,0 +1,124 @@
+"""Synthetic datasets: the seed's generate_dataset at batch scale, with the truth beside it.
+
+Each series' true coefficients are drawn around the seed's ``20x^2 + 5x - 3`` (for other
+degrees: standard normal), its x are ``linspace(0, 1, n)`` (or sorted uniform draws), and
+``y = f(x) + N(0, noise^2)``, with an optional fraction of outliers. Series are made and
+written a block at a time, so any number of them fits in bounded memory; a block's random
+numbers depend only on the seed and the block's index, so output is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from . import io
+
+SEED_COEFFICIENTS = (-3.0, 5.0, 20.0)  # c, b, a: the seed's y = 20x^2 + 5x - 3
+SEED_SPREAD = (0.5, 1.0, 2.0)  # standard deviation of each true coefficient across series
+BLOCK = 100_000  # series made and written at a time
+
+
+@dataclass(frozen=True)
+class Block:
+    """Series ``first .. first + n - 1`` stored back to back, with their truth."""
+
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    offsets: np.ndarray
+    coefficients: np.ndarray  # (n, degree + 1), lowest power first
+
+
+def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_kind: str,
+               min_points: int | None, max_points: int | None, outliers: float,
+               degree: int) -> Block:
+    rng = np.random.default_rng([seed, first // BLOCK])
+    if degree == 2:
+        coefficients = rng.normal(SEED_COEFFICIENTS, SEED_SPREAD, (n, 3))
+    else:
+        coefficients = rng.normal(0.0, 1.0, (n, degree + 1))
+    if min_points is None and max_points is None:
+        lengths = np.full(n, points)
+    else:
+        low = points if min_points is None else min_points
+        high = points if max_points is None else max_points
+        lengths = rng.integers(low, high + 1, n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    series = np.repeat(np.arange(n), lengths)
+    position = np.arange(offsets[-1]) - offsets[series]
+    if x_kind == "linspace":
+        x = position / np.maximum(lengths[series] - 1, 1)
+    else:  # sorted uniform draws, so plots read left to right
+        x = rng.uniform(0.0, 1.0, offsets[-1])
+        x = x[np.lexsort((x, series))]
+    y = np.zeros_like(x)
+    for power in reversed(range(degree + 1)):  # Horner
+        y = y * x + coefficients[series, power]
+    y += rng.normal(0.0, noise, len(y))
+    if outliers > 0:
+        hit = rng.random(len(y)) < outliers
+        size = max(noise, 1.0) * rng.uniform(10.0, 30.0, hit.sum())
+        y[hit] += rng.choice([-1.0, 1.0], hit.sum()) * size
+    return Block(np.arange(first, first + n, dtype=np.int64), x.astype(np.float32),
+                 y.astype(np.float32), offsets, coefficients)
+
+
+def truth_path(path: str) -> str:
+    """``data.parquet`` -> ``data.truth.parquet``."""
+    stem = path[: -len(".parquet")] if path.endswith(".parquet") else path
+    return f"{stem}.truth.parquet"
+
+
+def _data_table(block: Block, fmt: str) -> pa.Table:
+    if fmt == "list":
+        offsets = pa.array(block.offsets.astype(np.int32) if block.offsets[-1] < 2**31
+                           else block.offsets)
+        return pa.table({"series_id": block.ids,
+                         "x": pa.ListArray.from_arrays(offsets, pa.array(block.x)),
+                         "y": pa.ListArray.from_arrays(offsets, pa.array(block.y))})
+    lengths = np.diff(block.offsets)
+    return pa.table({"series_id": np.repeat(block.ids, lengths), "x": block.x, "y": block.y})
+
+
+def _truth_table(block: Block, noise: float) -> pa.Table:
+    columns = {"series_id": block.ids}
+    for name, power in io.coefficient_columns(block.coefficients.shape[1] - 1):
+        columns[name] = block.coefficients[:, power]
+    columns["n_points"] = np.diff(block.offsets)
+    columns["noise"] = np.full(len(block.ids), noise)
+    return pa.table(columns)
+
+
+def generate(path: str, *, series: int, points: int = 100, noise: float = 1.0, seed: int = 0,
+             fmt: str = "long", x_kind: str = "linspace", min_points: int | None = None,
+             max_points: int | None = None, outliers: float = 0.0, degree: int = 2) -> dict:
+    """Write ``path`` (the data) and ``truth_path(path)`` (the true coefficients) atomically."""
+    if series < 1 or points < 1:
+        raise ValueError("--series and --points must be at least 1")
+    if noise < 0 or not 0 <= outliers <= 1:
+        raise ValueError("--noise must be >= 0 and --outliers a fraction in [0, 1]")
+    if fmt not in ("long", "list") or x_kind not in ("linspace", "uniform"):
+        raise ValueError("--format must be long or list, --x linspace or uniform")
+    if not 0 <= degree <= 10:
+        raise ValueError("--degree must be between 0 and 10")
+    low = points if min_points is None else min_points
+    high = points if max_points is None else max_points
+    if low < 0 or high < low:
+        raise ValueError("need 0 <= --min-points <= --max-points")
+    options = dict(points=points, noise=noise, seed=seed, x_kind=x_kind, min_points=min_points,
+                   max_points=max_points, outliers=outliers, degree=degree)
+    first = make_block(0, min(series, BLOCK), **options)
+    truth = truth_path(path)
+    rows = 0
+    with io.AtomicParquetWriter(path, _data_table(first, fmt).schema) as data, \
+            io.AtomicParquetWriter(truth, _truth_table(first, noise).schema) as true:
+        for start in range(0, series, BLOCK):
+            block = first if start == 0 else make_block(start, min(BLOCK, series - start),
+                                                        **options)
+            data.write(_data_table(block, fmt))
+            true.write(_truth_table(block, noise))
+            rows += int(block.offsets[-1])
+    return {"path": path, "truth": truth, "series": series, "points": rows, "format": fmt}

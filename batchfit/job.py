@@ -1,0 +1,136 @@
+"""A whole Parquet job: chunks from io -> engine -> io's writer, with progress and a summary.
+
+``run_job`` is what ``batchfit run`` does; ``fit_table`` fits an in-memory Arrow table (the
+unit of work of the distributed engine).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__, io
+from .engine import COMPILE_MIN_WORK, fit, fit_ragged, resolve_device
+
+DEFAULT_BATCH_SIZE = 100_000  # series per fit call
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    input: str
+    output: str
+    n_series: int
+    n_points: int
+    status_counts: dict
+    seconds: float
+    format: str
+    grouped: bool  # the input had each series' rows together (streamed), else gathered
+    metadata: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def series_per_second(self) -> float:
+        return self.n_series / max(self.seconds, 1e-9)
+
+
+def default_output(path: str) -> str:
+    """``data.parquet`` -> ``data.coeffs.parquet``; a directory ``data/`` ->
+    ``data.coeffs.parquet`` beside it."""
+    path = os.path.normpath(path)
+    stem = path[: -len(".parquet")] if path.lower().endswith(".parquet") else path
+    return f"{stem}.coeffs.parquet"
+
+
+def checked_options(fit_options: dict) -> dict:
+    """Validate fit options before any data is read, by fitting one tiny series.
+
+    Returns what the engine resolved them to (solver, loss, dtype, device)."""
+    degree = fit_options.get("degree", 2)
+    epochs = fit_options.get("epochs")
+    if epochs is None or (isinstance(epochs, int) and epochs > 0):
+        epochs = 1  # a valid count: one step is enough to check everything else
+    points = degree + 2 if isinstance(degree, int) and 0 <= degree <= 10 else 4
+    probe = fit(np.linspace(0.0, 1.0, points), np.zeros(points),
+                **{**fit_options, "compile": False, "epochs": epochs})
+    return {"solver": probe.solver, "loss": probe.loss_name, "degree": probe.degree,
+            "dtype": str(probe.loss.dtype).replace("torch.", ""),
+            "device": str(resolve_device(fit_options.get("device", "auto")))}
+
+
+def _compile_choice(compile, resolved: dict, fit_options: dict, n_rows: int, n_series: int):
+    """Compile for the whole job or not at all: chunks would each look too small to pay."""
+    if compile != "auto":
+        return compile
+    if resolved["solver"] == "exact":
+        work = n_rows
+    elif resolved["solver"] == "newton":
+        work = 10 * n_rows
+    else:
+        work = (fit_options.get("epochs") or 15000) * n_series * (resolved["degree"] + 1) ** 2
+    return work >= COMPILE_MIN_WORK
+
+
+def _fit_chunk(chunk: io.Chunk, fit_options: dict):
+    return fit_ragged(chunk.x, chunk.y, chunk.offsets, chunk.w, **fit_options)
+
+
+def run_job(input_path: str, output_path: str | None = None, *,
+            columns: io.ColumnSpec = io.ColumnSpec(), batch_size: int = DEFAULT_BATCH_SIZE,
+            progress: Callable[[int, int], None] | None = None, **fit_options) -> JobSummary:
+    """Fit every series of a Parquet dataset; write one row per series to ``output_path``.
+
+    ``fit_options`` are ``batchfit.fit``'s (degree, loss, f_scale, solver, lr, epochs, tol,
+    device, dtype, compile). ``progress(done, total)`` is called after each chunk.
+    Raises ValueError (one line) for bad input; the output then does not exist (an older
+    file at ``output_path`` is left untouched).
+    """
+    start = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    output_path = output_path or default_output(input_path)
+    io.check_writable(output_path)
+    resolved = checked_options(fit_options)
+    dataset = io.Dataset(input_path, columns)
+    fit_options = {**fit_options, "compile": _compile_choice(
+        fit_options.get("compile", "auto"), resolved, fit_options, dataset.num_rows,
+        dataset.n_series)}
+    metadata = {"version": __version__, **resolved, "input": input_path,
+                "format": dataset.format,
+                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
+                            "weight": columns.weight if dataset.layout.has_weight else None},
+                "options": {key: value for key, value in fit_options.items()
+                            if not callable(value)} | {"batch_size": batch_size}}
+    schema = io.output_schema(dataset.layout.id_type, resolved["degree"], metadata)
+    counts, n_series, n_points = Counter(), 0, 0
+    with io.AtomicParquetWriter(output_path, schema) as writer:
+        for chunk in dataset.chunks():
+            for piece in chunk.split(batch_size):
+                result = _fit_chunk(piece, fit_options)
+                writer.write(io.result_table(piece.ids, result, schema))
+                counts.update(result.status_counts())
+                n_series += piece.n_series
+                n_points += int(result.n_points.sum())
+                if progress:
+                    progress(n_series, dataset.n_series)
+    return JobSummary(input_path, output_path, n_series, n_points, dict(counts),
+                      time.perf_counter() - start, dataset.format, dataset.contiguous,
+                      metadata)
+
+
+def fit_table(table: pa.Table, *, columns: io.ColumnSpec = io.ColumnSpec(),
+              **fit_options) -> pa.Table:
+    """Fit every series of an in-memory Arrow table (long or list format); one output row
+    per series, in the output schema (the metadata records the options)."""
+    resolved = checked_options(fit_options)
+    parts, schema = [], None
+    for chunk in io.table_chunks(table, columns):
+        schema = schema or io.output_schema(chunk.ids.type, resolved["degree"], resolved)
+        parts.append(io.result_table(chunk.ids, _fit_chunk(chunk, fit_options), schema))
+    if not parts:
+        raise ValueError("empty input: the table has no rows")
+    return pa.concat_tables(parts)
