@@ -31,7 +31,11 @@ from .solvers import (
 )
 
 MAX_DEGREE = 10
-COMPILE_MIN_WORK = 2e7  # element-steps below which eager beats a (cached) compile
+# A compile costs about this much (warm inductor cache, 2 cores; a cold one 10-30 s): compile
+# a kernel when its estimated eager time (solvers.eager_seconds) is larger. With
+# compile=True, every kernel above TRIVIAL_S is compiled (a handful of rows never is).
+COMPILE_COST_S = 5.0
+TRIVIAL_S = 0.05
 _VMAPPED: dict = {}
 # Inductor's own lowering code calls a deprecated torch helper; that is torch's business, not
 # the user's, so keep it off their terminal.
@@ -87,20 +91,19 @@ def _in_dims(args):
 
 
 class _Vectorizer:
-    """``vectorize(fn, *args, work=0)``: run per-series ``fn`` over the batch.
+    """``vectorize(fn, *args, eager_s=0)``: run per-series ``fn`` over the batch.
 
-    ``work`` estimates the element-steps the call will do; it is compiled when ``compile`` is
-    True and work > 0 (a hot kernel), or when ``compile='auto'`` and work is large enough.
+    ``eager_s`` estimates the kernel's uncompiled run time; see COMPILE_COST_S.
     """
 
     def __init__(self, compile, fullgraph: bool):
         self.compile = compile
         self.fullgraph = fullgraph
 
-    def __call__(self, fn: Callable, *args, work: float = 0):
+    def __call__(self, fn: Callable, *args, eager_s: float = 0):
         key = (fn, _in_dims(args))
-        hot = work > 0 if self.compile is True else (
-            self.compile == "auto" and work >= COMPILE_MIN_WORK)
+        hot = eager_s >= TRIVIAL_S if self.compile is True else (
+            self.compile == "auto" and eager_s >= COMPILE_COST_S)
         if hot:
             batched = _COMPILED.get(key)
             if batched is None:
@@ -142,7 +145,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
         or an array); Newton: epochs is the iteration cap (default 50).
     device, dtype : ``auto|cpu|cuda``; float32 (default) or float64.
-    compile : True, False or ``auto`` (compile the hot loop when the job is big enough to pay).
+    compile : ``auto`` (compile a kernel when its estimated eager run time exceeds a compile's,
+        about 5 s), True (compile every kernel that is not trivial), or False.
     history_every, track : record the training loss every so many epochs (0: about 300
         records) for the batch's quantiles and for the tracked series indices.
     """

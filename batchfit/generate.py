@@ -68,7 +68,7 @@ def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_ki
 
 def truth_path(path: str) -> str:
     """``data.parquet`` -> ``data.truth.parquet``."""
-    stem = path[: -len(".parquet")] if path.endswith(".parquet") else path
+    stem = path.removesuffix(".parquet")
     return f"{stem}.truth.parquet"
 
 

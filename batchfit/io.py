@@ -179,7 +179,7 @@ class Dataset:
         self.num_rows = sum(handle.metadata.num_rows for _, handle in self.files)
         if self.num_rows == 0:
             raise ValueError(f"empty input: {path} has no rows")
-        self.contiguous, self.n_series = _scan_ids(
+        self.contiguous, self.n_series, self._sorted_ids = _scan_ids(
             self._batches([spec.series_id], 1 << 20), self.layout)
 
     @property
@@ -195,15 +195,19 @@ class Dataset:
 
     def chunks(self, rows_per_read: int = 1 << 20) -> Iterator[Chunk]:
         """Whole-series chunks in a canonical point order (see module docstring)."""
-        if self.format == "list" or self.contiguous:
-            yield from _chunks(self._batches(self.layout.columns, rows_per_read), self.layout)
-            return
-        table = self._read_sorted()
-        yield from _chunks(table.to_batches(max_chunksize=rows_per_read), self.layout)
+        batches = self._batches(self.layout.columns, rows_per_read)
+        if self.format == "long" and not self.contiguous:
+            batches = self._gathered(batches, rows_per_read)
+        yield from _chunks(batches, self.layout)
 
-    def _read_sorted(self) -> pa.Table:
-        """Series are scattered: gather them with one in-memory sort, if memory allows."""
-        need = MIN_FREE_MEMORY_FACTOR * self.num_rows * 8 * len(self.layout.columns)
+    def _gathered(self, batches, rows_per_read: int) -> Iterator[pa.Table]:
+        """Series scattered over the input, gathered without one big sort: each batch is
+        split by ranges of the (sorted) series ids into partitions of about
+        ``rows_per_read`` rows, kept in memory; each partition, holding whole series, is
+        then sorted on its own (small sorts stay in cache). Refused when memory is short."""
+        need = MIN_FREE_MEMORY_FACTOR * sum(
+            handle.metadata.num_rows * _row_bytes(handle.schema_arrow, self.layout.columns)
+            for _, handle in self.files)
         free = _available_memory()
         if free is not None and need > free:
             raise ValueError(
@@ -211,28 +215,50 @@ class Dataset:
                 f"{self.layout.spec.series_id!r}; gathering them needs about "
                 f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB is available: "
                 "sort the input by series id first")
-        tables = []
-        for file, handle in self.files:
-            try:
-                tables.append(handle.read(columns=self.layout.columns))
-            except (pa.ArrowException, OSError) as exc:
-                raise ValueError(f"cannot read {file}: {_first_line(exc)}") from None
-        table = pa.concat_tables(tables)
-        return table.take(_canonical_order(table, self.layout.spec))
+        parts = max(1, min(len(self._sorted_ids), -(-self.num_rows // rows_per_read), 65535))
+        per_part = -(-len(self._sorted_ids) // parts)
+        pieces: list[list[pa.Table]] = [[] for _ in range(parts)]
+        id_column = self.layout.spec.series_id
+        numeric_ids = pa.types.is_integer(self.layout.id_type)
+        if numeric_ids:  # partition by id ranges: a search among `parts` bounds stays in cache
+            sorted_ids = self._sorted_ids.to_numpy()
+            bounds_ids = sorted_ids[per_part::per_part]
+            low, span = int(sorted_ids[0]), int(sorted_ids[-1]) - int(sorted_ids[0]) + 1
+            dense = span <= 16 * len(sorted_ids)  # then plain arithmetic splits ids evenly
+        for batch in batches:
+            ids = batch.column(id_column)
+            if numeric_ids and dense:
+                part = (ids.to_numpy().astype(np.int64) - low) * parts // span
+            elif numeric_ids:
+                part = np.searchsorted(bounds_ids, ids.to_numpy(), side="right")
+            else:
+                part = pc.index_in(ids, value_set=self._sorted_ids).to_numpy() // per_part
+            part = part.astype(np.uint16)  # small keys: numpy sorts them by radix
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(parts + 1))
+            table = pa.Table.from_batches([batch]).take(pa.array(order))
+            for p in np.flatnonzero(np.diff(bounds)):
+                pieces[p].append(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+        for p in range(parts):
+            if pieces[p]:
+                table = pa.concat_tables(pieces[p]).combine_chunks()
+                pieces[p] = []  # free as we go
+                yield table.take(_canonical_order(table, self.layout.spec))
 
 
 def table_chunks(table: pa.Table, spec: ColumnSpec) -> Iterator[Chunk]:
     """The chunks of an in-memory table (long or list format), as ``Dataset.chunks``."""
     layout = describe(table.schema, spec, "the table")
     table = table.select(layout.columns)
-    contiguous, _ = _scan_ids(table.select([spec.series_id]).to_batches(), layout)
+    contiguous, _, _ = _scan_ids(table.select([spec.series_id]).to_batches(), layout)
     if layout.format == "long" and not contiguous:
         table = table.take(_canonical_order(table, spec))
     yield from _chunks(table.to_batches(), layout)
 
 
-def _scan_ids(batches: Iterator[pa.RecordBatch], layout: Layout) -> tuple[bool, int]:
-    """One pass over the ids: are the series contiguous, and how many are there?"""
+def _scan_ids(batches: Iterator[pa.RecordBatch], layout: Layout):
+    """One pass over the ids: are the series contiguous, how many are there, and (when they
+    are not contiguous) their distinct ids, sorted."""
     run_ids, last = [], None
     for batch in batches:
         ids = batch.column(0)
@@ -252,7 +278,10 @@ def _scan_ids(batches: Iterator[pa.RecordBatch], layout: Layout) -> tuple[bool, 
     if layout.format == "list" and distinct != len(runs):
         raise ValueError(f"series ids repeat in list format ({len(runs) - distinct} "
                          "duplicates): each row must be its own series")
-    return distinct == len(runs), distinct
+    if distinct == len(runs):
+        return True, distinct, None
+    unique = pc.unique(runs)
+    return False, distinct, unique.take(pc.sort_indices(unique))
 
 
 def _chunks(batches, layout: Layout) -> Iterator[Chunk]:
@@ -262,6 +291,17 @@ def _chunks(batches, layout: Layout) -> Iterator[Chunk]:
                 yield _list_chunk(batch, layout)
     else:
         yield from _long_chunks(batches, layout)
+
+
+def _row_bytes(schema: pa.Schema, columns: list[str]) -> int:
+    """Decoded bytes per row of ``columns`` (strings counted as 16)."""
+    total = 0
+    for column in columns:
+        try:
+            total += max(1, schema.field(column).type.bit_width // 8)
+        except ValueError:  # variable width
+            total += 16
+    return total
 
 
 def _available_memory() -> int | None:
@@ -293,20 +333,23 @@ def _is_canonical(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> bool:
     """Are the points of every series already sorted by (x, y)?"""
     if len(x) < 2:
         return True
-    same_series = np.ones(len(x) - 1, dtype=bool)
-    same_series[starts[1:] - 1] = False
-    dx, dy = np.diff(x), np.diff(y)
-    ordered = (dx > 0) | ((dx == 0) & (dy >= 0))
-    return bool(np.all(ordered | ~same_series))
+    new_series = np.zeros(len(x) - 1, dtype=bool)
+    new_series[starts[1:] - 1] = True
+    dx = np.diff(x)
+    rising = (dx > 0) | new_series
+    if rising.all():  # the common case (x increasing within each series): y need not be read
+        return True
+    dy = np.diff(y)
+    return bool(np.all(rising | ((dx == 0) & (dy >= 0))))
 
 
 def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
-    """Contiguous long-format batches -> whole-series chunks; a series cut by a batch
-    boundary is carried into the next batch."""
+    """Contiguous long-format batches (or tables) -> whole-series chunks; a series cut by a
+    batch boundary is carried into the next batch."""
     spec = layout.spec
     carry = None
     for batch in batches:
-        table = pa.Table.from_batches([batch])
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         if carry is not None:
             table = pa.concat_tables([carry, table])
         table = table.combine_chunks()
@@ -317,15 +360,15 @@ def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
         cut = int(starts[-1])  # the last series may go on in the next batch
         carry = table.slice(cut)
         if cut:
-            yield _long_chunk(table.slice(0, cut), layout)
+            yield _long_chunk(table.slice(0, cut), starts[:-1], layout)
     if carry is not None and carry.num_rows:
-        yield _long_chunk(carry.combine_chunks(), layout)
+        carry = carry.combine_chunks()
+        yield _long_chunk(carry, _run_starts(carry.column(spec.series_id).chunk(0)), layout)
 
 
-def _long_chunk(table: pa.Table, layout: Layout) -> Chunk:
+def _long_chunk(table: pa.Table, starts: np.ndarray, layout: Layout) -> Chunk:
     spec = layout.spec
     ids = table.column(spec.series_id).combine_chunks()
-    starts = _run_starts(ids)
     x, y = to_float(table.column(spec.x)), to_float(table.column(spec.y))
     if not _is_canonical(x, y, starts):
         table = table.take(_canonical_order(table, spec))
@@ -417,27 +460,42 @@ class AtomicParquetWriter:
 
     The data goes to a hidden temporary file in the target directory (so the final rename is
     atomic); on any failure, or if never committed, the temporary file is removed and an older
-    file at ``path`` is left untouched. Use as a context manager.
+    file at ``path`` is left untouched. Small tables are buffered into row groups of about
+    ``ROW_GROUP`` rows (a row group per small write would make writing, and later reading,
+    slow). Use as a context manager.
     """
 
-    def __init__(self, path: str, schema: pa.Schema):
+    ROW_GROUP = 1 << 17
+
+    def __init__(self, path: str, schema: pa.Schema, use_dictionary=True):
         check_writable(path)
         self.path = path
         directory, name = os.path.split(os.path.abspath(path))
         fd, self.temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
         os.close(fd)
         try:
-            self.writer = pq.ParquetWriter(self.temp, schema)
+            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary)
         except BaseException:
             os.unlink(self.temp)
             raise
         self.rows = 0
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
 
     def write(self, table: pa.Table):
-        self.writer.write_table(table)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
         self.rows += table.num_rows
+        if self.pending_rows >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self):
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=1 << 20)
+            self.pending, self.pending_rows = [], 0
 
     def commit(self):
+        self._flush()
         self.writer.close()
         os.chmod(self.temp, _default_permissions())
         os.replace(self.temp, self.path)

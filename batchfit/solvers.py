@@ -1,9 +1,9 @@
 """The solvers: exact, newton, gd, adam.
 
 Each is a pure function ``(problem, config, vectorize) -> FitResult``. The maths is written
-for ONE series and handed to ``vectorize(fn, *args, work=...)``, the engine's hook that vmaps
-it over the batch and compiles it when ``work`` (element-steps) makes that pay; nothing here
-picks devices or decides to compile. Per-series vectors are tuples of scalars
+for ONE series and handed to ``vectorize(fn, *args, eager_s=...)``, the engine's hook that
+vmaps it over the batch and compiles it when the estimated eager run time ``eager_s`` makes
+that pay (``eager_seconds`` is the cost model); nothing here picks devices or compiles. Per-series vectors are tuples of scalars
 (see linalg.py), so batched they are tuples of contiguous (B,) tensors.
 
 Every fit happens in the series' own frame (t in [-1, 1], Chebyshev basis; see models.py).
@@ -42,6 +42,22 @@ from .models import (
 from .problem import FitResult, History, Problem, Series, Status, used_points
 
 SOLVERS = ("auto", "exact", "newton", "gd", "adam")
+
+# Eager cost model (seconds), measured on a 2-core Xeon with torch 2.13: what a kernel would
+# take uncompiled. The engine compiles when this exceeds the cost of a compile.
+EAGER_S_PER_POINT = {"exact": 2e-8, "careful": 4e-8, "newton": 5e-8, "descent": 6e-8}
+EAGER_S_PER_MOMENT_EPOCH = 2e-7  # one GD/Adam epoch of one MSE series (sums, not points)
+
+
+def eager_seconds(solver: str, mse: bool, n_series: int, n_points: int, epochs: int) -> float:
+    """Estimated uncompiled run time of a fit (n_points: all series together)."""
+    if solver == "exact":
+        return EAGER_S_PER_POINT["exact"] * n_points
+    if solver == "newton":
+        return EAGER_S_PER_POINT["newton"] * n_points * (2 if mse else min(epochs, 10))
+    if mse:
+        return EAGER_S_PER_MOMENT_EPOCH * n_series * epochs
+    return EAGER_S_PER_POINT["descent"] * n_points * epochs
 DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 MAX_QUANTILE_SAMPLE = 1 << 14  # history quantiles use an even sample of at most this many series
@@ -516,14 +532,16 @@ def solve_exact(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     if problem.w is None and problem.mask is None and problem.lengths is None:
         batch, points = problem.y.shape
         trusted, out = vectorize(dense_exact_kernel(cfg.degree), problem.x, problem.y,
-                                 problem.x_offset, consts, work=batch * points)
+                                 problem.x_offset, consts,
+                                 eager_s=EAGER_S_PER_POINT["exact"] * batch * points)
         redo = torch.nonzero(~trusted).squeeze(1)  # one host sync; usually empty
         if redo.numel():
             part = vectorize(careful, Series.of(problem.take(redo)), consts,
-                             work=redo.numel() * points)
+                             eager_s=EAGER_S_PER_POINT["careful"] * redo.numel() * points)
             out = _scatter(out, redo, part)
     else:
-        out = vectorize(careful, Series.of(problem), consts, work=problem.y.numel())
+        out = vectorize(careful, Series.of(problem), consts,
+                        eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())
     solved = (out["status"] == int(Status.OK)) | (out["status"] == int(Status.DIVERGED))
     return _fit_result(out, solved.to(torch.int64), cfg, "exact")
 
@@ -595,13 +613,13 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
     tracked = _tracked(cfg, problem.batch_size, problem.device)
     recorder = _Recorder(problem.batch_size, tracked, p0[tracked].to(torch.float64), structural)
     chunk = descent_chunk(objective, solver, cfg.unroll)
-    per_epoch = cfg.k**2 if cfg.loss.is_mse else problem.y.shape[1]
-    work = cfg.epochs * problem.batch_size * per_epoch
+    cost = eager_seconds(solver, cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
+                         cfg.epochs)
 
     def call(state: LoopState, epoch0: int):
         epoch = torch.tensor(epoch0, device=problem.device)
         *new, loss = vectorize(chunk, *state, to_frame, setup.data, setup.floor, epoch,
-                               setup.consts, work=work)
+                               setup.consts, eager_s=cost)
         return LoopState(*new), loss
 
     state = _train(call, state, cfg, recorder, loss0, per_call=cfg.unroll,
@@ -629,11 +647,12 @@ def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     raw0 = _stack(vectorize(_frame_to_raw, setup.sums, q0))[tracked]
     recorder = _Recorder(problem.batch_size, tracked, raw0, structural)
     step = newton_step(objective)
-    per_step = cfg.k**2 if cfg.loss.is_mse else problem.y.shape[1]
-    work = cfg.epochs * problem.batch_size * per_step
+    cost = eager_seconds("newton", cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
+                         cfg.epochs)
 
     def call(state: LoopState, _):
-        *new, loss = vectorize(step, *state, setup.data, setup.floor, setup.consts, work=work)
+        *new, loss = vectorize(step, *state, setup.data, setup.floor, setup.consts,
+                               eager_s=cost)
         return LoopState(*new), loss
 
     state = _train(call, state, cfg, recorder, loss0, per_call=1, sync_every=1)

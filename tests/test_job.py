@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from zoo import polyfit_rows
 
 import batchfit
 from batchfit.cli import main
 from batchfit.generate import generate
 from batchfit.io import read_metadata
-from zoo import polyfit_rows
 
 OUTPUT_COLUMNS = ["series_id", "a", "b", "c", "a_stderr", "b_stderr", "c_stderr", "n_points",
                   "loss", "rmse", "r2", "iterations", "status"]
@@ -133,7 +133,7 @@ def test_generated_list_and_long_give_the_same_fits(tmp_path):
 
 
 def test_weights_nulls_and_nans(tmp_path, rng):
-    table, series = long_table(rng, n_series=10, ragged=False)
+    table, _ = long_table(rng, n_series=10, ragged=False)
     w = rng.uniform(0.5, 2.0, table.num_rows)
     y = table["y"].to_numpy().copy()
     y[[3, 40]] = np.nan
@@ -369,16 +369,30 @@ def test_generate_truth_and_ragged(tmp_path):
 
 
 def test_cli_as_a_subprocess(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:batchfit"}
-    gen = subprocess.run([sys.executable, "-m", "batchfit", "generate", str(tmp_path / "d.parquet"),
-                          "--series", "200", "--points", "20"], capture_output=True, text=True,
-                         env=env)
+    def batchfit_cli(*args):
+        return subprocess.run([sys.executable, "-m", "batchfit", *map(str, args)],
+                              capture_output=True, text=True, check=False)
+
+    gen = batchfit_cli("generate", tmp_path / "d.parquet", "--series", 200, "--points", 20)
     assert gen.returncode == 0, gen.stderr
-    run = subprocess.run([sys.executable, "-m", "batchfit", "run", str(tmp_path / "d.parquet")],
-                         capture_output=True, text=True, env=env)
+    run = batchfit_cli("run", tmp_path / "d.parquet")
     assert run.returncode == 0, run.stderr
     assert "fitted 200 series (ok 200)" in run.stderr and run.stdout == ""
-    missing = subprocess.run([sys.executable, "-m", "batchfit", "run", str(tmp_path / "x")],
-                             capture_output=True, text=True)
+    missing = batchfit_cli("run", tmp_path / "x")
     assert missing.returncode == 2
     assert missing.stderr == f"batchfit: error: input not found: {tmp_path / 'x'}\n"
+
+
+@pytest.mark.parametrize("make_id", [lambda i: f"s{i:05d}", lambda i: i * 1_000_003 - 7])
+def test_shuffled_string_and_sparse_ids_gather_whole_series(tmp_path, rng, make_id):
+    table, series = long_table(rng, n_series=300, ids=[make_id(i) for i in range(300)])
+    pq.write_table(table, tmp_path / "sorted.parquet")
+    shuffled = table.take(rng.permutation(table.num_rows))
+    pq.write_table(shuffled, tmp_path / "shuffled.parquet", row_group_size=500)
+    summary = batchfit.run_job(str(tmp_path / "shuffled.parquet"), str(tmp_path / "b.parquet"),
+                               dtype="float64")
+    assert not summary.grouped
+    batchfit.run_job(str(tmp_path / "sorted.parquet"), str(tmp_path / "a.parquet"),
+                     dtype="float64")
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    check_against_polyfit(tmp_path / "b.parquet", series)
