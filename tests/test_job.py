@@ -396,3 +396,28 @@ def test_shuffled_string_and_sparse_ids_gather_whole_series(tmp_path, rng, make_
                      dtype="float64")
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
     check_against_polyfit(tmp_path / "b.parquet", series)
+
+
+def test_negative_weight(tmp_path, capsys):
+    pq.write_table(pa.table({"series_id": [1, 1, 1], "x": [0.0, 1.0, 2.0], "y": [1.0, 2.0, 3.0],
+                             "weight": [1.0, -1.0, 1.0]}), tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "weights must be >= 0", capsys)
+
+
+def test_null_ids(tmp_path, capsys):
+    pq.write_table(pa.table({"series_id": [1, None], "x": [0.0, 1.0], "y": [1.0, 2.0]}),
+                   tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "has null ids", capsys)
+
+
+def test_repeated_ids_in_list_format(tmp_path, capsys):
+    pq.write_table(pa.table({"series_id": [1, 1], "x": [[0.0, 1.0], [2.0]], "y": [[1.0, 2.0], [3.0]]}),
+                   tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "series ids repeat in list format", capsys)
+
+
+def test_duplicate_column_names(tmp_path, capsys):
+    table = pa.Table.from_arrays([pa.array([1]), pa.array([0.0]), pa.array([1.0]), pa.array([2.0])],
+                                 names=["series_id", "x", "y", "y"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "duplicate column names: y", capsys)
