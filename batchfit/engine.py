@@ -19,7 +19,7 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from .losses import resolve_loss
-from .problem import FitResult, Series, make_problem, used_points
+from .problem import FitResult, History, Series, make_problem, used_points
 from .solvers import (
     DEFAULT_EPOCHS,
     SOLVERS,
@@ -128,7 +128,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
         f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
         epochs: int | None = None, tol: float = 1e-6, init="random", seed: int = 0,
         device="auto", dtype=None, compile="auto", history_every: int = 0,
-        track=None) -> FitResult:
+        history_sample: int = 1 << 14, track=None) -> FitResult:
     """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
 
     Parameters
@@ -147,8 +147,10 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     device, dtype : ``auto|cpu|cuda``; float32 (default) or float64.
     compile : ``auto`` (compile a kernel when its estimated eager run time exceeds a compile's,
         about 5 s), True (compile every kernel that is not trivial), or False.
-    history_every, track : record the training loss every so many epochs (0: about 300
-        records) for the batch's quantiles and for the tracked series indices.
+    history_every, history_sample, track : iterative solvers record the training loss every
+        so many epochs (0: about 300 records) for an even sample of ``history_sample`` series
+        (the batch's quantiles) and for the ``track`` series (indices; default: 5 spread
+        over the batch), see ``FitResult.history``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -159,6 +161,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     _check_number("tol", tol, low=0)
     _check_number("seed", seed, integer=True)
     _check_number("history_every", history_every, low=0, integer=True)
+    _check_number("history_sample", history_sample, low=0, integer=True)
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     loss_spec = resolve_loss(loss)
@@ -179,7 +182,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
                          "weighted or non-finite points; return per-point losses instead")
     cfg = SolverConfig(degree=degree, loss=loss_spec, f_scale=float(f_scale), lr=float(lr),
                        epochs=int(epochs), tol=float(tol), init=init, seed=seed,
-                       history_every=history_every, track=tuple(int(i) for i in track or ()))
+                       history_every=history_every, history_sample=history_sample,
+                       track=None if track is None else tuple(int(i) for i in track))
 
     if problem.y.numel() == 0:
         return solve_without_points(problem, cfg, solver)
@@ -205,26 +209,36 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
 
     Series are fitted in groups of equal length, so nothing is padded (equal-length data
     takes the fast path) and a series' numbers depend only on its own points, never on
-    which other series share its batch. Results come back in series order; the training
-    history is kept only when there was a single group.
+    which other series share its batch. Results come back in series order, with the groups'
+    training histories merged (``track`` and ``history_sample`` refer to the whole batch).
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths, starts = np.diff(offsets), offsets[:-1]
     groups = np.unique(lengths)
     if len(groups) == 0:
         return fit(np.zeros((0, 1)), np.zeros((0, 1)), **options)
+    track = options.pop("track", None)
+    if track is None:  # the default spread, over the whole batch
+        count = len(lengths)
+        track = sorted({round(i * (count - 1) / 4) for i in range(5)}) if count else []
+    track = np.asarray(track, dtype=np.int64)
+    sample = options.pop("history_sample", 1 << 14)
     parts, rows_of = [], []
     for length in groups:
         rows = np.flatnonzero(lengths == length)
         at = starts[rows]
+        local_track = np.flatnonzero(np.isin(rows, track)).tolist()
         parts.append(fit(_gather(x, at, length), _gather(y, at, length),
-                         None if weights is None else _gather(weights, at, length), **options))
+                         None if weights is None else _gather(weights, at, length),
+                         track=local_track, history_sample=-(-sample * len(rows) // len(lengths)),
+                         **options))
         rows_of.append(rows)
-    if len(parts) == 1:
-        return parts[0]
+    positions = [torch.from_numpy(rows) for rows in rows_of]
+    histories = [part.history for part in parts]
+    history = None if histories[0] is None else History.merge(histories, positions)
     order = torch.from_numpy(np.argsort(np.concatenate(rows_of), kind="stable"))
     fields = {}
     for field in ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status"):
         joined = torch.cat([getattr(part, field) for part in parts])
         fields[field] = joined[order.to(joined.device)]
-    return dataclasses.replace(parts[0], history=None, **fields)
+    return dataclasses.replace(parts[0], history=history, **fields)

@@ -66,20 +66,50 @@ class Problem:
         return self.y.device
 
 
+QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
 @dataclass(frozen=True)
 class History:
-    """Loss over training for the iterative solvers, recorded every few epochs.
+    """Loss over training for the iterative solvers, on a grid of epochs.
 
-    The whole batch is summarised by quantiles (NaN-aware); a few tracked series keep their full
-    curve and their initial parameters, enough to draw the seed's before/after pictures.
+    The batch is represented by the loss of an even sample of its series (NaN for series that
+    could not be fitted), summarised by ``loss_quantiles``; a few tracked series keep their
+    full curve and their initial parameters, enough to draw the seed's before/after pictures.
+    Histories of parts of one job (chunks, length groups) ``merge`` exactly: same grid.
     """
 
     epochs: torch.Tensor  # (R,)
-    quantile_levels: torch.Tensor  # (Q,)
-    loss_quantiles: torch.Tensor  # (R, Q)
-    tracked: torch.Tensor  # (T,) series indices
+    sample_loss: torch.Tensor  # (R, S)
+    tracked: torch.Tensor  # (T,) series positions in the batch
     tracked_loss: torch.Tensor  # (R, T)
     tracked_initial_params: torch.Tensor  # (T, k), raw units, float64
+
+    @property
+    def quantile_levels(self) -> torch.Tensor:
+        return torch.tensor(QUANTILE_LEVELS, dtype=torch.float64)
+
+    @property
+    def loss_quantiles(self) -> torch.Tensor:
+        """(R, 5): the 5th, 25th, 50th, 75th and 95th percentiles of the sampled losses."""
+        sample = self.sample_loss.to(torch.float64)
+        if sample.shape[1] == 0:
+            return torch.full((len(self.epochs), len(QUANTILE_LEVELS)), torch.nan)
+        return torch.nanquantile(sample, self.quantile_levels, dim=1).T
+
+    @staticmethod
+    def merge(parts: list["History"], positions: list[torch.Tensor]) -> "History":
+        """One history from the histories of disjoint parts of a batch; ``positions[i]``
+        maps part i's series positions to the whole batch's."""
+        for part in parts[1:]:
+            if not torch.equal(part.epochs, parts[0].epochs):
+                raise ValueError("histories recorded on different epochs cannot be merged")
+        return History(
+            epochs=parts[0].epochs,
+            sample_loss=torch.cat([p.sample_loss for p in parts], dim=1),
+            tracked=torch.cat([pos[p.tracked] for p, pos in zip(parts, positions)]),
+            tracked_loss=torch.cat([p.tracked_loss for p in parts], dim=1),
+            tracked_initial_params=torch.cat([p.tracked_initial_params for p in parts]))
 
 
 @dataclass(frozen=True)

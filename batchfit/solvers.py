@@ -59,8 +59,6 @@ def eager_seconds(solver: str, mse: bool, n_series: int, n_points: int, epochs: 
         return EAGER_S_PER_MOMENT_EPOCH * n_series * epochs
     return EAGER_S_PER_POINT["descent"] * n_points * epochs
 DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
-QUANTILE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
-MAX_QUANTILE_SAMPLE = 1 << 14  # history quantiles use an even sample of at most this many series
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,8 @@ class SolverConfig:
     init: object = "random"  # "random" (seeded normal, like the seed), "zeros", or (k,)/(B, k)
     seed: int = 0
     history_every: int = 0  # 0 picks about 300 records
-    track: tuple[int, ...] = ()
+    history_sample: int = 1 << 14  # series whose loss the history keeps (for its quantiles)
+    track: tuple[int, ...] | None = None  # None: 5 spread over the batch
     unroll: int = 10  # GD/Adam epochs per compiled call
 
     @property
@@ -440,38 +439,49 @@ def newton_step(objective: Callable) -> Callable:
 # ---------------------------------------------------------------- history
 
 class _Recorder:
-    """Keeps loss quantiles and tracked series' losses on the device until the end."""
+    """Keeps the losses of a sample of series and of the tracked series on the device, on a
+    fixed grid of epochs, until the end (no host sync while training)."""
 
-    def __init__(self, batch: int, tracked: torch.Tensor, initial_params: torch.Tensor,
-                 structural: torch.Tensor):
-        self.sample = torch.arange(0, batch, max(1, -(-batch // MAX_QUANTILE_SAMPLE)),
-                                   device=tracked.device)
+    def __init__(self, cfg: SolverConfig, batch: int, tracked: torch.Tensor,
+                 initial_params: torch.Tensor, structural: torch.Tensor):
+        device = tracked.device
+        self.sample = torch.arange(0, batch, max(1, -(-batch // max(cfg.history_sample, 1))),
+                                   device=device)[: cfg.history_sample]
         self.tracked = tracked
         self.initial_params = initial_params  # (T, k) raw, float64
         self.structural = structural
-        self.epochs: list[int] = []
+        self.grid = history_epochs(cfg)
         self.rows: list[torch.Tensor] = []
 
-    def record(self, epoch: int, loss: torch.Tensor):
+    def record(self, epoch: int, loss: torch.Tensor, finished: bool = False):
+        """Record at grid epochs; once training stopped early, the frozen losses stand for
+        every later grid epoch too (frozen series do not change)."""
+        if epoch not in self.grid and not finished:
+            return
         loss = torch.where(self.structural, torch.nan, loss)
-        levels = torch.tensor(QUANTILE_LEVELS, dtype=loss.dtype, device=loss.device)
-        sample = loss[self.sample]
-        quantiles = torch.nanquantile(sample, levels) if sample.numel() else levels * torch.nan
-        self.epochs.append(epoch)
-        self.rows.append(torch.cat([quantiles, loss[self.tracked]]))
+        row = torch.cat([loss[self.sample], loss[self.tracked]])
+        recorded = len(self.rows)
+        later = self.grid.index(epoch) + 1 if epoch in self.grid else next(
+            (i for i, e in enumerate(self.grid) if e > epoch), len(self.grid))
+        self.rows.extend([row] * ((len(self.grid) if finished else later) - recorded))
 
     def history(self) -> History:
         table = torch.stack(self.rows).cpu()
-        q = len(QUANTILE_LEVELS)
-        return History(epochs=torch.tensor(self.epochs),
-                       quantile_levels=torch.tensor(QUANTILE_LEVELS),
-                       loss_quantiles=table[:, :q], tracked=self.tracked.cpu(),
-                       tracked_loss=table[:, q:],
+        n = len(self.sample)
+        return History(epochs=torch.tensor(self.grid), sample_loss=table[:, :n],
+                       tracked=self.tracked.cpu(), tracked_loss=table[:, n:],
                        tracked_initial_params=self.initial_params.cpu())
 
 
+def history_epochs(cfg: SolverConfig) -> list[int]:
+    """The epochs a history records: 0, every ``history_every`` (default: about 300
+    records), and the last."""
+    every = cfg.history_every or max(1, cfg.epochs // 300)
+    return sorted(set(range(0, cfg.epochs + 1, every)) | {cfg.epochs})
+
+
 def _tracked(cfg: SolverConfig, batch: int, device) -> torch.Tensor:
-    if cfg.track:
+    if cfg.track is not None:
         ids = [i for i in cfg.track if 0 <= i < batch]
     else:  # a reproducible spread over the batch
         ids = sorted({round(i * (batch - 1) / 4) for i in range(5)}) if batch else []
@@ -484,16 +494,13 @@ def _train(call, state: LoopState, cfg: SolverConfig, recorder: _Recorder, loss0
 
     The host looks at the device only every ``sync_every`` calls, to stop early.
     """
-    every = cfg.history_every or max(1, cfg.epochs // 300)
-    every = per_call * -(-every // per_call)  # records fall on chunk boundaries
-    recorder.record(0, loss0)
+    recorder.record(0, loss0, finished=cfg.epochs == 0)
     done, calls = 0, 0
     while done < cfg.epochs:
         state, loss = call(state, done)
         done, calls = min(done + per_call, cfg.epochs), calls + 1
         finished = done >= cfg.epochs or (calls % sync_every == 0 and bool(state.frozen.all()))
-        if done % every == 0 or finished:
-            recorder.record(done, loss)
+        recorder.record(done, loss, finished)
         if finished:
             break
     return state
@@ -611,7 +618,8 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
     state = LoopState(p, OPTIMIZERS[solver]().init(p), _zeros(problem, torch.int64), structural)
     loss0 = vectorize(objective, mat_vec(to_frame, p), setup.data, setup.consts)
     tracked = _tracked(cfg, problem.batch_size, problem.device)
-    recorder = _Recorder(problem.batch_size, tracked, p0[tracked].to(torch.float64), structural)
+    recorder = _Recorder(cfg, problem.batch_size, tracked, p0[tracked].to(torch.float64),
+                         structural)
     chunk = descent_chunk(objective, solver, cfg.unroll)
     cost = eager_seconds(solver, cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
                          cfg.epochs)
@@ -645,7 +653,7 @@ def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     loss0 = vectorize(objective, q0, setup.data, setup.consts)
     tracked = _tracked(cfg, problem.batch_size, problem.device)
     raw0 = _stack(vectorize(_frame_to_raw, setup.sums, q0))[tracked]
-    recorder = _Recorder(problem.batch_size, tracked, raw0, structural)
+    recorder = _Recorder(cfg, problem.batch_size, tracked, raw0, structural)
     step = newton_step(objective)
     cost = eager_seconds("newton", cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
                          cfg.epochs)
