@@ -98,7 +98,7 @@ class History:
         return torch.nanquantile(sample, self.quantile_levels, dim=1).T
 
     @staticmethod
-    def merge(parts: list["History"], positions: list[torch.Tensor]) -> "History":
+    def merge(parts: list[History], positions: list[torch.Tensor]) -> History:
         """One history from the histories of disjoint parts of a batch; ``positions[i]``
         maps part i's series positions to the whole batch's."""
         for part in parts[1:]:
