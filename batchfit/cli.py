@@ -50,13 +50,15 @@ def _run(args) -> int:
     update, close = _progress_bar(not args.no_progress)
     try:
         summary = run_job(args.input, args.output, columns=columns, batch_size=args.batch_size,
+                          history_path=args.history, track=args.track,
+                          track_ids=args.track_ids.split(",") if args.track_ids else None,
                           progress=update, **fit_options)
     finally:
         close()
     statuses = ", ".join(f"{name} {count:,}" for name, count in summary.status_counts.items())
     _say(f"fitted {summary.n_series:,} series ({statuses}) from {summary.n_points:,} points "
          f"in {summary.seconds:.2f} s ({summary.series_per_second:,.0f} series/s)")
-    _say(f"wrote {summary.output}")
+    _say(f"wrote {summary.output}" + (f" and {summary.history}" if summary.history else ""))
     return 0
 
 
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-compile", action="store_true", help="never use torch.compile")
     run.add_argument("--batch-size", type=_positive_int, default=100_000,
                      help="series per fit call [100000]")
+    run.add_argument("--history", metavar="PATH",
+                     help="also write the training history of gd/adam/newton (Parquet)")
+    run.add_argument("--track", type=int, default=5,
+                     help="series whose whole loss curve the history keeps [5, spread out]")
+    run.add_argument("--track-ids", metavar="ID,ID,...", help="track these series instead")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(handler=_run)
 

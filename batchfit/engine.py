@@ -24,6 +24,7 @@ from .solvers import (
     DEFAULT_EPOCHS,
     SOLVERS,
     SolverConfig,
+    random_init,
     solve_descent,
     solve_exact,
     solve_newton,
@@ -223,6 +224,10 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
         track = sorted({round(i * (count - 1) / 4) for i in range(5)}) if count else []
     track = np.asarray(track, dtype=np.int64)
     sample = options.pop("history_sample", 1 << 14)
+    init = options.pop("init", "random")
+    if isinstance(init, str) and init == "random":  # by position in the whole batch
+        init = random_init(options.get("seed", 0), 0, len(lengths), options.get("degree", 2) + 1)
+    per_series = not isinstance(init, str) and np.ndim(init) == 2
     parts, rows_of = [], []
     for length in groups:
         rows = np.flatnonzero(lengths == length)
@@ -231,7 +236,7 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
         parts.append(fit(_gather(x, at, length), _gather(y, at, length),
                          None if weights is None else _gather(weights, at, length),
                          track=local_track, history_sample=-(-sample * len(rows) // len(lengths)),
-                         **options))
+                         init=init[torch.from_numpy(rows)] if per_series else init, **options))
         rows_of.append(rows)
     positions = [torch.from_numpy(rows) for rows in rows_of]
     histories = [part.history for part in parts]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .problem import STATUS_LABELS, FitResult
+from .problem import STATUS_LABELS, FitResult, History
 
 FORMATS = ("auto", "long", "list")
 MIN_FREE_MEMORY_FACTOR = 4  # sorting an unsorted input needs about this many copies of it
@@ -522,3 +522,83 @@ def read_metadata(path: str) -> dict:
     """The ``batchfit`` metadata entry of an output file."""
     metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata.get(b"batchfit", b"{}"))
+
+
+# ---------------------------------------------------------------- training history
+
+HISTORY_QUANTILE_COLUMNS = ["loss_p05", "loss_p25", "loss_median", "loss_p75", "loss_p95"]
+
+
+def history_table(history: History, tracked_ids: list, coefficients: list[tuple[str, int]],
+                  metadata: dict) -> pa.Table:
+    """A history as one wide table: ``epoch``, the batch's loss quantiles, and a
+    ``loss_series_<id>`` column per tracked series; tracked series' initial parameters and
+    the run's options go in the ``batchfit_history`` metadata entry."""
+    quantiles = history.loss_quantiles.numpy()
+    columns = {"epoch": pa.array(history.epochs.numpy(), pa.int64())}
+    for j, name in enumerate(HISTORY_QUANTILE_COLUMNS):
+        columns[name] = pa.array(quantiles[:, j], from_pandas=True)
+    tracked = []
+    initial = history.tracked_initial_params.numpy()
+    for j, series_id in enumerate(tracked_ids):
+        column = f"loss_series_{series_id}"
+        columns[column] = pa.array(history.tracked_loss[:, j].numpy().astype(np.float64),
+                                   from_pandas=True)
+        tracked.append({"series_id": series_id, "column": column,
+                        "initial": {name: float(initial[j, power])
+                                    for name, power in coefficients}})
+    entry = {**metadata, "tracked": tracked, "sampled_series": int(history.sample_loss.shape[1])}
+    schema = pa.table(columns).schema.with_metadata(
+        {"batchfit_history": json.dumps(entry, sort_keys=True, default=str)})
+    return pa.table(columns, schema=schema)
+
+
+def write_table_atomically(path: str, table: pa.Table):
+    with AtomicParquetWriter(path, table.schema) as writer:
+        writer.write(table)
+
+
+def read_history(path: str) -> tuple[pa.Table, dict]:
+    """A history file written by ``batchfit run --history``: its table and metadata."""
+    table = _read_whole(path)
+    metadata = (table.schema.metadata or {}).get(b"batchfit_history")
+    if metadata is None or "epoch" not in table.column_names:
+        raise ValueError(f"{path} is not a batchfit history file")
+    return table, json.loads(metadata)
+
+
+def _read_whole(path: str, columns=None, filters=None) -> pa.Table:
+    tables = []
+    for file in _list_files(path):
+        try:
+            tables.append(pq.read_table(file, columns=columns, filters=filters))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {file}: {_first_line(exc)}") from None
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_coefficients(path: str) -> tuple[pa.Table, dict]:
+    """An output file of ``batchfit run``: its table and ``batchfit`` metadata."""
+    table = _read_whole(path)
+    if "status" not in table.column_names or "series_id" not in table.column_names:
+        raise ValueError(f"{path} is not a batchfit coefficients file")
+    return table, json.loads((table.schema.metadata or {}).get(b"batchfit", b"{}"))
+
+
+def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:
+    """The points of the given series of a dataset, as {id: (x, y)} float64 arrays in
+    canonical order (reads only row groups that can hold them)."""
+    if not ids:
+        return {}
+    first = _open(_list_files(path)[0])
+    layout = describe(first.schema_arrow, spec, path)
+    table = _read_whole(path, columns=layout.columns[:3],
+                        filters=[(spec.series_id, "in", list(ids))])
+    found = {}
+    for chunk in table_chunks(table, ColumnSpec(spec.series_id, spec.x, spec.y,
+                                                format=layout.format)):
+        for i, series_id in enumerate(chunk.ids.to_pylist()):
+            lo, hi = chunk.offsets[i], chunk.offsets[i + 1]
+            found[series_id] = (chunk.x[lo:hi].astype(np.float64),
+                                chunk.y[lo:hi].astype(np.float64))
+    return found

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
 from . import __version__, io
 from .engine import COMPILE_COST_S, fit, fit_ragged, resolve_device
-from .solvers import DEFAULT_EPOCHS, eager_seconds
+from .problem import History
+from .solvers import DEFAULT_EPOCHS, eager_seconds, random_init
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
 DEFAULT_COLUMNS = io.ColumnSpec()
+HISTORY_SAMPLE = 1 << 14  # series whose loss curves make the history's quantiles
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class JobSummary:
     format: str
     grouped: bool  # the input had each series' rows together (streamed), else gathered
     metadata: dict = field(repr=False, default_factory=dict)
+    history: str | None = None
 
     @property
     def series_per_second(self) -> float:
@@ -78,15 +83,62 @@ def _fit_chunk(chunk: io.Chunk, fit_options: dict):
     return fit_ragged(chunk.x, chunk.y, chunk.offsets, chunk.w, **fit_options)
 
 
+class _HistoryCollector:
+    """Gathers the training histories of a job's fit calls into one, with the tracked
+    series chosen over the whole dataset (a spread of ``track`` series, or ``track_ids``)."""
+
+    def __init__(self, n_series: int, id_type: pa.DataType, track: int, track_ids):
+        if track < 0:
+            raise ValueError(f"--track must be >= 0, got {track}")
+        self.n_series = n_series
+        self.track_ids = None
+        if track_ids is not None:
+            try:
+                self.track_ids = pa.array(list(track_ids)).cast(id_type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise ValueError(f"--track-ids must be {id_type} series ids") from None
+        count = min(track, n_series)
+        self.spread = np.unique(np.round(np.linspace(0, n_series - 1, count)).astype(np.int64))
+        self.parts, self.positions, self.ids = [], [], {}
+
+    def options(self, piece: io.Chunk, first: int) -> dict:
+        """``track`` and ``history_sample`` for the fit call of ``piece`` (series ``first``
+        onwards): the sample is shared out in proportion to the series."""
+        if self.track_ids is not None:
+            local = np.flatnonzero(pc.is_in(piece.ids, value_set=self.track_ids).to_numpy(
+                zero_copy_only=False))
+        else:
+            inside = (self.spread >= first) & (self.spread < first + piece.n_series)
+            local = self.spread[inside] - first
+        sample = -(-HISTORY_SAMPLE * piece.n_series // self.n_series)
+        return {"track": local.tolist(), "history_sample": sample}
+
+    def add(self, history, piece: io.Chunk, first: int):
+        self.parts.append(history)
+        self.positions.append(torch.arange(first, first + piece.n_series))
+        local = history.tracked.numpy()
+        ids = piece.ids.take(pa.array(local)).to_pylist()
+        self.ids.update(zip((first + local).tolist(), ids))
+
+    def table(self, degree: int, metadata: dict) -> pa.Table:
+        history = History.merge(self.parts, self.positions)
+        ids = [self.ids[position] for position in history.tracked.tolist()]
+        return io.history_table(history, ids, io.coefficient_columns(degree), metadata)
+
+
 def run_job(input_path: str, output_path: str | None = None, *,
             columns: io.ColumnSpec = DEFAULT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE,
+            history_path: str | None = None, track: int = 5, track_ids=None,
             progress: Callable[[int, int], None] | None = None, **fit_options) -> JobSummary:
     """Fit every series of a Parquet dataset; write one row per series to ``output_path``.
 
     ``fit_options`` are ``batchfit.fit``'s (degree, loss, f_scale, solver, lr, epochs, tol,
-    device, dtype, compile). ``progress(done, total)`` is called after each chunk.
-    Raises ValueError (one line) for bad input; the output then does not exist (an older
-    file at ``output_path`` is left untouched).
+    device, dtype, compile). ``history_path``: also write the training history of an
+    iterative solver (its loss quantiles over the batch, and the curves and initial
+    parameters of ``track`` series spread over the dataset, or of ``track_ids``).
+    ``progress(done, total)`` is called after each chunk.
+    Raises ValueError (one line) for bad input; the outputs then do not exist (older files
+    are left untouched).
     """
     start = time.perf_counter()
     if batch_size < 1:
@@ -94,6 +146,11 @@ def run_job(input_path: str, output_path: str | None = None, *,
     output_path = output_path or default_output(input_path)
     io.check_writable(output_path)
     resolved = checked_options(fit_options)
+    if history_path is not None:
+        if resolved["solver"] == "exact":
+            raise ValueError("--history needs an iterative solver (--solver gd, adam or "
+                             "newton): the exact solver does not train")
+        io.check_writable(history_path)
     dataset = io.Dataset(input_path, columns)
     fit_options = {**fit_options, "compile": _compile_choice(
         fit_options.get("compile", "auto"), resolved, fit_options, dataset.num_rows,
@@ -105,21 +162,32 @@ def run_job(input_path: str, output_path: str | None = None, *,
                 "options": {key: value for key, value in fit_options.items()
                             if not callable(value)} | {"batch_size": batch_size}}
     schema = io.output_schema(dataset.layout.id_type, resolved["degree"], metadata)
+    history = None if history_path is None else _HistoryCollector(
+        dataset.n_series, dataset.layout.id_type, track, track_ids)
     counts, n_series, n_points = Counter(), 0, 0
     # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
     with io.AtomicParquetWriter(output_path, schema, use_dictionary=["status"]) as writer:
         for chunk in dataset.chunks():
             for piece in chunk.split(batch_size):
-                result = _fit_chunk(piece, fit_options)
+                extra = {} if history is None else history.options(piece, n_series)
+                init = fit_options.get("init", "random")
+                if isinstance(init, str) and init == "random":  # by position in the run
+                    extra["init"] = random_init(fit_options.get("seed", 0), n_series,
+                                                piece.n_series, resolved["degree"] + 1)
+                result = _fit_chunk(piece, {**fit_options, **extra})
+                if history is not None:
+                    history.add(result.history, piece, n_series)
                 writer.write(io.result_table(piece.ids, result, schema))
                 counts.update(result.status_counts())
                 n_series += piece.n_series
                 n_points += int(result.n_points.sum())
                 if progress:
                     progress(n_series, dataset.n_series)
+        if history is not None:
+            io.write_table_atomically(history_path, history.table(resolved["degree"], metadata))
     return JobSummary(input_path, output_path, n_series, n_points, dict(counts),
                       time.perf_counter() - start, dataset.format, dataset.contiguous,
-                      metadata)
+                      metadata, history_path)
 
 
 def fit_table(table: pa.Table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS,

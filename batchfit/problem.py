@@ -104,12 +104,14 @@ class History:
         for part in parts[1:]:
             if not torch.equal(part.epochs, parts[0].epochs):
                 raise ValueError("histories recorded on different epochs cannot be merged")
+        tracked = torch.cat([pos[p.tracked] for p, pos in zip(parts, positions)])
+        order = torch.argsort(tracked)  # tracked series in batch order
         return History(
             epochs=parts[0].epochs,
             sample_loss=torch.cat([p.sample_loss for p in parts], dim=1),
-            tracked=torch.cat([pos[p.tracked] for p, pos in zip(parts, positions)]),
-            tracked_loss=torch.cat([p.tracked_loss for p in parts], dim=1),
-            tracked_initial_params=torch.cat([p.tracked_initial_params for p in parts]))
+            tracked=tracked[order],
+            tracked_loss=torch.cat([p.tracked_loss for p in parts], dim=1)[:, order],
+            tracked_initial_params=torch.cat([p.tracked_initial_params for p in parts])[order])
 
 
 @dataclass(frozen=True)

@@ -588,14 +588,32 @@ def _finish(cfg, vectorize, setup: _Setup, q: Vec, iterations, loss0, recorder, 
     return _fit_result(out, iterations, cfg, solver, recorder.history())
 
 
+INIT_BLOCK = 1 << 16
+
+
+def random_init(seed: int, first: int, count: int, k: int, dtype=torch.float64) -> torch.Tensor:
+    """Standard normal initial coefficients (the seed's ``torch.randn``) for series
+    ``first .. first + count - 1`` of a run: a series' values depend only on the seed and its
+    position, never on how the run is cut into batches. Made on the CPU, so every device
+    agrees."""
+    blocks = []
+    for block in range(first // INIT_BLOCK, (first + count - 1) // INIT_BLOCK + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        blocks.append(torch.randn((INIT_BLOCK, k), generator=generator, dtype=torch.float64))
+    if not blocks:
+        return torch.zeros((0, k), dtype=dtype)
+    start = first - (first // INIT_BLOCK) * INIT_BLOCK
+    return torch.cat(blocks)[start:start + count].to(dtype)
+
+
 def _initial_params(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
     shape = (problem.batch_size, cfg.k)
     if isinstance(cfg.init, str):
         if cfg.init == "zeros":
             return torch.zeros(shape, dtype=problem.dtype, device=problem.device)
-        if cfg.init == "random":  # the seed's torch.randn, made on the CPU so every device agrees
-            generator = torch.Generator().manual_seed(cfg.seed)
-            return torch.randn(shape, generator=generator, dtype=problem.dtype).to(problem.device)
+        if cfg.init == "random":
+            return random_init(cfg.seed, 0, problem.batch_size, cfg.k, problem.dtype).to(
+                problem.device)
         raise ValueError(f"init must be 'random', 'zeros' or an array, got {cfg.init!r}")
     p0 = torch.as_tensor(cfg.init, dtype=problem.dtype, device=problem.device)
     if p0.shape not in ((cfg.k,), shape):

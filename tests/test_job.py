@@ -13,7 +13,7 @@ from zoo import polyfit_rows
 import batchfit
 from batchfit.cli import main
 from batchfit.generate import generate
-from batchfit.io import read_metadata
+from batchfit.io import read_history, read_metadata
 
 OUTPUT_COLUMNS = ["series_id", "a", "b", "c", "a_stderr", "b_stderr", "c_stderr", "n_points",
                   "loss", "rmse", "r2", "iterations", "status"]
@@ -421,3 +421,47 @@ def test_duplicate_column_names(tmp_path, capsys):
                                  names=["series_id", "x", "y", "y"])
     pq.write_table(table, tmp_path / "d.parquet")
     bad(tmp_path, ["run", tmp_path / "d.parquet"], "duplicate column names: y", capsys)
+
+
+def test_gd_job_is_independent_of_batching_and_row_order(tmp_path, rng):
+    """Random initial values follow a series' position, not its batch: same numbers."""
+    generate(str(tmp_path / "d.parquet"), series=120, points=12, min_points=8, max_points=14)
+    table = pq.read_table(tmp_path / "d.parquet")
+    pq.write_table(table.take(rng.permutation(table.num_rows)), tmp_path / "s.parquet")
+    common = dict(solver="gd", lr=0.05, epochs=60, compile=False)
+    batchfit.run_job(str(tmp_path / "d.parquet"), str(tmp_path / "a.parquet"),
+                     history_path=str(tmp_path / "ha.parquet"), **common)
+    batchfit.run_job(str(tmp_path / "s.parquet"), str(tmp_path / "b.parquet"), batch_size=17,
+                     history_path=str(tmp_path / "hb.parquet"), **common)
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    ha, hb = read_history(tmp_path / "ha.parquet"), read_history(tmp_path / "hb.parquet")
+    tracked = [c for c in ha[0].column_names if c.startswith("loss_series_")]
+    assert len(tracked) == 5 and tracked == [c for c in hb[0].column_names
+                                             if c.startswith("loss_series_")]
+    assert ha[0].select(["epoch", *tracked]).equals(hb[0].select(["epoch", *tracked]))
+    assert ha[1]["tracked"] == hb[1]["tracked"]
+
+
+def test_history_file(tmp_path):
+    generate(str(tmp_path / "d.parquet"), series=300, points=20)
+    assert run_cli("run", tmp_path / "d.parquet", "-o", tmp_path / "o.parquet", "--solver",
+                   "adam", "--lr", "0.05", "--epochs", "600", "--history", tmp_path / "h.parquet",
+                   "--track-ids", "3,7,299") == 0
+    table, meta = read_history(tmp_path / "h.parquet")
+    assert table.column_names == ["epoch", "loss_p05", "loss_p25", "loss_median", "loss_p75",
+                                  "loss_p95", "loss_series_3", "loss_series_7",
+                                  "loss_series_299"]
+    epochs = table["epoch"].to_numpy()
+    assert epochs[0] == 0 and epochs[-1] == 600 and (np.diff(epochs) > 0).all()
+    assert [t["series_id"] for t in meta["tracked"]] == [3, 7, 299]
+    assert set(meta["tracked"][0]["initial"]) == {"a", "b", "c"}
+    median = table["loss_median"].to_numpy()
+    assert median[-1] < median[0] and meta["solver"] == "adam" and meta["sampled_series"] == 300
+    q = np.stack([table[c].to_numpy() for c in ["loss_p05", "loss_p25", "loss_median",
+                                                 "loss_p75", "loss_p95"]])
+    assert (np.diff(q, axis=0) >= 0).all()
+
+
+def test_history_needs_an_iterative_solver(tmp_path, good, capsys):
+    bad(tmp_path, ["run", good, "--history", tmp_path / "h.parquet"],
+        "--history needs an iterative solver", capsys)
