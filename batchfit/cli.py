@@ -74,23 +74,34 @@ def _generate(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from .demo import TRUTH, run_demo
+def _plot(args) -> int:
+    from .io import ColumnSpec
+    from .plots import plot_all
 
-    report = run_demo(n_series=args.series, points=args.points, seed=args.seed)
-    print(f"batchfit demo: {report['n_series']:,} series x {report['points']} points of "
-          f"y = {TRUTH['a']:g}x^2 + {TRUTH['b']:g}x - {-TRUTH['c']:g} + noise")
+    columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col)
+    series = args.series.split(",") if args.series else None
+    paths = plot_all(args.data, args.coeffs, args.output, history_path=args.history,
+                     truth_path=args.truth, reference_path=args.compare, series=series,
+                     sample=args.sample, seed=args.seed, columns=columns)
+    _say("wrote " + ", ".join(paths))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.output, n_series=args.series, points=args.points, seed=args.seed)
+    print(f"batchfit demo: {report['n_series']:,} series x {report['points']} points, "
+          "each y = a x^2 + b x + c + noise with (a, b, c) drawn around the seed's (20, 5, -3)")
     for label, entry in report["solvers"].items():
-        med = entry["median_params"]
         err = entry["median_abs_error"]
         statuses = ", ".join(f"{name} {count:,}" for name, count in entry["statuses"].items())
-        print(f"  {label}: {entry['seconds']:.2f} s, "
-              f"{report['n_series'] / entry['seconds']:,.0f} series/s")
-        print(f"    median a, b, c = {med['a']:.3f}, {med['b']:.3f}, {med['c']:.3f}   "
-              f"median |error| = {err['a']:.3f}, {err['b']:.3f}, {err['c']:.3f}")
-        print(f"    status: {statuses}")
-    print("  (the seed's GD protocol is too short to converge on x in [0, 1]; "
-          "batchfit reports that as not_converged)")
+        print(f"  {label}: {entry['seconds']:.2f} s ({entry['series_per_second']:,.0f} series/s)"
+              f"; median |fitted - true| a {err['a']:.3f}, b {err['b']:.3f}, c {err['c']:.3f}"
+              f"; status: {statuses}")
+    print("  The seed's GD protocol (lr 1e-3, 15,000 epochs) is far too short to converge on "
+          "x in [0, 1]: batchfit says so (not_converged) and the exact solver is the answer.")
+    print(f"  Outputs in {report['dir']}/: " + ", ".join(report["files"]))
     return 0
 
 
@@ -165,9 +176,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--degree", type=int, default=2, help="[2]")
     gen.set_defaults(handler=_generate)
 
+    plot = commands.add_parser(
+        "plot", help="PNG pictures of data, fits, training loss and coefficients",
+        description="Write data.png, fits.png, loss.png (with --history), coefficients.png and "
+                    "residuals.png. Example: batchfit plot data.parquet data.coeffs.parquet "
+                    "--truth data.truth.parquet -o plots")
+    plot.add_argument("data", help="the input of the run (Parquet file or directory)")
+    plot.add_argument("coeffs", help="the output of the run")
+    plot.add_argument("--history", help="the run's --history file")
+    plot.add_argument("--truth", help="true coefficients (from batchfit generate)")
+    plot.add_argument("--compare", metavar="COEFFS",
+                      help="another run's output, drawn as a dashed curve")
+    plot.add_argument("-o", "--output", default="plots", help="directory for the PNGs [plots]")
+    plot.add_argument("--series", metavar="ID,ID,...", help="draw these series")
+    plot.add_argument("--sample", type=_positive_int, default=9,
+                      help="else draw this many (the tracked ones, or a random sample) [9]")
+    plot.add_argument("--seed", type=int, default=0, help="of the random sample [0]")
+    plot.add_argument("--id-col", default="series_id")
+    plot.add_argument("--x-col", default="x")
+    plot.add_argument("--y-col", default="y")
+    plot.set_defaults(handler=_plot)
+
     demo = commands.add_parser(
-        "demo", help="fit 10,000 generated seed series with the exact solver and with GD",
-        description="Example: batchfit demo --series 10000")
+        "demo", help="generate -> run (exact and the seed's GD) -> plot, with a summary",
+        description="Example: batchfit demo -o batchfit-demo")
+    demo.add_argument("-o", "--output", default="batchfit-demo",
+                      help="directory for data, coefficients, history and plots [batchfit-demo]")
     demo.add_argument("--series", type=_positive_int, default=10_000, help="[10000]")
     demo.add_argument("--points", type=_positive_int, default=100,
                       help="points per series [100]")

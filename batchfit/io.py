@@ -345,25 +345,31 @@ def _is_canonical(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> bool:
 
 def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
     """Contiguous long-format batches (or tables) -> whole-series chunks; a series cut by a
-    batch boundary is carried into the next batch."""
+    batch boundary is carried into the next batch, and the last series joins the last chunk
+    (a chunk of one series would be fitted alone, and slowly)."""
     spec = layout.spec
-    carry = None
+    carry, pending = None, None
     for batch in batches:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         if carry is not None:
             table = pa.concat_tables([carry, table])
         table = table.combine_chunks()
-        ids = table.column(spec.series_id).chunk(0) if table.num_rows else None
-        if ids is None:
+        if not table.num_rows:
             continue
-        starts = _run_starts(ids)
+        starts = _run_starts(table.column(spec.series_id).chunk(0))
         cut = int(starts[-1])  # the last series may go on in the next batch
         carry = table.slice(cut)
         if cut:
-            yield _long_chunk(table.slice(0, cut), starts[:-1], layout)
+            if pending is not None:
+                yield _long_chunk(*pending, layout)
+            pending = (table.slice(0, cut), starts[:-1])
     if carry is not None and carry.num_rows:
+        if pending is not None:
+            carry = pa.concat_tables([pending[0], carry])
         carry = carry.combine_chunks()
-        yield _long_chunk(carry, _run_starts(carry.column(spec.series_id).chunk(0)), layout)
+        pending = (carry, _run_starts(carry.column(spec.series_id).chunk(0)))
+    if pending is not None:
+        yield _long_chunk(*pending, layout)
 
 
 def _long_chunk(table: pa.Table, starts: np.ndarray, layout: Layout) -> Chunk:
@@ -560,14 +566,15 @@ def write_table_atomically(path: str, table: pa.Table):
 
 def read_history(path: str) -> tuple[pa.Table, dict]:
     """A history file written by ``batchfit run --history``: its table and metadata."""
-    table = _read_whole(path)
+    table = read_parquet(path)
     metadata = (table.schema.metadata or {}).get(b"batchfit_history")
     if metadata is None or "epoch" not in table.column_names:
         raise ValueError(f"{path} is not a batchfit history file")
     return table, json.loads(metadata)
 
 
-def _read_whole(path: str, columns=None, filters=None) -> pa.Table:
+def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
+    """A whole (small) Parquet file or directory as one table."""
     tables = []
     for file in _list_files(path):
         try:
@@ -579,7 +586,7 @@ def _read_whole(path: str, columns=None, filters=None) -> pa.Table:
 
 def read_coefficients(path: str) -> tuple[pa.Table, dict]:
     """An output file of ``batchfit run``: its table and ``batchfit`` metadata."""
-    table = _read_whole(path)
+    table = read_parquet(path)
     if "status" not in table.column_names or "series_id" not in table.column_names:
         raise ValueError(f"{path} is not a batchfit coefficients file")
     return table, json.loads((table.schema.metadata or {}).get(b"batchfit", b"{}"))
@@ -592,7 +599,7 @@ def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:
         return {}
     first = _open(_list_files(path)[0])
     layout = describe(first.schema_arrow, spec, path)
-    table = _read_whole(path, columns=layout.columns[:3],
+    table = read_parquet(path, columns=layout.columns[:3],
                         filters=[(spec.series_id, "in", list(ids))])
     found = {}
     for chunk in table_chunks(table, ColumnSpec(spec.series_id, spec.x, spec.y,

@@ -47,6 +47,7 @@ SOLVERS = ("auto", "exact", "newton", "gd", "adam")
 # take uncompiled. The engine compiles when this exceeds the cost of a compile.
 EAGER_S_PER_POINT = {"exact": 2e-8, "careful": 4e-8, "newton": 5e-8, "descent": 6e-8}
 EAGER_S_PER_MOMENT_EPOCH = 2e-7  # one GD/Adam epoch of one MSE series (sums, not points)
+EAGER_S_PER_STEP = 1e-3  # fixed cost of one eager epoch or Newton step, however small the batch
 
 
 def eager_seconds(solver: str, mse: bool, n_series: int, n_points: int, epochs: int) -> float:
@@ -54,10 +55,11 @@ def eager_seconds(solver: str, mse: bool, n_series: int, n_points: int, epochs: 
     if solver == "exact":
         return EAGER_S_PER_POINT["exact"] * n_points
     if solver == "newton":
-        return EAGER_S_PER_POINT["newton"] * n_points * (2 if mse else min(epochs, 10))
-    if mse:
-        return EAGER_S_PER_MOMENT_EPOCH * n_series * epochs
-    return EAGER_S_PER_POINT["descent"] * n_points * epochs
+        steps = 2 if mse else min(epochs, 10)
+        return (EAGER_S_PER_POINT["newton"] * n_points + 5 * EAGER_S_PER_STEP) * steps
+    per_epoch = (EAGER_S_PER_MOMENT_EPOCH * n_series if mse
+                 else EAGER_S_PER_POINT["descent"] * n_points)
+    return (per_epoch + EAGER_S_PER_STEP) * epochs
 DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 
 
