@@ -87,6 +87,29 @@ def _plot(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    options = dict(bench.QUICK) if args.quick else {}
+    for name in ("sizes", "points", "devices", "dtypes", "repeats", "epochs", "cpu_max"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = (tuple(int(v) for v in value) if name == "sizes"
+                             else int(value) if name == "cpu_max" else value)
+    if args.devices and "cuda" in args.devices:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--devices cuda was asked for but no CUDA GPU is available")
+    result = bench.run(quick=args.quick, progress=lambda m: print(m, file=sys.stderr),
+                       **options)
+    print(bench.table(result))
+    written = bench.save(result, args.json, args.plot)
+    if written:
+        _say("wrote " + ", ".join(written))
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -196,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--x-col", default="x")
     plot.add_argument("--y-col", default="y")
     plot.set_defaults(handler=_plot)
+
+    bench = commands.add_parser(
+        "bench", help="throughput table: solvers x devices x sizes x peers",
+        description="Time batchfit's solvers next to numpy/scipy/torch peers and the memory "
+                    "floor, with accuracy. Example: batchfit bench --quick")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes, float32, no compiles of the loops (under a minute)")
+    bench.add_argument("--sizes", type=float, nargs="+", help="series counts [1e3 1e4 1e5 1e6]")
+    bench.add_argument("--points", type=_positive_int, help="points per series [100]")
+    bench.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                       help="[cpu, and cuda when present]")
+    bench.add_argument("--dtypes", nargs="+", choices=["float32", "float64"],
+                       help="[float32 float64]")
+    bench.add_argument("--repeats", type=_positive_int, help="timed repeats after warm-up [3]")
+    bench.add_argument("--epochs", type=_positive_int, help="GD/Adam epochs [15000]")
+    bench.add_argument("--cpu-max", type=float,
+                       help="run the CPU rows and the numpy/scipy peers only up to this size")
+    bench.add_argument("--json", help="write the results (and the machine) as JSON here")
+    bench.add_argument("--plot", help="write a throughput-vs-batch-size PNG here")
+    bench.set_defaults(handler=_bench)
 
     demo = commands.add_parser(
         "demo", help="generate -> run (exact and the seed's GD) -> plot, with a summary",

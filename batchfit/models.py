@@ -110,7 +110,7 @@ def from_raw_map(centre_raw: torch.Tensor, half: torch.Tensor, k: int) -> Mat:
 
 
 def scaled_x(x: torch.Tensor, w: torch.Tensor, centre, half) -> torch.Tensor:
-    return torch.where(w > 0, (x - centre) / half, 0)
+    return torch.where(w > 0, (x - centre) * (1 / half), 0)  # one division per series
 
 
 def prepare(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, x_offset, degree: int):

@@ -293,7 +293,7 @@ def dense_exact_kernel(degree: int) -> Callable:
         lo, hi = x.amin(), x.amax()
         centre = (lo + hi) / 2
         half = torch.where(hi > lo, (hi - lo) / 2, 1)
-        t = (x - centre) / half
+        t = (x - centre) * (1 / half)  # one division per series, not per point
         y_shift = y[:: max(1, y.shape[-1] // 8)].mean()
         y = y - y_shift
         terms = chebyshev_terms(t, 2 * degree)
@@ -490,22 +490,60 @@ def _tracked(cfg: SolverConfig, batch: int, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
-def _train(call, state: LoopState, cfg: SolverConfig, recorder: _Recorder, loss0, *,
-           per_call: int, sync_every: int) -> LoopState:
-    """Run ``call`` (one compiled chunk) until the epochs are spent or every series is frozen.
+COMPACT_BELOW = 0.25  # active fraction under which the loop continues on the active rows
 
-    The host looks at the device only every ``sync_every`` calls, to stop early.
+
+def _take(tree, rows: torch.Tensor, batch: int):
+    """The ``rows`` of every per-series tensor in ``tree`` (leading axis ``batch``)."""
+    if isinstance(tree, tuple):
+        return type(tree)(*(_take(t, rows, batch) for t in tree)) if hasattr(tree, "_fields") \
+            else tuple(_take(t, rows, batch) for t in tree)
+    if isinstance(tree, torch.Tensor) and tree.ndim and tree.shape[0] == batch:
+        return tree[rows]
+    return tree
+
+
+def _put(full, rows: torch.Tensor, part):
+    """``full`` with ``part`` written back at ``rows`` (the inverse of ``_take``)."""
+    if isinstance(full, tuple):
+        values = [_put(f, rows, p) for f, p in zip(full, part)]
+        return type(full)(*values) if hasattr(full, "_fields") else tuple(values)
+    return full.index_put((rows,), part)
+
+
+def _train(call, state: LoopState, inputs, cfg: SolverConfig, recorder: _Recorder, loss0, *,
+           per_call: int, sync_every: int) -> LoopState:
+    """Run ``call(state, inputs, epoch0) -> (state, loss)`` (one compiled chunk) until the
+    epochs are spent or every series is frozen.
+
+    The host looks at the device only every ``sync_every`` calls, to stop early; and when
+    fewer than a quarter of the series are still moving it continues on those alone (the
+    frozen rest would cost a full pass per step for nothing), writing them back at the end.
     """
     recorder.record(0, loss0, finished=cfg.epochs == 0)
+    full, loss_full, rows = state, loss0, None  # rows: the active subset, None = everyone
     done, calls = 0, 0
     while done < cfg.epochs:
-        state, loss = call(state, done)
+        state, loss = call(state, inputs, done)
         done, calls = min(done + per_call, cfg.epochs), calls + 1
-        finished = done >= cfg.epochs or (calls % sync_every == 0 and bool(state.frozen.all()))
-        recorder.record(done, loss, finished)
+        if rows is not None:
+            loss = loss_full.index_put((rows,), loss)
+        loss_full = loss
+        finished = done >= cfg.epochs
+        if not finished and calls % sync_every == 0:
+            active = torch.nonzero(~state.frozen).squeeze(1)
+            finished = active.numel() == 0
+            current = state.frozen.shape[0]
+            # (never down to one row: a batch of one would make torch.compile specialise)
+            if not finished and 2 <= active.numel() < COMPACT_BELOW * current:
+                full = state if rows is None else _put(full, rows, state)
+                rows = active if rows is None else rows[active]
+                state = _take(state, active, current)
+                inputs = _take(inputs, active, current)
+        recorder.record(done, loss_full, finished)
         if finished:
             break
-    return state
+    return state if rows is None else _put(full, rows, state)
 
 
 # ---------------------------------------------------------------- front doors
@@ -571,12 +609,14 @@ class _Setup(NamedTuple):
 def _setup(problem: Problem, cfg: SolverConfig, vectorize) -> _Setup:
     consts = _consts(cfg, problem)
     series = Series.of(problem)
-    sums, sst, q_exact, solvable = vectorize(prepare_kernel(cfg.degree), series, consts)
+    one_pass = EAGER_S_PER_POINT["careful"] * problem.y.numel()
+    sums, sst, q_exact, solvable = vectorize(prepare_kernel(cfg.degree), series, consts,
+                                             eager_s=one_pass)
     if cfg.loss.is_mse:
         rhs_c = tuple(r - sums.ybar * row[0] for r, row in zip(sums.rhs, sums.gram))
         data = MomentData(sums.gram, rhs_c, sst, sums.wsum, sums.ybar)
     else:
-        data = vectorize(points_kernel(cfg.degree), series, consts)
+        data = vectorize(points_kernel(cfg.degree), series, consts, eager_s=one_pass)
     eps = torch.finfo(problem.dtype).eps
     floor = eps * sst / sums.wsum.clamp(min=eps) + torch.finfo(problem.dtype).tiny
     return _Setup(consts, series, sums, q_exact, solvable, data, floor)
@@ -585,8 +625,11 @@ def _setup(problem: Problem, cfg: SolverConfig, vectorize) -> _Setup:
 def _finish(cfg, vectorize, setup: _Setup, q: Vec, iterations, loss0, recorder, solver,
             params: Vec | None = None) -> FitResult:
     """Final convergence check, diagnostics and statuses of an iterative fit."""
+    # The last check needs the Hessian: over the points (and autograd) unless the loss is MSE.
+    cost = EAGER_S_PER_POINT["careful"] * setup.series.y.numel() * (1 if cfg.loss.is_mse else 10)
     out = vectorize(final_kernel(cfg.loss, cfg.degree), setup.series, setup.sums,
-                    setup.solvable, q, params, setup.data, setup.floor, loss0, setup.consts)
+                    setup.solvable, q, params, setup.data, setup.floor, loss0, setup.consts,
+                    eager_s=cost)
     return _fit_result(out, iterations, cfg, solver, recorder.history())
 
 
@@ -644,14 +687,13 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
     cost = eager_seconds(solver, cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
                          cfg.epochs)
 
-    def call(state: LoopState, epoch0: int):
+    def call(state: LoopState, inputs, epoch0: int):
         epoch = torch.tensor(epoch0, device=problem.device)
-        *new, loss = vectorize(chunk, *state, to_frame, setup.data, setup.floor, epoch,
-                               setup.consts, eager_s=cost)
+        *new, loss = vectorize(chunk, *state, *inputs, epoch, setup.consts, eager_s=cost)
         return LoopState(*new), loss
 
-    state = _train(call, state, cfg, recorder, loss0, per_call=cfg.unroll,
-                   sync_every=max(1, 1000 // cfg.unroll))
+    state = _train(call, state, (to_frame, setup.data, setup.floor), cfg, recorder, loss0,
+                   per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
     q = mat_vec(to_frame, state.params)
     return _finish(cfg, vectorize, setup, q, state.iterations, loss0, recorder, solver,
                    params=state.params)
@@ -678,11 +720,11 @@ def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     cost = eager_seconds("newton", cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
                          cfg.epochs)
 
-    def call(state: LoopState, _):
-        *new, loss = vectorize(step, *state, setup.data, setup.floor, setup.consts,
-                               eager_s=cost)
+    def call(state: LoopState, inputs, _):
+        *new, loss = vectorize(step, *state, *inputs, setup.consts, eager_s=cost)
         return LoopState(*new), loss
 
-    state = _train(call, state, cfg, recorder, loss0, per_call=1, sync_every=1)
+    state = _train(call, state, (setup.data, setup.floor), cfg, recorder, loss0, per_call=1,
+                   sync_every=1)
     return _finish(cfg, vectorize, setup, state.params, state.iterations, loss0, recorder,
                    "newton")

@@ -1,0 +1,319 @@
+"""Throughput benchmark: batchfit's solvers next to the tools people use, and the floor.
+
+``batchfit bench`` (and ``benchmarks/bench.py``) run every method on the same data in one
+process and report seconds (median of repeats after a warm-up, devices synchronised), fits/s,
+multiples of the memory floor and of the ``numpy.polyfit`` loop, compile time apart, and the
+accuracy of every method against float64 ``numpy.polyfit`` (or scipy for the robust loss).
+Slow peers run on a subset (or for fewer epochs) and are extrapolated, marked ``~``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from .engine import fit
+
+SEED_EPOCHS = 15_000
+ACCURACY_SERIES = 200  # series checked against the float64 reference
+WRONG = {"float32": 1e-3, "float64": 1e-8}  # relative error above which a result is wrong
+ROBUST_AGREEMENT = 1e-5  # two robust solvers agree this well (their own tolerances differ)
+
+
+@dataclass
+class Row:
+    method: str
+    device: str
+    dtype: str
+    series: int
+    points: int
+    seconds: float
+    fits_per_s: float
+    first_call_s: float = float("nan")  # includes compiling, where there is one
+    extrapolated: bool = False
+    error: float = float("nan")  # max relative coefficient error vs the reference
+    verdict: str = ""  # "ok", "WRONG", or why the error is expected
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, float, object]:
+    """(first call s, median of ``repeats`` later calls s, last result)."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times) if times else first, out
+
+
+def dataset(series: int, points: int, seed: int = 0):
+    """The seed's problem: shared x = linspace(0, 1), y = 20x^2 + 5x - 3 + noise, per-series
+    coefficients around it, outliers in 2 % of the points (so robust losses matter)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 1.0, points)
+    coef = rng.normal([-3.0, 5.0, 20.0], [0.5, 1.0, 2.0], (series, 3))
+    y = coef[:, :1] + coef[:, 1:2] * x + coef[:, 2:] * x**2 + rng.normal(0, 1, (series, points))
+    outliers = rng.random(y.shape) < 0.02
+    y[outliers] += rng.choice([-1.0, 1.0], outliers.sum()) * 20
+    return x, y
+
+
+def reference(x, y, robust: bool = False) -> np.ndarray:
+    """Float64 coefficients (lowest power first) of the first ACCURACY_SERIES series."""
+    rows = min(ACCURACY_SERIES, len(y))
+    if not robust:
+        return np.polyfit(x, y[:rows].T, 2)[::-1].T
+    from scipy.optimize import least_squares
+
+    out = []
+    for i in range(rows):
+        start = np.polyfit(x, y[i], 2)[::-1]
+        out.append(least_squares(lambda p, i=i: p[0] + p[1] * x + p[2] * x**2 - y[i], start,
+                                 loss="huber", xtol=1e-12, ftol=1e-12, gtol=1e-12).x)
+    return np.array(out)
+
+
+def relative_error(params, ref: np.ndarray) -> float:
+    got = np.asarray(params[: len(ref)], dtype=np.float64)
+    scale = np.abs(ref).max(axis=1, keepdims=True)
+    return float(np.max(np.abs(got - ref) / scale))
+
+
+_read_once = torch.compile(lambda x, y: x.sum(1) + y.sum(1), dynamic=True)
+
+
+def naive_gd(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, lr: float, epochs: int):
+    """The seed's loop batched the obvious way: vmap(grad) of the MSE over the raw points."""
+    def loss(p, x, y):
+        return ((p[0] + p[1] * x + p[2] * x * x - y) ** 2).mean()
+
+    step = vmap(grad(loss))
+    for _ in range(epochs):
+        p = p - lr * step(p, x, y)
+    return p
+
+
+class Bench:
+    def __init__(self, repeats: int, epochs: int, quick: bool):
+        self.repeats, self.epochs, self.quick = repeats, epochs, quick
+        self.rows: list[Row] = []
+
+    def add(self, row: Row, params=None, ref=None, expected: str = "", wrong_above=None):
+        if params is not None and ref is not None:
+            row.error = relative_error(params, ref)
+            wrong = row.error > max(WRONG[row.dtype], wrong_above or 0)
+            row.verdict = expected if (wrong and expected) else ("WRONG" if wrong else "ok")
+        self.rows.append(row)
+
+    def case(self, method, device, dtype, series, points, fn, *, ref=None, expected="",
+             scale=1.0, note="", repeats=None, wrong_above=None):
+        """Time ``fn`` (which returns coefficients); ``scale`` extrapolates to all series."""
+        first, seconds, params = timed(fn, device, self.repeats if repeats is None else repeats)
+        seconds *= scale
+        if isinstance(params, torch.Tensor):
+            params = params.detach().cpu().numpy()
+        self.add(Row(method, device, dtype, series, points, seconds, series / seconds,
+                     first_call_s=first * scale, extrapolated=scale != 1.0, note=note),
+                 params, ref, expected, wrong_above)
+
+
+def run(sizes=(1_000, 10_000, 100_000, 1_000_000), points=100, long_series=1_000,
+        long_points=10_000, devices=None, dtypes=("float32", "float64"), repeats=3,
+        epochs=SEED_EPOCHS, iterative_max=100_000, peer_subset=2_000, quick=False,
+        cpu_max=None, progress=print) -> dict:
+    """Run the whole table; returns {"machine": ..., "rows": [...]}."""
+    devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    bench = Bench(repeats, epochs, quick)
+    shapes = [(s, points) for s in sizes] + ([(long_series, long_points)] if long_series else [])
+    for series, n in shapes:
+        progress(f"bench: {series:,} series x {n:,} points")
+        x_np, y_np = dataset(series, n)
+        ref, ref_robust = reference(x_np, y_np), None
+        on_cpu = cpu_max is None or series <= cpu_max  # the CPU rows and peers, or GPU only
+        if on_cpu:
+            _peers(bench, x_np, y_np, ref, series, n, peer_subset)
+        for device in devices if on_cpu else [d for d in devices if d != "cpu"]:
+            for dtype in dtypes:
+                tdtype = getattr(torch, dtype)
+                x = torch.as_tensor(x_np, dtype=tdtype, device=device).expand(series, n)
+                x = x.contiguous()  # per-series x, as real data has
+                y = torch.as_tensor(y_np, dtype=tdtype, device=device)
+                bench.case("floor: read x and y once", device, dtype, series, n,
+                           lambda x=x, y=y: _read_once(x, y))
+                for compiled in (False, True):
+                    tag = f"compile={compiled}"
+                    bench.case(f"batchfit exact, {tag}", device, dtype, series, n,
+                               lambda x=x, y=y, c=compiled: fit(x, y, compile=c).params,
+                               ref=ref)
+                bench.case("torch.linalg.lstsq (Vandermonde)", device, dtype, series, n,
+                           lambda x=x, y=y: _lstsq(x, y), ref=ref)
+                if series > iterative_max:
+                    continue
+                if ref_robust is None:
+                    ref_robust = reference(x_np, y_np, robust=True)
+                loops = not quick  # quick mode: no compiles for the iterative solvers
+                tag = f"compile={loops}"
+                bench.case(f"batchfit newton mse, {tag}", device, dtype, series, n,
+                           lambda x=x, y=y, c=loops: fit(x, y, solver="newton", compile=c).params,
+                           ref=ref)
+                bench.case(f"batchfit newton huber, {tag}", device, dtype, series, n,
+                           lambda x=x, y=y, c=loops: fit(x, y, loss="huber", compile=c,
+                                                         tol=1e-12).params, ref=ref_robust,
+                           wrong_above=ROBUST_AGREEMENT)
+                if n > points:
+                    continue  # the iterative loops only at the seed's shape
+                for solver, lr in (("gd", 1e-3), ("adam", 1e-2)):
+                    bench.case(f"batchfit {solver}, {epochs:,} epochs, {tag}", device,
+                               dtype, series, n,
+                               lambda x=x, y=y, s=solver, lr=lr, c=loops: fit(
+                                   x, y, solver=s, lr=lr, epochs=epochs, tol=0.0,
+                                   compile=c).params,
+                               ref=ref, expected="not converged (by design)", repeats=1)
+                naive_epochs = max(1, min(epochs, 20 if quick else 100))
+                p0 = torch.zeros(series, 3, dtype=tdtype, device=device)
+                xs = torch.as_tensor(x_np, dtype=tdtype, device=device).expand(series, n)
+                bench.case(f"naive vmap(grad) GD loop, {epochs:,} epochs, eager", device,
+                           dtype, series, n,
+                           lambda xs=xs, y=y, p0=p0, e=naive_epochs: naive_gd(xs, y, p0, 1e-3, e),
+                           scale=epochs / naive_epochs, repeats=1,
+                           note=f"timed for {naive_epochs} epochs")
+    return {"machine": machine(), "rows": [asdict(r) for r in bench.rows]}
+
+
+def _lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    design = torch.stack([torch.ones_like(x), x, x * x], dim=-1)
+    return torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def _peers(bench: Bench, x, y, ref, series, n, subset):
+    """numpy/scipy peers, on the CPU in float64 (what they compute in)."""
+    rows = min(subset, series)
+    scale = series / rows
+    bench.case("numpy.polyfit loop", "cpu", "float64", series, n,
+               lambda: np.array([np.polyfit(x, y[i], 2)[::-1] for i in range(rows)]),
+               ref=ref, scale=scale, repeats=1, note=f"timed on {rows:,} series")
+    bench.case("numpy.polyfit, 2-D y (shared x)", "cpu", "float64", series, n,
+               lambda: np.polyfit(x, y.T, 2)[::-1].T, ref=ref, repeats=1)
+    if n <= 100:
+        from scipy.optimize import least_squares
+
+        few = min(rows, 200)
+
+        def scipy_loop():
+            return np.array([least_squares(lambda p, i=i: p[0] + p[1] * x + p[2] * x**2 - y[i],
+                                           np.zeros(3), loss="huber").x for i in range(few)])
+        bench.case("scipy least_squares huber loop", "cpu", "float64", series, n, scipy_loop,
+                   scale=series / few, repeats=1, note=f"timed on {few} series")
+
+
+QUICK = dict(sizes=(1_000, 10_000), long_series=0, dtypes=("float32",), repeats=1, epochs=300,
+             peer_subset=500)
+
+
+def multiples(rows: list[dict]) -> list[dict]:
+    """Add each row's speed as a multiple of the floor (same shape, device, dtype) and of the
+    numpy.polyfit loop (same shape)."""
+    for row in rows:
+        same = [r for r in rows if r["series"] == row["series"] and r["points"] == row["points"]]
+        floor = [r for r in same if r["method"].startswith("floor") and
+                 r["device"] == row["device"] and r["dtype"] == row["dtype"]]
+        loop = [r for r in same if r["method"] == "numpy.polyfit loop"]
+        row["x_floor"] = floor[0]["seconds"] / row["seconds"] if floor else float("nan")
+        row["x_polyfit_loop"] = loop[0]["seconds"] / row["seconds"] if loop else float("nan")
+    return rows
+
+
+def table(result: dict) -> str:
+    rows = multiples(result["rows"])
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, gpu {m['gpu']}, torch {m['torch']}",
+             (f"{'series':>9} {'N':>6} {'method':<48} {'dev':<4} {'dtype':<7} {'seconds':>10} "
+              f"{'fits/s':>12} {'x floor':>8} {'x loop':>8} {'compile':>8} {'rel err':>8}  "
+              "verdict")]
+    for r in rows:
+        mark = "~" if r["extrapolated"] else " "
+        compile_s = r["first_call_s"] - r["seconds"] if "compile=True" in r["method"] else 0
+        lines.append(
+            f"{r['series']:>9,} {r['points']:>6,} {r['method']:<48} {r['device']:<4} "
+            f"{r['dtype']:<7} {mark}{r['seconds']:>9.4f} {r['fits_per_s']:>12,.0f} "
+            f"{r['x_floor']:>8.3f} {r['x_polyfit_loop']:>8.1f} "
+            f"{compile_s:>8.1f} {r['error']:>8.1e}  {r['verdict']}"
+            + (f" ({r['note']})" if r["note"] else ""))
+    lines.append("~ extrapolated (see note); x floor: fits/s as a multiple of the floor's "
+                 "(1 = as fast as reading x and y once); x loop: multiple of the numpy.polyfit "
+                 "loop; compile: first call minus a later one (compile=True lets batchfit "
+                 "compile kernels whose eager work is not trivial); rel err: max |coef - ref| / "
+                 "max |ref| over 200 series vs float64 numpy.polyfit (scipy for huber)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str, points: int = 100) -> str:
+    """Throughput (fits/s) against batch size, one line per method/device/dtype."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lines = {}
+    for r in result["rows"]:
+        if r["points"] == points:
+            key = f"{r['method']} [{r['device']}, {r['dtype']}]"
+            lines.setdefault(key, []).append((r["series"], r["fits_per_s"]))
+    for key, values in sorted(lines.items()):
+        values.sort()
+        style = "--" if key.startswith("floor") else "-"
+        ax.plot(*zip(*values), style, marker="o", ms=3, lw=1.2, label=key)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("series in the batch")
+    ax.set_ylabel("fits per second")
+    m = result["machine"]
+    ax.set_title(f"Throughput at {points} points per series: {m['cpu']} ({m['cores']} cores)"
+                 + (f", {m['gpu']}" if m["gpu"] else ""), fontsize=10)
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def save(result: dict, json_path: str | None, plot_path: str | None) -> list[str]:
+    written = []
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({**result, "rows": multiples(result["rows"])}, f, indent=1)
+        written.append(json_path)
+    if plot_path:
+        written.append(plot(result, plot_path))
+    return written
