@@ -280,31 +280,49 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str, points: int = 100) -> str:
-    """Throughput (fits/s) against batch size, one line per method/device/dtype."""
+    """Throughput (fits/s) against batch size: a panel per dtype, a colour per method
+    (batchfit solid, peers dashed, the floor dotted black), a line style per device."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    rows = [r for r in result["rows"] if r["points"] == points]
+    dtypes = sorted({r["dtype"] for r in rows})
+    methods = sorted({r["method"] for r in rows if not r["method"].startswith("floor")})
+    devices = sorted({r["device"] for r in rows})
+    colours = dict(zip(methods, colormaps["tab20"].colors))
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    lines = {}
-    for r in result["rows"]:
-        if r["points"] == points:
-            key = f"{r['method']} [{r['device']}, {r['dtype']}]"
-            lines.setdefault(key, []).append((r["series"], r["fits_per_s"]))
-    for key, values in sorted(lines.items()):
-        values.sort()
-        style = "--" if key.startswith("floor") else "-"
-        ax.plot(*zip(*values), style, marker="o", ms=3, lw=1.2, label=key)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("series in the batch")
-    ax.set_ylabel("fits per second")
+    axes = fig.subplots(1, len(dtypes), squeeze=False, sharey=True)[0]
+    for ax, dtype in zip(axes, dtypes):
+        for method in ["floor"] + methods:
+            for device in devices:
+                values = sorted((r["series"], r["fits_per_s"]) for r in rows
+                                if r["dtype"] == dtype and r["device"] == device
+                                and (r["method"] == method or method == "floor"
+                                     and r["method"].startswith("floor")))
+                if not values:
+                    continue
+                peer = not method.startswith("batchfit") and method != "floor"
+                style = ":" if method == "floor" else ("--" if peer else "-")
+                colour = "black" if method == "floor" else colours[method]
+                label = (method if method != "floor" else "floor: read x and y once") + (
+                    f" [{device}]" if len(devices) > 1 else "")
+                ax.plot(*zip(*values), style, color=colour, marker="o", ms=3,
+                        lw=2 if method == "floor" else 1.3, label=label,
+                        alpha=0.6 if device == "cpu" and len(devices) > 1 else 1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("series in the batch")
+        ax.set_title(f"{dtype} (numpy/scipy peers compute in float64)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"fits per second ({points} points per series)")
     m = result["machine"]
-    ax.set_title(f"Throughput at {points} points per series: {m['cpu']} ({m['cores']} cores)"
-                 + (f", {m['gpu']}" if m["gpu"] else ""), fontsize=10)
-    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(path, dpi=100)
+    fig.suptitle(f"batchfit throughput: {m['cpu']}, {m['cores']} cores"
+                 + (f", {m['gpu']}" if m["gpu"] else "") + f", torch {m['torch']}")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=7)
+    fig.savefig(path, dpi=90)
     return path
 
 
