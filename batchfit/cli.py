@@ -47,6 +47,20 @@ def _run(args) -> int:
                        solver=args.solver, lr=args.lr, epochs=args.epochs, tol=args.tol,
                        device=args.device, dtype=args.dtype,
                        compile=False if args.no_compile else "auto")
+    if args.engine == "ray":
+        from .distributed import run_ray
+
+        if not args.output:
+            raise ValueError("--engine ray needs -o OUTPUT (a directory, or a URI)")
+        if args.history:
+            raise ValueError("--history is not available with --engine ray")
+        summary = run_ray(args.input, args.output, columns=columns, address=args.address,
+                          workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
+                          **fit_options)
+        _report(summary)
+        return 0
+    elif args.address or args.workers or args.num_gpus_per_worker:
+        raise ValueError("--address, --workers and --num-gpus-per-worker need --engine ray")
     update, close = _progress_bar(not args.no_progress)
     try:
         summary = run_job(args.input, args.output, columns=columns, batch_size=args.batch_size,
@@ -55,11 +69,15 @@ def _run(args) -> int:
                           progress=update, **fit_options)
     finally:
         close()
+    _report(summary)
+    return 0
+
+
+def _report(summary):
     statuses = ", ".join(f"{name} {count:,}" for name, count in summary.status_counts.items())
     _say(f"fitted {summary.n_series:,} series ({statuses}) from {summary.n_points:,} points "
          f"in {summary.seconds:.2f} s ({summary.series_per_second:,.0f} series/s)")
     _say(f"wrote {summary.output}" + (f" and {summary.history}" if summary.history else ""))
-    return 0
 
 
 def _generate(args) -> int:
@@ -177,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="series whose whole loss curve the history keeps [5, spread out]")
     run.add_argument("--track-ids", metavar="ID,ID,...", help="track these series instead")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--engine", choices=["local", "ray"], default="local",
+                     help="ray: fit on a Ray cluster (pip install 'batchfit[ray]') [local]")
+    run.add_argument("--address", help="Ray cluster to join (auto, ray://...) [start a local one]")
+    run.add_argument("--workers", type=_positive_int, help="Ray: concurrent fitting tasks")
+    run.add_argument("--num-gpus-per-worker", type=float, default=0,
+                     help="Ray: GPUs per fitting task (0: CPU workers) [0]")
     run.set_defaults(handler=_run)
 
     gen = commands.add_parser(

@@ -62,7 +62,7 @@ class Chunk:
                         self.offsets[start:stop + 1] - lo)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
@@ -92,7 +92,7 @@ def to_float(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return array.to_numpy(zero_copy_only=False)
 
 
-def _list_files(path: str) -> list[str]:
+def list_files(path: str) -> list[str]:
     if not os.path.exists(path):
         raise ValueError(f"input not found: {path}")
     if os.path.isdir(path):
@@ -110,7 +110,7 @@ def _open(file: str) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front; stream instead.
         return pq.ParquetFile(file, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"cannot read {file} as Parquet: {_first_line(exc)}") from None
+        raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class Dataset:
 
     def __init__(self, path: str, spec: ColumnSpec):
         self.path = path
-        self.files = [(file, _open(file)) for file in _list_files(path)]
+        self.files = [(file, _open(file)) for file in list_files(path)]
         layouts = [describe(handle.schema_arrow, spec, file) for file, handle in self.files]
         self.layout = layouts[0]
         for (file, _), layout in zip(self.files, layouts):
@@ -191,7 +191,7 @@ class Dataset:
             try:
                 yield from handle.iter_batches(batch_size=rows, columns=columns)
             except (pa.ArrowException, OSError) as exc:
-                raise ValueError(f"cannot read {file}: {_first_line(exc)}") from None
+                raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
 
     def chunks(self, rows_per_read: int = 1 << 20) -> Iterator[Chunk]:
         """Whole-series chunks in a canonical point order (see module docstring)."""
@@ -444,10 +444,11 @@ def result_table(ids: pa.Array, result: FitResult, schema: pa.Schema) -> pa.Tabl
     return pa.table([columns[field.name] for field in schema], schema=schema)
 
 
-def check_writable(path: str):
-    """Fail before any work if ``path`` cannot be written."""
+def check_writable(path: str, directory_output: bool = False):
+    """Fail before any work if ``path`` (a file, or with ``directory_output`` a directory of
+    files that will replace any existing one) cannot be written."""
     directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not directory_output:
         raise ValueError(f"output {path} is a directory; give a file name")
     if not os.path.isdir(directory):
         raise ValueError(f"output directory does not exist: {directory}")
@@ -576,11 +577,11 @@ def read_history(path: str) -> tuple[pa.Table, dict]:
 def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
     """A whole (small) Parquet file or directory as one table."""
     tables = []
-    for file in _list_files(path):
+    for file in list_files(path):
         try:
             tables.append(pq.read_table(file, columns=columns, filters=filters))
         except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"cannot read {file}: {_first_line(exc)}") from None
+            raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
@@ -597,7 +598,7 @@ def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:
     canonical order (reads only row groups that can hold them)."""
     if not ids:
         return {}
-    first = _open(_list_files(path)[0])
+    first = _open(list_files(path)[0])
     layout = describe(first.schema_arrow, spec, path)
     table = read_parquet(path, columns=layout.columns[:3],
                         filters=[(spec.series_id, "in", list(ids))])

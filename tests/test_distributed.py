@@ -1,0 +1,118 @@
+"""--engine ray on a real local Ray cluster: same numbers as the single-machine job."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import batchfit
+from batchfit.cli import main
+from batchfit.generate import generate
+
+ray = pytest.importorskip("ray")  # the [ray] extra; CI installs it, so these tests run there
+from batchfit.distributed import run_ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One hermetic local cluster for the session: 2 CPUs, one fake GPU, no auth token."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+
+
+def single_machine(path, out, **options):
+    batchfit.run_job(str(path), str(out), **options)
+    return pq.read_table(out).sort_by("series_id")
+
+
+def ray_output(path, out, **options):
+    summary = run_ray(str(path), str(out), **options)
+    table = pq.read_table(out).sort_by("series_id")
+    assert summary.n_series == table.num_rows
+    return table.replace_schema_metadata(None), summary
+
+
+def same(a: pa.Table, b: pa.Table):
+    assert a.replace_schema_metadata(None).equals(b.replace_schema_metadata(None))
+
+
+def test_long_format_sorted(ray_cluster, tmp_path):
+    generate(str(tmp_path / "d.parquet"), series=500, points=20, min_points=3, max_points=30)
+    want = single_machine(tmp_path / "d.parquet", tmp_path / "one.parquet")
+    got, summary = ray_output(tmp_path / "d.parquet", tmp_path / "ray")
+    same(got, want)
+    assert summary.status_counts == {"ok": 500}
+    meta = batchfit.io.read_metadata(pq.ParquetDataset(tmp_path / "ray").files[0])
+    assert meta["engine"] == "ray" and meta["solver"] == "exact"
+
+
+def test_long_format_shuffled_over_files(ray_cluster, tmp_path, rng):
+    generate(str(tmp_path / "d.parquet"), series=400, points=15, outliers=0.05)
+    table = pq.read_table(tmp_path / "d.parquet")
+    shuffled = table.take(rng.permutation(table.num_rows))
+    (tmp_path / "parts").mkdir()
+    for i, rows in enumerate(np.array_split(np.arange(table.num_rows), 3)):
+        pq.write_table(shuffled.take(rows), tmp_path / "parts" / f"p{i}.parquet")
+    for loss in ["mse", "huber"]:
+        want = single_machine(tmp_path / "d.parquet", tmp_path / f"one-{loss}.parquet",
+                              loss=loss)
+        got, _ = ray_output(tmp_path / "parts", tmp_path / f"ray-{loss}", loss=loss)
+        same(got, want)
+
+
+def test_list_format(ray_cluster, tmp_path):
+    generate(str(tmp_path / "l.parquet"), series=300, points=12, fmt="list")
+    want = single_machine(tmp_path / "l.parquet", tmp_path / "one.parquet")
+    got, _ = ray_output(tmp_path / "l.parquet", tmp_path / "ray")
+    same(got, want)
+
+
+def test_gpu_workers_are_scheduled(ray_cluster, tmp_path):
+    """Tasks asking for a GPU run on the cluster's (fake) GPU; on a CPU they fit on the CPU."""
+    generate(str(tmp_path / "d.parquet"), series=200, points=10)
+    want = single_machine(tmp_path / "d.parquet", tmp_path / "one.parquet")
+    got, _ = ray_output(tmp_path / "d.parquet", tmp_path / "ray", num_gpus_per_worker=1,
+                        workers=1)
+    same(got, want)
+
+
+def test_cli_and_failed_job_leave_no_complete_output(ray_cluster, tmp_path, capsys):
+    generate(str(tmp_path / "d.parquet"), series=50, points=10)
+    assert main(["run", str(tmp_path / "d.parquet"), "-o", str(tmp_path / "ok"),
+                 "--engine", "ray", "--workers", "2"]) == 0
+    assert "fitted 50 series (ok 50)" in capsys.readouterr().err
+    bad = pq.read_table(tmp_path / "d.parquet")
+    bad = bad.append_column("weight", pa.array(np.where(np.arange(bad.num_rows) == 7, -1.0, 1.0)))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_bytes(b"an older output")
+    with pytest.raises(Exception, match="weights must be >= 0"):
+        run_ray(str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["old.parquet"]  # untouched
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp left
+
+
+def test_engine_options_need_the_ray_engine(tmp_path, capsys):
+    generate(str(tmp_path / "d.parquet"), series=5, points=5)
+    assert main(["run", str(tmp_path / "d.parquet"), "--workers", "2"]) == 2
+    assert "need --engine ray" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "d.parquet"), "--engine", "ray"]) == 2
+    assert "--engine ray needs -o OUTPUT" in capsys.readouterr().err
+
+
+def test_single_machine_path_never_imports_ray(tmp_path):
+    import subprocess
+    import sys
+
+    generate(str(tmp_path / "d.parquet"), series=20, points=5)
+    code = ("import sys, batchfit; batchfit.run_job(sys.argv[1], sys.argv[2]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d.parquet"),
+                           str(tmp_path / "o.parquet")], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
