@@ -1,13 +1,16 @@
 """Command-line glue: parse, call the library, print, map errors to exit codes.
 
 Exit codes: 0 the command finished (series may still carry a non-ok status); 2 bad usage or
-bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted.
+bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted (SIGINT, Ctrl-C),
+143 terminated (SIGTERM): temporary files are removed first, older outputs are untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from . import __version__
 
@@ -66,7 +69,7 @@ def _run(args) -> int:
         summary = run_job(args.input, args.output, columns=columns, batch_size=args.batch_size,
                           history_path=args.history, track=args.track,
                           track_ids=args.track_ids.split(",") if args.track_ids else None,
-                          progress=update, **fit_options)
+                          resume=args.resume, progress=update, **fit_options)
     finally:
         close()
     _report(summary)
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--track", type=int, default=5,
                      help="series whose whole loss curve the history keeps [5, spread out]")
     run.add_argument("--track-ids", metavar="ID,ID,...", help="track these series instead")
+    run.add_argument("--resume", action="store_true",
+                     help="checkpoint finished chunks beside the output, and continue an "
+                          "interrupted run that used --resume (same input and options)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--engine", choices=["local", "ray"], default="local",
                      help="ray: fit on a Ray cluster (pip install 'batchfit[ray]') [local]")
@@ -277,17 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (temporary files removed)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return args.handler(args)
     except (ValueError, OSError) as exc:  # bad input: one line, no traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"batchfit: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("batchfit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        hint = ("; finished chunks are checkpointed: run the same command again to continue"
+                if getattr(args, "resume", False) else
+                "; no output was written" if args.command == "run" else "")
+        print(f"batchfit: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}"
+              f"{hint}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

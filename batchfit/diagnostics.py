@@ -23,6 +23,14 @@ from .losses import Loss
 from .models import Sums, chebyshev_eval, to_raw_map, total_squares, weighted_gram
 from .problem import Status
 
+# An internal status, never returned by ``batchfit.fit``: a float32 fit whose residuals are
+# within PRECISION_MARGIN rounding errors of the data's size (exact or nearly exact data, or y
+# far from 0 compared with its spread). Float32 rounding, not the data's noise, then limits
+# the coefficients (they can be off by many of their standard errors), so the engine refits
+# those series in float64.
+PRECISION_LIMITED = -1
+PRECISION_MARGIN = 100
+
 
 def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
     """Raw-unit standard errors from the frame's curvature matrix and residual spread."""
@@ -45,6 +53,7 @@ def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
     sse = (w * r * r).sum()
     sst = total_squares(y, w, sums.ybar)
     out = {
+        "level": torch.sqrt(sums.ybar**2 + sst / sums.wsum),  # root mean square of y
         "loss": loss.series_loss(pred, y, w, f_scale),
         "rmse": torch.sqrt(torch.where(w > 0, r * r, 0).sum() / sums.n),
         "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
@@ -63,9 +72,11 @@ def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
     return out
 
 
-def finalize(summary: dict, n, solvable, converged, diverged, params=None) -> dict:
+def finalize(summary: dict, n, solvable, converged, diverged, params=None,
+             check_precision: bool = False) -> dict:
     """One series' final record: its status (most fundamental failure first), and NaN in
-    place of every number that means nothing for a series whose fit is not identified."""
+    place of every number that means nothing for a series whose fit is not identified.
+    ``check_precision``: flag float32 fits limited by rounding (PRECISION_LIMITED)."""
     params = summary["params"] if params is None else tuple(p.to(torch.float64) for p in params)
     k = len(params)
     finite = torch.isfinite(summary["loss"])
@@ -75,6 +86,12 @@ def finalize(summary: dict, n, solvable, converged, diverged, params=None) -> di
     code = torch.where(diverged | ~finite, int(Status.DIVERGED), code)
     code = torch.where(solvable, code, int(Status.SINGULAR))
     code = torch.where(n < k, int(Status.TOO_FEW_POINTS), code)
+    rmse = summary["rmse"]
+    if check_precision and rmse.dtype == torch.float32:
+        rounding = PRECISION_MARGIN * torch.finfo(rmse.dtype).eps * summary["level"]
+        # (Newton cannot converge when rounding blurs the loss: not_converged counts too.)
+        fitted = (code == int(Status.OK)) | (code == int(Status.NOT_CONVERGED))
+        code = torch.where(fitted & (rmse < rounding), PRECISION_LIMITED, code)
     unidentified = (n < k) | ~solvable
 
     def blank(value):

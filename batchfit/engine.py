@@ -18,8 +18,17 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
+from .diagnostics import PRECISION_LIMITED
 from .losses import resolve_loss
-from .problem import FitResult, History, Series, make_problem, used_points
+from .problem import (
+    FitResult,
+    History,
+    Series,
+    float32_overflows,
+    float32_unsafe_rows,
+    make_problem,
+    used_points,
+)
 from .solvers import (
     DEFAULT_EPOCHS,
     SOLVERS,
@@ -175,8 +184,17 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     _check_number("epochs", epochs, low=0, integer=True)
 
     device = resolve_device(device, x, y)
-    problem = make_problem(x, y, weights, lengths, mask, dtype=resolve_dtype(dtype, y),
-                           device=device)
+    dtype = resolve_dtype(dtype, y)
+    options = dict(degree=degree, loss=loss, f_scale=f_scale, solver=solver, lr=lr,
+                   epochs=epochs, tol=tol, init=init, seed=seed, device=device,
+                   compile=compile, history_every=history_every,
+                   history_sample=history_sample, track=track)
+    wide = None
+    if dtype == torch.float32 and float32_overflows(y):  # huge |y| would cast to inf
+        wide = float32_unsafe_rows(y)
+        if wide.any():
+            return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
+    problem = make_problem(x, y, weights, lengths, mask, dtype=dtype, device=device)
     vectorize = _Vectorizer(compile, fullgraph=loss_spec.user is None)
     if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
@@ -189,10 +207,46 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     if problem.y.numel() == 0:
         return solve_without_points(problem, cfg, solver)
     if solver == "exact":
-        return solve_exact(problem, cfg, vectorize)
-    if solver == "newton":
-        return solve_newton(problem, cfg, vectorize)
-    return solve_descent(problem, cfg, vectorize, solver)
+        result = solve_exact(problem, cfg, vectorize)
+    elif solver == "newton":
+        result = solve_newton(problem, cfg, vectorize)
+    else:
+        result = solve_descent(problem, cfg, vectorize, solver)
+    if wide is None and dtype == torch.float32:
+        wide = _needs_float64(result, y)
+        if wide is not None:
+            return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
+    return result
+
+
+def _needs_float64(result: FitResult, y) -> np.ndarray | None:
+    """The series of a float32 fit to redo in float64, or None: those limited by float32
+    rounding (diagnostics.PRECISION_LIMITED), and those whose |y| over- or underflowed
+    float32 squares (looked for only where a loss is non-finite or below 2**-100: only exact
+    data have a float32 loss that small, otherwise its squares underflowed)."""
+    limited = result.status == PRECISION_LIMITED
+    loss = result.loss
+    suspect = bool(((~torch.isfinite(loss)) | (loss < 2.0**-100)).any())
+    if not suspect and not bool(limited.any()):
+        return None
+    wide = limited.cpu().numpy()
+    if suspect:
+        wide = wide | float32_unsafe_rows(y)
+    return wide if wide.any() else None
+
+
+def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, options: dict):
+    """Fit the series with |y| beyond float32's range in float64, the others in float32."""
+    def fit_group(rows, **group_options):
+        return fit(_take_rows(x, rows, 2), _take_rows(y, rows, 2),
+                   _take_rows(weights, rows, 2), _take_rows(lengths, rows, 1),
+                   mask=_take_rows(mask, rows, 2),
+                   dtype=torch.float64 if wide[rows[0]] else torch.float32, **group_options)
+
+    if np.ndim(y) == 1:  # one series
+        return fit(x, y, weights, lengths, mask=mask, dtype=torch.float64, **options)
+    groups = [rows for rows in (np.flatnonzero(~wide), np.flatnonzero(wide)) if len(rows)]
+    return _fit_in_groups(groups, len(wide), fit_group, options)
 
 
 def _gather(values: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
@@ -215,35 +269,53 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths, starts = np.diff(offsets), offsets[:-1]
-    groups = np.unique(lengths)
-    if len(groups) == 0:
+    groups = [np.flatnonzero(lengths == length) for length in np.unique(lengths)]
+    if not groups:
         return fit(np.zeros((0, 1)), np.zeros((0, 1)), **options)
+
+    def fit_group(rows, **group_options):
+        at, length = starts[rows], lengths[rows[0]]
+        return fit(_gather(x, at, length), _gather(y, at, length),
+                   None if weights is None else _gather(weights, at, length), **group_options)
+
+    return _fit_in_groups(groups, len(lengths), fit_group, options)
+
+
+def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
+                   options: dict) -> FitResult:
+    """Fit a batch as disjoint groups of rows, ``fit_group(rows, **options)`` each; results
+    and training histories come back in row order. ``track``, ``history_sample`` and a
+    random ``init`` refer to the whole batch, so no number depends on the grouping."""
+    options = dict(options)
     track = options.pop("track", None)
     if track is None:  # the default spread, over the whole batch
-        count = len(lengths)
-        track = sorted({round(i * (count - 1) / 4) for i in range(5)}) if count else []
+        track = sorted({round(i * (batch - 1) / 4) for i in range(5)}) if batch else []
     track = np.asarray(track, dtype=np.int64)
     sample = options.pop("history_sample", 1 << 14)
     init = options.pop("init", "random")
     if isinstance(init, str) and init == "random":  # by position in the whole batch
-        init = random_init(options.get("seed", 0), 0, len(lengths), options.get("degree", 2) + 1)
+        init = random_init(options.get("seed", 0), 0, batch, options.get("degree", 2) + 1)
     per_series = not isinstance(init, str) and np.ndim(init) == 2
-    parts, rows_of = [], []
-    for length in groups:
-        rows = np.flatnonzero(lengths == length)
-        at = starts[rows]
-        local_track = np.flatnonzero(np.isin(rows, track)).tolist()
-        parts.append(fit(_gather(x, at, length), _gather(y, at, length),
-                         None if weights is None else _gather(weights, at, length),
-                         track=local_track, history_sample=-(-sample * len(rows) // len(lengths)),
-                         init=init[torch.from_numpy(rows)] if per_series else init, **options))
-        rows_of.append(rows)
-    positions = [torch.from_numpy(rows) for rows in rows_of]
+    if per_series:
+        init = torch.as_tensor(init)
+    parts = [fit_group(rows, track=np.flatnonzero(np.isin(rows, track)).tolist(),
+                       history_sample=-(-sample * len(rows) // batch),
+                       init=init[torch.from_numpy(rows)] if per_series else init, **options)
+             for rows in groups]
+    positions = [torch.from_numpy(rows) for rows in groups]
     histories = [part.history for part in parts]
     history = None if histories[0] is None else History.merge(histories, positions)
-    order = torch.from_numpy(np.argsort(np.concatenate(rows_of), kind="stable"))
+    order = torch.from_numpy(np.argsort(np.concatenate(groups), kind="stable"))
     fields = {}
     for field in ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status"):
         joined = torch.cat([getattr(part, field) for part in parts])
         fields[field] = joined[order.to(joined.device)]
     return dataclasses.replace(parts[0], history=history, **fields)
+
+
+def _take_rows(value, rows: np.ndarray, per_series_ndim: int):
+    """Rows of a per-series argument (one with ``per_series_ndim`` dims); shared ones as is."""
+    if value is None or np.ndim(value) != per_series_ndim:
+        return value
+    return value[torch.from_numpy(rows)] if isinstance(value, torch.Tensor) else \
+        np.asarray(value)[rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,11 +70,14 @@ def first_line(exc: Exception) -> str:
 def _is_numeric(type_: pa.DataType) -> bool:
     if pa.types.is_dictionary(type_):
         type_ = type_.value_type
-    return pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_decimal(type_)
+    # null: a column with no values (an all-None column from pandas); every point is skipped
+    return (pa.types.is_integer(type_) or pa.types.is_floating(type_)
+            or pa.types.is_decimal(type_) or pa.types.is_null(type_))
 
 
 def _is_list(type_: pa.DataType) -> bool:
-    return pa.types.is_list(type_) or pa.types.is_large_list(type_)
+    return (pa.types.is_list(type_) or pa.types.is_large_list(type_)
+            or pa.types.is_fixed_size_list(type_))  # as pyarrow writes a 2-D numpy array
 
 
 def _is_id(type_: pa.DataType) -> bool:
@@ -81,12 +85,47 @@ def _is_id(type_: pa.DataType) -> bool:
             or pa.types.is_large_string(type_))
 
 
+def _decoded(type_: pa.DataType) -> pa.DataType:
+    """A dictionary is an encoding, not a type: its column is read as its values."""
+    return type_.value_type if pa.types.is_dictionary(type_) else type_
+
+
+def _value_type(type_: pa.DataType) -> pa.DataType:
+    """The type a value column (x, y, weight) is read as: dictionaries decoded, float16 as
+    float32, and a null column (no values at all, as pandas writes an all-None column) as
+    float64."""
+    if _is_list(type_):
+        inner = _value_type(type_.value_type)
+        if inner == type_.value_type:
+            return type_
+        return (pa.large_list if pa.types.is_large_list(type_) else pa.list_)(inner)
+    type_ = _decoded(type_)
+    if pa.types.is_float16(type_):  # exact in float32, which pyarrow can sort (float16 not)
+        return pa.float32()
+    return pa.float64() if pa.types.is_null(type_) else type_
+
+
+def _cast(data, schema: pa.Schema, id_column: str):
+    """A RecordBatch or Table with its columns cast to ``schema``'s types. Values are cast
+    unsafely (an int64 beyond 2**53 rounds to the nearest float64, as numpy's would); ids
+    safely (a common id type that cannot hold an id is an error, not a different id)."""
+    columns = [pc.cast(data.column(field.name), field.type, safe=field.name == id_column)
+               for field in schema]
+    return type(data).from_arrays(columns, schema=schema)
+
+
+def _has_types(data, schema: pa.Schema) -> bool:
+    return all(data.schema.field(field.name).type == field.type for field in schema)
+
+
 def to_float(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Numeric Arrow values as float32/float64 numpy, null -> NaN (float32 stays float32)."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks()
     if not (pa.types.is_float32(array.type) or pa.types.is_float64(array.type)):
-        array = pc.cast(array, pa.float64())
+        # unsafe: an integer beyond 2**53 rounds to the nearest float64 (as numpy would)
+        # instead of failing the run
+        array = pc.cast(array, pa.float64(), safe=False)
     if array.null_count:
         array = pc.fill_null(array, float("nan"))
     return array.to_numpy(zero_copy_only=False)
@@ -107,25 +146,32 @@ def list_files(path: str) -> list[str]:
 
 def _open(file: str) -> pq.ParquetFile:
     try:
-        # pre_buffer would read every requested row group up front; stream instead.
-        return pq.ParquetFile(file, pre_buffer=False)
+        # pre_buffer would read every requested row group up front; stream instead. Pages
+        # written with checksums (Spark's default, and batchfit's) are verified as read.
+        return pq.ParquetFile(file, pre_buffer=False, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A checked schema: its format, id type, and the columns to read."""
+    """A checked schema: its format, id type, the columns to read and their read types."""
 
     spec: ColumnSpec
     format: str
     id_type: pa.DataType
     has_weight: bool
+    types: tuple = ()  # of ``columns``, as read (see ``_decoded`` and ``_value_type``)
 
     @property
     def columns(self) -> list[str]:
         spec = self.spec
         return [spec.series_id, spec.x, spec.y] + ([spec.weight] if self.has_weight else [])
+
+    def schema(self, columns: list[str] | None = None) -> pa.Schema:
+        """The read schema of ``columns`` (default: all)."""
+        types = dict(zip(self.columns, self.types))
+        return pa.schema([(column, types[column]) for column in columns or self.columns])
 
 
 def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
@@ -133,8 +179,10 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
     if spec.format not in FORMATS:
         raise ValueError(f"unknown format {spec.format!r}; use auto, long or list")
     names = schema.names
-    if len(set(names)) != len(names):
-        duplicated = sorted({n for n in names if names.count(n) > 1})
+    # Only the columns read must be unambiguous; a repeated name elsewhere is not ours.
+    duplicated = sorted({n for n in (spec.series_id, spec.x, spec.y, spec.weight)
+                         if names.count(n) > 1})
+    if duplicated:
         raise ValueError(f"{where} has duplicate column names: {', '.join(duplicated)}")
     has_weight = spec.weight in names
     wanted = [spec.series_id, spec.x, spec.y] + ([spec.weight] if spec.weight_given else [])
@@ -147,19 +195,57 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
     if is_list != (fmt == "list"):
         raise ValueError(f"--format {fmt} does not match column {spec.x!r} of type "
                          f"{schema.field(spec.x).type} in {where}")
-    id_type = schema.field(spec.series_id).type
+    id_type = _decoded(schema.field(spec.series_id).type)
     if not _is_id(id_type):
         raise ValueError(f"column {spec.series_id!r} must hold integers or strings, "
-                         f"got {id_type}")
+                         f"got {id_type} (in {where})")  # which file, in a directory
     for column in [spec.x, spec.y] + ([spec.weight] if has_weight else []):
         type_ = schema.field(column).type
         if fmt == "list":
             if not _is_list(type_) or not _is_numeric(type_.value_type):
                 raise ValueError(f"column {column!r} must be a list of numbers in list format, "
-                                 f"got {type_}")
+                                 f"got {type_} (in {where})")
         elif not _is_numeric(type_):
-            raise ValueError(f"column {column!r} must be numeric, got {type_}")
-    return Layout(spec, fmt, id_type, has_weight)
+            raise ValueError(f"column {column!r} must be numeric, got {type_} (in {where})")
+    layout = Layout(spec, fmt, id_type, has_weight)
+    values = [_value_type(schema.field(column).type) for column in layout.columns[1:]]
+    return Layout(spec, fmt, id_type, has_weight, (id_type, *values))
+
+
+def _unified(layouts: list[Layout], files: list[str]) -> Layout:
+    """One layout for the files of a dataset: the same format and weight column everywhere;
+    ids of one kind (integers, or strings) read as a type that holds them all; a value
+    column whose numeric type differs between files read as float64 (what it becomes
+    anyway). Other differences are errors naming the two files."""
+    first = layouts[0]
+    for file, layout in zip(files, layouts):
+        if (layout.format, layout.has_weight) != (first.format, first.has_weight):
+            raise ValueError(f"{file} does not match {files[0]}: {layout.format} format, "
+                             f"weights {layout.has_weight} vs {first.format} format, "
+                             f"weights {first.has_weight}")
+    id_type = first.id_type
+    for file, layout in zip(files, layouts):
+        if layout.id_type != id_type:
+            try:
+                id_type = pa.unify_schemas(
+                    [pa.schema([("id", id_type)]), pa.schema([("id", layout.id_type)])],
+                    promote_options="permissive").field("id").type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                id_type = None
+            if id_type is None or not _is_id(id_type):
+                raise ValueError(f"series ids are {layout.id_type} in {file} but "
+                                 f"{first.id_type} in {files[0]}") from None
+    types = [id_type]
+    for j in range(1, len(first.types)):
+        kinds = {layout.types[j] for layout in layouts}
+        if len(kinds) == 1:
+            types.append(first.types[j])
+        elif first.format == "list":
+            large = any(pa.types.is_large_list(type_) for type_ in kinds)
+            types.append((pa.large_list if large else pa.list_)(pa.float64()))
+        else:
+            types.append(pa.float64())
+    return Layout(first.spec, first.format, id_type, first.has_weight, tuple(types))
 
 
 class Dataset:
@@ -168,17 +254,16 @@ class Dataset:
     def __init__(self, path: str, spec: ColumnSpec):
         self.path = path
         self.files = [(file, _open(file)) for file in list_files(path)]
-        layouts = [describe(handle.schema_arrow, spec, file) for file, handle in self.files]
-        self.layout = layouts[0]
-        for (file, _), layout in zip(self.files, layouts):
-            if layout != self.layout:
-                raise ValueError(f"{file} does not match {self.files[0][0]}: "
-                                 f"{layout.format} format, ids {layout.id_type}, weights "
-                                 f"{layout.has_weight} vs {self.layout.format}, "
-                                 f"{self.layout.id_type}, {self.layout.has_weight}")
-        self.num_rows = sum(handle.metadata.num_rows for _, handle in self.files)
-        if self.num_rows == 0:
+        # A file without rows holds no series: it is not read, and its schema is not held
+        # against the others (an empty pandas frame writes null-typed columns, say).
+        self._read = [(file, handle) for file, handle in self.files
+                      if handle.metadata.num_rows]
+        if not self._read:
             raise ValueError(f"empty input: {path} has no rows")
+        self.layout = _unified([describe(handle.schema_arrow, spec, file)
+                                for file, handle in self._read],
+                               [file for file, _ in self._read])
+        self.num_rows = sum(handle.metadata.num_rows for _, handle in self._read)
         self.contiguous, self.n_series, self._sorted_ids = _scan_ids(
             self._batches([spec.series_id], 1 << 20), self.layout)
 
@@ -186,10 +271,22 @@ class Dataset:
     def format(self) -> str:
         return self.layout.format
 
+    def stamp(self) -> list:
+        """What identifies this input's contents cheaply: each file's path, size and
+        modification time (a checkpoint is only resumed on the same input)."""
+        stats = [(os.path.abspath(file), os.stat(file)) for file, _ in self.files]
+        return [[path, stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+
     def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
-        for file, handle in self.files:
+        """Batches of ``columns`` in the read types, file after file (a file whose types
+        differ is cast, so that batches of different files concatenate)."""
+        schema = self.layout.schema(columns)
+        for file, handle in self._read:
             try:
-                yield from handle.iter_batches(batch_size=rows, columns=columns)
+                for batch in handle.iter_batches(batch_size=rows, columns=columns):
+                    if not _has_types(batch, schema):
+                        batch = _cast(batch, schema, self.layout.spec.series_id)
+                    yield batch
             except (pa.ArrowException, OSError) as exc:
                 raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
 
@@ -207,7 +304,7 @@ class Dataset:
         then sorted on its own (small sorts stay in cache). Refused when memory is short."""
         need = MIN_FREE_MEMORY_FACTOR * sum(
             handle.metadata.num_rows * _row_bytes(handle.schema_arrow, self.layout.columns)
-            for _, handle in self.files)
+            for _, handle in self._read)
         free = _available_memory()
         if free is not None and need > free:
             raise ValueError(
@@ -250,6 +347,8 @@ def table_chunks(table: pa.Table, spec: ColumnSpec) -> Iterator[Chunk]:
     """The chunks of an in-memory table (long or list format), as ``Dataset.chunks``."""
     layout = describe(table.schema, spec, "the table")
     table = table.select(layout.columns)
+    if not _has_types(table, layout.schema()):  # dictionaries decoded, null columns float64
+        table = _cast(table, layout.schema(), spec.series_id)
     contiguous, _, _ = _scan_ids(table.select([spec.series_id]).to_batches(), layout)
     if layout.format == "long" and not contiguous:
         table = table.take(_canonical_order(table, spec))
@@ -274,14 +373,24 @@ def _scan_ids(batches: Iterator[pa.RecordBatch], layout: Layout):
         if len(ids):
             last = ids[-1]
     runs = pa.chunked_array(run_ids, type=layout.id_type)
-    distinct = pc.count_distinct(runs).as_py() if len(runs) else 0
+    if pa.types.is_integer(layout.id_type):
+        # An in-place numpy sort needs ~8 bytes per series; Arrow's hash-based distinct
+        # count took ~15x that (1.5 GB for 1e7 series).
+        values = np.concatenate([chunk.to_numpy() for chunk in runs.chunks]) \
+            if runs.num_chunks else np.zeros(0, np.int64)
+        values.sort()
+        first = np.ones(len(values), dtype=bool)
+        np.not_equal(values[1:], values[:-1], out=first[1:])
+        distinct = int(np.count_nonzero(first))
+        unique = None if distinct == len(runs) else pa.array(values[first], layout.id_type)
+    else:
+        distinct = pc.count_distinct(runs).as_py() if len(runs) else 0
+        unique = None if distinct == len(runs) else pc.unique(runs)
+        unique = unique if unique is None else unique.take(pc.sort_indices(unique))
     if layout.format == "list" and distinct != len(runs):
         raise ValueError(f"series ids repeat in list format ({len(runs) - distinct} "
                          "duplicates): each row must be its own series")
-    if distinct == len(runs):
-        return True, distinct, None
-    unique = pc.unique(runs)
-    return False, distinct, unique.take(pc.sort_indices(unique))
+    return unique is None, distinct, unique
 
 
 def _chunks(batches, layout: Layout) -> Iterator[Chunk]:
@@ -335,11 +444,12 @@ def _is_canonical(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> bool:
         return True
     new_series = np.zeros(len(x) - 1, dtype=bool)
     new_series[starts[1:] - 1] = True
-    dx = np.diff(x)
-    rising = (dx > 0) | new_series
-    if rising.all():  # the common case (x increasing within each series): y need not be read
-        return True
-    dy = np.diff(y)
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN: "not sorted" (only costs a sort)
+        dx = np.diff(x)
+        rising = (dx > 0) | new_series
+        if rising.all():  # the common case (x increasing within each series): y is not read
+            return True
+        dy = np.diff(y)
     return bool(np.all(rising | ((dx == 0) & (dy >= 0))))
 
 
@@ -348,26 +458,35 @@ def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
     batch boundary is carried into the next batch, and the last series joins the last chunk
     (a chunk of one series would be fitted alone, and slowly)."""
     spec = layout.spec
-    carry, pending = None, None
+    # carry: the pieces of the last series so far, joined only once it ends (joining them at
+    # every batch copied a series of millions of points once per batch: quadratic time)
+    carry, pending = [], None
     for batch in batches:
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-        if carry is not None:
-            table = pa.concat_tables([carry, table])
-        table = table.combine_chunks()
         if not table.num_rows:
             continue
-        starts = _run_starts(table.column(spec.series_id).chunk(0))
+        table = table.combine_chunks()
+        ids = table.column(spec.series_id).chunk(0)
+        starts = _run_starts(ids)
+        if carry:
+            if ids[0] == carry[0].column(spec.series_id)[0]:
+                starts = starts[1:]  # the carried series goes on in this batch
+            if not len(starts):  # ... and fills it
+                carry.append(table)
+                continue
+            starts = np.concatenate([[0], starts + sum(piece.num_rows for piece in carry)])
+            table = pa.concat_tables([*carry, table]).combine_chunks()
         cut = int(starts[-1])  # the last series may go on in the next batch
-        carry = table.slice(cut)
+        carry = [table.slice(cut)]
         if cut:
             if pending is not None:
                 yield _long_chunk(*pending, layout)
             pending = (table.slice(0, cut), starts[:-1])
-    if carry is not None and carry.num_rows:
+    if carry:
         if pending is not None:
-            carry = pa.concat_tables([pending[0], carry])
-        carry = carry.combine_chunks()
-        pending = (carry, _run_starts(carry.column(spec.series_id).chunk(0)))
+            carry = [pending[0], *carry]
+        table = pa.concat_tables(carry).combine_chunks()
+        pending = (table, _run_starts(table.column(spec.series_id).chunk(0)))
     if pending is not None:
         yield _long_chunk(*pending, layout)
 
@@ -376,12 +495,17 @@ def _long_chunk(table: pa.Table, starts: np.ndarray, layout: Layout) -> Chunk:
     spec = layout.spec
     ids = table.column(spec.series_id).combine_chunks()
     x, y = to_float(table.column(spec.x)), to_float(table.column(spec.y))
-    if not _is_canonical(x, y, starts):
-        table = table.take(_canonical_order(table, spec))
-        ids = table.column(spec.series_id).combine_chunks()
-        x, y = to_float(table.column(spec.x)), to_float(table.column(spec.y))
     w = to_float(table.column(spec.weight)) if layout.has_weight else None
     offsets = np.append(starts, len(ids)).astype(np.int64)
+    if not _is_canonical(x, y, starts):
+        # Sort the points of each series by (x, y) and leave the series where they are:
+        # sorting by id would reorder series whose ids are not ascending (grouped input
+        # need not be sorted), and ``starts`` would then cut the wrong series.
+        run = np.repeat(np.arange(len(starts)), np.diff(offsets))
+        order = pc.sort_indices(pa.table({"run": run, "x": x, "y": y}),
+                                sort_keys=[("run", "ascending"), ("x", "ascending"),
+                                           ("y", "ascending")]).to_numpy()
+        x, y, w = x[order], y[order], None if w is None else w[order]
     return Chunk(ids.take(pa.array(starts, pa.int64())), x, y, w, offsets)
 
 
@@ -389,20 +513,30 @@ def _list_chunk(batch: pa.RecordBatch, layout: Layout) -> Chunk:
     spec = layout.spec
     ids = batch.column(spec.series_id)
     columns = layout.columns[1:]
-    lengths = [pc.fill_null(pc.list_value_length(batch.column(c)), 0).to_numpy()
-               for c in columns]
+    lists = [batch.column(c) for c in columns]
+    if any(values.null_count for values in lists):
+        # A null list is a series whose every point is null: its row has no points (not a
+        # length mismatch with the other lists of the row).
+        valid = pc.and_(*[pc.is_valid(values) for values in lists[:2]])
+        for values in lists[2:]:
+            valid = pc.and_(valid, pc.is_valid(values))
+        lists = [pc.if_else(valid, values, pa.scalar(None, values.type)) for values in lists]
+    lengths = [pc.fill_null(pc.list_value_length(values), 0).to_numpy() for values in lists]
     for name, other in zip(columns[1:], lengths[1:]):
         bad = np.flatnonzero(other != lengths[0])
         if len(bad):
             row = int(bad[0])
             raise ValueError(f"series {ids[row].as_py()!r}: {spec.x!r} has {lengths[0][row]} "
                              f"values but {name!r} has {other[row]}")
-    values = [to_float(pc.list_flatten(batch.column(c))) for c in columns]
+    values = [to_float(pc.list_flatten(values)) for values in lists]
     offsets = np.concatenate([[0], np.cumsum(lengths[0])]).astype(np.int64)
     return Chunk(ids, values[0], values[1], values[2] if layout.has_weight else None, offsets)
 
 
 # ---------------------------------------------------------------- writing
+
+MAX_DEGREE_COLUMNS = 10
+
 
 def coefficient_columns(degree: int) -> list[tuple[str, int]]:
     """``(column name, power of x)`` in output order: a, b, c for the quadratic (y = a x^2 +
@@ -423,6 +557,13 @@ def output_schema(id_type: pa.DataType, degree: int, metadata: dict) -> pa.Schem
                pa.field("iterations", pa.int64()), pa.field("status", pa.string())]
     return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
                                                                  default=str)})
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """Series per status in an output table, in the order of ``Status``."""
+    counts = {entry["values"]: entry["counts"]
+              for entry in pc.value_counts(table["status"]).to_pylist()}
+    return {label: counts[label] for label in STATUS_LABELS if label in counts}
 
 
 def result_table(ids: pa.Array, result: FitResult, schema: pa.Schema) -> pa.Table:
@@ -462,6 +603,34 @@ def _default_permissions() -> int:
     return 0o666 & ~mask
 
 
+def _temp_beside(path: str) -> str:
+    """A new hidden temporary file ``.NAME.PID.XXXX.tmp`` beside ``path``, after removing the
+    ones a killed run (a PID no longer alive on this machine) left behind."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix):].split(".")[0]
+        if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit() \
+                and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:  # gone already, or not ours to remove
+                pass
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return temp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 class AtomicParquetWriter:
     """Write a Parquet file table by table; it appears at ``path`` only on ``commit``.
 
@@ -477,11 +646,10 @@ class AtomicParquetWriter:
     def __init__(self, path: str, schema: pa.Schema, use_dictionary=True):
         check_writable(path)
         self.path = path
-        directory, name = os.path.split(os.path.abspath(path))
-        fd, self.temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
+        self.temp = _temp_beside(path)
         try:
-            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary)
+            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary,
+                                           write_page_checksum=True)
         except BaseException:
             os.unlink(self.temp)
             raise
@@ -560,6 +728,68 @@ def history_table(history: History, tracked_ids: list, coefficients: list[tuple[
     return pa.table(columns, schema=schema)
 
 
+class Checkpoint:
+    """The finished pieces of a run, kept so that a rerun with ``--resume`` continues it.
+
+    A hidden directory beside the output, ``.NAME.resume/``, holds ``job.json`` (what the
+    job is: its input files with their sizes and modification times, and its options) and a
+    Parquet file per finished piece, ``part-FIRST-COUNT.parquet`` (FIRST: the position of the
+    piece's first series in the run). Each part is written to a temporary name and renamed,
+    so a killed run leaves only whole parts; the job removes the directory once the output
+    is in place.
+    """
+
+    def __init__(self, output_path: str, job: dict):
+        directory, name = os.path.split(os.path.abspath(output_path))
+        self.directory = os.path.join(directory, f".{name}.resume")
+        manifest = os.path.join(self.directory, "job.json")
+        job = json.loads(json.dumps(job, sort_keys=True, default=str))
+        if os.path.exists(manifest):
+            with open(manifest) as handle:
+                try:
+                    same = json.load(handle) == job
+                except ValueError:  # a manifest cut short: nothing in there can be trusted
+                    same = False
+            if not same:
+                raise ValueError(f"{self.directory} holds checkpoints of a different job (the "
+                                 "input or the options changed); delete it, or run without "
+                                 "--resume")
+        else:
+            os.makedirs(self.directory, exist_ok=True)
+            temp = manifest + f".{os.getpid()}.tmp"
+            with open(temp, "w") as handle:
+                json.dump(job, handle, sort_keys=True)
+            os.replace(temp, manifest)
+        self.parts = {}
+        for entry in os.listdir(self.directory):
+            fields = entry.split(".")[0].split("-")
+            if entry.endswith(".parquet") and len(fields) == 3 and fields[0] == "part":
+                self.parts[int(fields[1]), int(fields[2])] = os.path.join(self.directory, entry)
+
+    def has(self, first: int, count: int) -> bool:
+        return (first, count) in self.parts
+
+    def save(self, first: int, count: int, table: pa.Table):
+        path = os.path.join(self.directory, f"part-{first:012d}-{count:09d}.parquet")
+        temp = f"{path}.{os.getpid()}.tmp"
+        pq.write_table(table, temp)
+        os.replace(temp, path)
+        self.parts[first, count] = path
+
+    def read(self, first: int, count: int, schema: pa.Schema) -> pa.Table:
+        try:
+            table = pq.read_table(self.parts[first, count], schema=schema)
+        except (pa.ArrowException, OSError):
+            table = None
+        if table is None or table.num_rows != count:
+            raise ValueError(f"checkpoint {self.parts[first, count]} is damaged; delete "
+                             f"{self.directory} and run again")
+        return table
+
+    def remove(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def write_table_atomically(path: str, table: pa.Table):
     with AtomicParquetWriter(path, table.schema) as writer:
         writer.write(table)
@@ -571,7 +801,23 @@ def read_history(path: str) -> tuple[pa.Table, dict]:
     metadata = (table.schema.metadata or {}).get(b"batchfit_history")
     if metadata is None or "epoch" not in table.column_names:
         raise ValueError(f"{path} is not a batchfit history file")
-    return table, json.loads(metadata)
+    meta = _json_object(metadata)
+    tracked = meta.get("tracked", [])
+    if not isinstance(tracked, list) or not all(
+            isinstance(t, dict) and "series_id" in t and isinstance(t.get("column"), str)
+            and isinstance(t.get("initial"), dict)
+            and all(isinstance(v, int | float) for v in t["initial"].values()) for t in tracked):
+        raise ValueError(f"{path} has malformed batchfit_history metadata")
+    return table, meta
+
+
+def _json_object(text: bytes) -> dict:
+    """A JSON object from file metadata (only ever parsed as JSON, never run); {} otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
@@ -588,9 +834,16 @@ def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
 def read_coefficients(path: str) -> tuple[pa.Table, dict]:
     """An output file of ``batchfit run``: its table and ``batchfit`` metadata."""
     table = read_parquet(path)
-    if "status" not in table.column_names or "series_id" not in table.column_names:
+    names = table.column_names
+    if "status" not in names or "series_id" not in names:
         raise ValueError(f"{path} is not a batchfit coefficients file")
-    return table, json.loads((table.schema.metadata or {}).get(b"batchfit", b"{}"))
+    meta = _json_object((table.schema.metadata or {}).get(b"batchfit", b"{}"))
+    # The columns, not the metadata, say what was fitted.
+    degree = next((d for d in range(MAX_DEGREE_COLUMNS, -1, -1)
+                   if all(name in names for name, _ in coefficient_columns(d))), None)
+    if degree is None:
+        raise ValueError(f"{path} has no coefficient columns")
+    return table, {**meta, "degree": degree}
 
 
 def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:

@@ -126,16 +126,32 @@ class _HistoryCollector:
         return io.history_table(history, ids, io.coefficient_columns(degree), metadata)
 
 
+def _position_options(fit_options: dict, history, piece: io.Chunk, first: int,
+                      degree: int) -> dict:
+    """What the fit call of ``piece`` (series ``first`` onwards) gets from its place in the
+    run: random starting values by position, and its share of the history."""
+    extra = {} if history is None else history.options(piece, first)
+    init = fit_options.get("init", "random")
+    if isinstance(init, str) and init == "random":
+        extra["init"] = random_init(fit_options.get("seed", 0), first, piece.n_series,
+                                    degree + 1)
+    return extra
+
+
 def run_job(input_path: str, output_path: str | None = None, *,
             columns: io.ColumnSpec = DEFAULT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE,
             history_path: str | None = None, track: int = 5, track_ids=None,
-            progress: Callable[[int, int], None] | None = None, **fit_options) -> JobSummary:
+            resume: bool = False, progress: Callable[[int, int], None] | None = None,
+            **fit_options) -> JobSummary:
     """Fit every series of a Parquet dataset; write one row per series to ``output_path``.
 
     ``fit_options`` are ``batchfit.fit``'s (degree, loss, f_scale, solver, lr, epochs, tol,
     device, dtype, compile). ``history_path``: also write the training history of an
     iterative solver (its loss quantiles over the batch, and the curves and initial
     parameters of ``track`` series spread over the dataset, or of ``track_ids``).
+    ``resume``: keep each finished piece in a checkpoint beside the output
+    (``io.Checkpoint``), and skip the pieces an earlier, interrupted run with ``resume``
+    finished; the output is the same as an uninterrupted run's.
     ``progress(done, total)`` is called after each chunk.
     Raises ValueError (one line) for bad input; the outputs then do not exist (older files
     are left untouched).
@@ -151,6 +167,9 @@ def run_job(input_path: str, output_path: str | None = None, *,
             raise ValueError("--history needs an iterative solver (--solver gd, adam or "
                              "newton): the exact solver does not train")
         io.check_writable(history_path)
+        if resume:
+            raise ValueError("--resume cannot be combined with --history (the training "
+                             "history is not checkpointed)")
     dataset = io.Dataset(input_path, columns)
     fit_options = {**fit_options, "compile": _compile_choice(
         fit_options.get("compile", "auto"), resolved, fit_options, dataset.num_rows,
@@ -164,27 +183,33 @@ def run_job(input_path: str, output_path: str | None = None, *,
     schema = io.output_schema(dataset.layout.id_type, resolved["degree"], metadata)
     history = None if history_path is None else _HistoryCollector(
         dataset.n_series, dataset.layout.id_type, track, track_ids)
+    checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
+        if resume else None
     counts, n_series, n_points = Counter(), 0, 0
     # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
     with io.AtomicParquetWriter(output_path, schema, use_dictionary=["status"]) as writer:
         for chunk in dataset.chunks():
             for piece in chunk.split(batch_size):
-                extra = {} if history is None else history.options(piece, n_series)
-                init = fit_options.get("init", "random")
-                if isinstance(init, str) and init == "random":  # by position in the run
-                    extra["init"] = random_init(fit_options.get("seed", 0), n_series,
-                                                piece.n_series, resolved["degree"] + 1)
-                result = _fit_chunk(piece, {**fit_options, **extra})
-                if history is not None:
-                    history.add(result.history, piece, n_series)
-                writer.write(io.result_table(piece.ids, result, schema))
-                counts.update(result.status_counts())
+                if checkpoint is not None and checkpoint.has(n_series, piece.n_series):
+                    table = checkpoint.read(n_series, piece.n_series, schema)
+                else:
+                    result = _fit_chunk(piece, {**fit_options, **_position_options(
+                        fit_options, history, piece, n_series, resolved["degree"])})
+                    if history is not None:
+                        history.add(result.history, piece, n_series)
+                    table = io.result_table(piece.ids, result, schema)
+                    if checkpoint is not None:
+                        checkpoint.save(n_series, piece.n_series, table)
+                writer.write(table)
+                counts.update(io.status_counts(table))
                 n_series += piece.n_series
-                n_points += int(result.n_points.sum())
+                n_points += pc.sum(table["n_points"]).as_py() or 0
                 if progress:
                     progress(n_series, dataset.n_series)
         if history is not None:
             io.write_table_atomically(history_path, history.table(resolved["degree"], metadata))
+    if checkpoint is not None:
+        checkpoint.remove()
     return JobSummary(input_path, output_path, n_series, n_points, dict(counts),
                       time.perf_counter() - start, dataset.format, dataset.contiguous,
                       metadata, history_path)

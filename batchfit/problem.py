@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -120,7 +121,8 @@ class FitResult:
 
     Coefficients and their standard errors are float64 whatever the working dtype: mapping
     them back from the per-series scaled basis is ill-conditioned for offset x, and float32
-    storage would throw away the accuracy the fit had. Diagnostics use the working dtype.
+    storage would throw away the accuracy the fit had. The diagnostics are float64 too: a
+    float32 fit of series with huge |y| runs in float64 and its loss would overflow float32.
     """
 
     params: torch.Tensor  # (B, k) float64
@@ -150,7 +152,7 @@ class FitResult:
 
 def _as_tensor(name: str, value, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value if device is None else value.to(device)
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as exc:
@@ -167,6 +169,40 @@ def _floating(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     if value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"{name} must be real numbers, got {value.dtype}")
     return value.to(dtype)
+
+
+# Float32 sums of squares overflow above, and squared residuals underflow below, this band of
+# |y| (with up to ~1e8 points per series); series outside it are fitted in float64.
+FLOAT32_SAFE_Y = (2.0**-32, 2.0**48)
+
+
+def float32_unsafe_rows(y) -> np.ndarray:
+    """(B,) bool: series whose largest finite |y| lies outside ``FLOAT32_SAFE_Y`` (all-zero
+    series are safe). One pass over y; rows holding NaN or inf get a second, masked look."""
+    y = _as_tensor("y", y, None)
+    y = (y[None] if y.ndim == 1 else y).to(torch.float64 if not y.is_floating_point() else y.dtype)
+    if y.ndim != 2 or y.numel() == 0:
+        return np.zeros(y.shape[:1], dtype=bool)
+    top = torch.linalg.vector_norm(y, ord=torch.inf, dim=1)
+    odd = ~torch.isfinite(top)
+    if bool(odd.any()):
+        rows = y[odd]
+        top[odd] = torch.where(torch.isfinite(rows), rows.abs(), 0).amax(dim=1)
+    low, high = FLOAT32_SAFE_Y
+    return ((top > high) | ((top < low) & (top > 0))).cpu().numpy()
+
+
+def float32_overflows(y) -> bool:
+    """Whether y, stored wider than float32, holds a finite |y| above ``FLOAT32_SAFE_Y``
+    (cast to float32 it would become inf, or its square would). One pass over y."""
+    y = _as_tensor("y", y, None)
+    if y.numel() == 0 or (y.is_floating_point() and torch.finfo(y.dtype).bits <= 32):
+        return False
+    low, high = torch.aminmax(y)
+    top = max(-float(low), float(high))
+    if not math.isfinite(top):  # NaN or inf points: look at the finite ones
+        top = float(torch.where(torch.isfinite(y), y.abs(), 0).amax())
+    return top > FLOAT32_SAFE_Y[1]
 
 
 def make_problem(x, y, weights=None, lengths=None, mask=None, *,

@@ -97,9 +97,11 @@ def test_cuda_request_without_gpu_is_an_error():
 
 def test_dtype_and_device_defaults():
     x = np.linspace(0, 1, 10)
-    assert batchfit.fit(x, x**2, compile=False).loss.dtype == torch.float32
+    assert batchfit.fit(x, x**2, compile=False).params.dtype == torch.float64
+    assert batchfit.fit(x, x**2, compile=False).loss.dtype == torch.float64  # always
     t = torch.as_tensor(x, dtype=torch.float64)
-    assert batchfit.fit(t, t**2, compile=False).loss.dtype == torch.float64
+    assert batchfit.fit(t, t**2, compile=False, solver="gd", epochs=10).history.sample_loss.dtype \
+        == torch.float64  # float64 tensors in: float64 is the working dtype
     assert batchfit.fit(x, x**2, compile=False).loss.device.type == (
         "cuda" if torch.cuda.is_available() else "cpu")
 

@@ -165,3 +165,24 @@ def test_clustered_x_keeps_polyfit_accuracy(rng):
     fit = batchfit.fit(x, y, dtype="float64", compile=False)
     want, _ = polyfit_rows(x, y, 2)
     assert rel_err(fit.params, want) < 1e-9
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30, 1e40])
+def test_float32_runs_series_beyond_its_range_in_float64(scale, rng):
+    """Squares of |y| ~ 1e20 overflow float32 and of 1e-20 underflow (1e40 is not even a
+    float32): those series are fitted in float64, the others as asked, unchanged."""
+    x, y = seed_data(6, 40, rng)
+    y[[1, 4]] *= scale
+    mixed = batchfit.fit(x, y, dtype="float32", compile=False)
+    plain = batchfit.fit(np.delete(x, [1, 4], 0), np.delete(y, [1, 4], 0), dtype="float32",
+                         compile=False)
+    keep = [0, 2, 3, 5]
+    for name in ("params", "stderr", "loss", "rmse", "r2"):  # other series: not touched
+        assert torch.equal(getattr(mixed, name)[keep], getattr(plain, name))
+    want, want_err = polyfit_rows(x[[1, 4]], y[[1, 4]], 2)
+    assert (mixed.status_labels() == "ok").all()
+    assert rel_err(mixed.params[[1, 4]], want) < 1e-9
+    assert rel_err(mixed.stderr[[1, 4]], want_err) < 1e-9
+    resid = y[[1, 4]] - np.stack([np.polyval(w[::-1], xi) for w, xi in zip(want, x[[1, 4]])])
+    assert np.allclose(mixed.rmse[[1, 4]], np.sqrt((resid**2).mean(1)), rtol=1e-9)
+    assert (mixed.n_points == 40).all()

@@ -1,0 +1,690 @@
+"""Hostile inputs (issue 7): damaged files, mixed schemas, odd types, nulls everywhere,
+extreme shapes, and a fuzzed reader. Every case either fits correctly (checked against
+numpy.polyfit in float64) or exits 2 with one ``batchfit: error: ...`` line, no traceback,
+no output and no temporary file; none may hang."""
+
+from __future__ import annotations
+
+import contextlib
+import decimal
+import faulthandler
+import io
+import os
+import struct
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_job import bad, check_against_polyfit, long_table, run_cli
+
+import batchfit
+
+HANG_SECONDS = 300  # a test still running after this is hung: dump the stacks and exit
+
+
+@pytest.fixture(autouse=True)
+def never_hang():
+    """A watchdog thread: it fires even while the main thread is stuck inside C code."""
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def fit(tmp_path, path, *args) -> pa.Table:
+    """Run the CLI in float64; it must succeed. Returns the output table."""
+    out = tmp_path / "fit.coeffs.parquet"
+    assert run_cli("run", path, "-o", out, "--no-progress", "--no-compile", "--dtype",
+                   "float64", *args) == 0
+    return pq.read_table(out)
+
+
+@pytest.fixture
+def points(rng):
+    """A long-format table of 40 series with known points (float64), rows grouped."""
+    return long_table(rng, n_series=40)
+
+
+# ---------------------------------------------------------------- 1, 2: damaged files
+
+
+def footer_length(data: bytes) -> int:
+    return struct.unpack("<i", data[-8:-4])[0]
+
+
+@pytest.fixture
+def parquet_bytes(tmp_path, points):
+    table, _ = points
+    pq.write_table(table, tmp_path / "src.parquet", row_group_size=100)
+    data = (tmp_path / "src.parquet").read_bytes()
+    (tmp_path / "src.parquet").unlink()
+    return data
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.99, 8 / 9])
+def test_truncated_file(tmp_path, parquet_bytes, capsys, keep):
+    (tmp_path / "cut.parquet").write_bytes(parquet_bytes[:int(len(parquet_bytes) * keep)])
+    bad(tmp_path, ["run", tmp_path / "cut.parquet"],
+        "cannot read " + str(tmp_path / "cut.parquet") + " as Parquet: Parquet magic bytes "
+        "not found in footer", capsys)
+
+
+def test_truncated_file_in_a_directory_is_named(tmp_path, parquet_bytes, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.parquet").write_bytes(parquet_bytes)
+    (tmp_path / "d" / "b.parquet").write_bytes(parquet_bytes[:len(parquet_bytes) // 2])
+    bad(tmp_path, ["run", tmp_path / "d"], f"cannot read {tmp_path / 'd' / 'b.parquet'}",
+        capsys)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: d[:-20] + bytes(20), "Parquet magic bytes not found in footer"),
+    (lambda d: d[:-4] + b"PAR0", "Parquet magic bytes not found in footer"),
+    (lambda d: d[:-8] + struct.pack("<i", len(d) * 2) + b"PAR1",
+     "smaller than the size reported by footer"),
+    (lambda d: d[:-8] + struct.pack("<i", -1) + b"PAR1", "smaller than the size reported"),
+    (lambda d: d[:-8] + struct.pack("<i", 0) + b"PAR1", "Couldn't deserialize thrift"),
+    (lambda d: d[:-8] + struct.pack("<i", footer_length(d) - 9) + b"PAR1",
+     "Couldn't deserialize thrift"),
+    (lambda d: d[:-footer_length(d) - 8] + bytes(footer_length(d)) + d[-8:],
+     "Couldn't deserialize thrift"),
+    (lambda d: b"", "Parquet file size is 0 bytes"),
+    (lambda d: d[:4], "smaller than the minimum file footer"),
+])
+def test_corrupt_footer(tmp_path, parquet_bytes, capsys, damage, message):
+    (tmp_path / "bad.parquet").write_bytes(damage(parquet_bytes))
+    bad(tmp_path, ["run", tmp_path / "bad.parquet"], message, capsys)
+
+
+def test_random_damage_never_escapes(tmp_path, parquet_bytes, capsys):
+    """Bytes overwritten in the footer or the data pages, or a stretch cut out: a clean
+    error, or (the damage missed anything that matters, or changed numbers undetectably:
+    pyarrow writes no page checksums by default) a complete output file."""
+    rng = np.random.default_rng(7)
+    start = len(parquet_bytes) - footer_length(parquet_bytes) - 8
+    codes = []
+    for trial in range(60):
+        data = bytearray(parquet_bytes)
+        where = int(rng.integers(start, len(data) - 8) if trial % 2 else rng.integers(4, start))
+        if trial % 3 == 2:
+            del data[where:where + int(rng.integers(1, 500))]
+        else:
+            size = int(rng.integers(1, 9))
+            data[where:where + size] = rng.integers(0, 256, size).astype(np.uint8).tobytes()
+        (tmp_path / "bad.parquet").write_bytes(bytes(data))
+        out = tmp_path / "out.parquet"
+        codes.append(run_cli("run", tmp_path / "bad.parquet", "-o", out, "--no-progress"))
+        err = capsys.readouterr().err
+        assert codes[-1] in (0, 2) and "Traceback" not in err
+        if codes[-1] == 2:
+            assert err.startswith("batchfit: error: ") and err.count("\n") == 1, err
+            assert not out.exists()
+        else:
+            assert pq.read_table(out).num_rows > 0
+            out.unlink()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert codes.count(2) > 20  # most damage is noticed
+
+
+# ---------------------------------------------------------------- 3: mixed schemas
+
+
+def write_parts(directory, tables):
+    directory.mkdir()
+    for i, table in enumerate(tables):
+        pq.write_table(table, directory / f"part-{i}.parquet")
+    return directory
+
+
+def halves(table):
+    return table.slice(0, table.num_rows // 2), table.slice(table.num_rows // 2)
+
+
+def with_type(table, column, type_):
+    return table.set_column(table.schema.get_field_index(column), column,
+                            table[column].cast(type_))
+
+
+def test_compatible_numeric_types_differ_between_files(tmp_path, rng):
+    """int32 x in one file, float64 in the other; float32 y beside decimal y; int32 ids
+    beside int64 ids: all read as one dataset (values as float64, ids as int64)."""
+    table, series = long_table(rng, n_series=30)
+    table = with_type(table, "x", pa.float64())
+    x = np.round(table["x"].to_numpy() * 100)  # integers, exact in every type below
+    y = np.round(table["y"].to_numpy() * 8) / 8  # eighths: exact in float32 and decimals
+    table = table.set_column(1, "x", pa.array(x)).set_column(2, "y", pa.array(y))
+    series = {s: (x[table["series_id"].to_numpy() == s], y[table["series_id"].to_numpy() == s])
+              for s in series}
+    first, second = halves(table)  # a series is cut across the two files
+    first = with_type(with_type(first, "x", pa.int32()), "series_id", pa.int32())
+    directory = write_parts(tmp_path / "d", [first, with_type(second, "y", pa.float32())])
+    out = fit(tmp_path, directory)
+    assert out.schema.field("series_id").type == pa.int64()
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+    directory = write_parts(tmp_path / "e", [first, with_type(second, "y", pa.decimal128(12, 3))])
+    fit(tmp_path, directory)
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+
+
+def test_compatible_list_types_and_string_ids_differ_between_files(tmp_path, rng):
+    _, series = long_table(rng, n_series=20)
+    ids = list(series)
+    x = [np.round(series[i][0] * 100) for i in ids]
+    series = {f"s{i}": (x[i], series[i][1]) for i in ids}
+    first = pa.table({"series_id": pa.array([f"s{i}" for i in ids[:10]]),
+                      "x": pa.array([v.tolist() for v in x[:10]], pa.list_(pa.int16())),
+                      "y": pa.array([series[f"s{i}"][1].tolist() for i in ids[:10]])})
+    second = pa.table({"series_id": pa.array([f"s{i}" for i in ids[10:]], pa.large_string()),
+                       "x": pa.array([v.tolist() for v in x[10:]], pa.large_list(pa.float64())),
+                       "y": pa.array([series[f"s{i}"][1].tolist() for i in ids[10:]],
+                                     pa.large_list(pa.float64()))})
+    out = fit(tmp_path, write_parts(tmp_path / "d", [first, second]))
+    assert out.schema.field("series_id").type == pa.large_string()
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.set_column(2, "y", t["y"].cast(pa.string())),
+     "column 'y' must be numeric, got string (in {1})"),
+    (lambda t: t.drop_columns(["y"]),
+     "missing column 'y' in {1} (columns present: series_id, x)"),
+    (lambda t: t.set_column(1, "x", pa.array([[v] for v in t["x"].to_pylist()]))
+                .set_column(2, "y", pa.array([[v] for v in t["y"].to_pylist()])),
+     "{1} does not match {0}: list format, weights False vs long format, weights False"),
+    (lambda t: t.set_column(0, "series_id", t["series_id"].cast(pa.string())),
+     "series ids are string in {1} but int64 in {0}"),
+    (lambda t: t.append_column("weight", pa.array(np.ones(t.num_rows))),
+     "{1} does not match {0}: long format, weights True vs long format, weights False"),
+    (lambda t: t.set_column(1, "x", t["x"].cast(pa.int64(), safe=False).cast(pa.timestamp("s"))),
+     "column 'x' must be numeric, got timestamp[ms] (in {1})"),
+])
+def test_incompatible_schemas_between_files(tmp_path, points, capsys, change, message):
+    first, second = halves(points[0])
+    directory = write_parts(tmp_path / "d", [first, change(second)])
+    bad(tmp_path, ["run", directory], message.format(*sorted(directory.iterdir())), capsys)
+
+
+# ---------------------------------------------------------------- 4: dictionaries, decimals
+
+
+def test_dictionary_encoded_columns(tmp_path, points):
+    table, series = points
+    ids = pa.array([f"id-{i}" for i in table["series_id"].to_pylist()])
+    table = pa.table({"series_id": ids.dictionary_encode(),
+                      "x": table["x"].combine_chunks().dictionary_encode(),
+                      "y": table["y"].combine_chunks().dictionary_encode()})
+    pq.write_table(table, tmp_path / "d.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "d.parquet").field("series_id").type)
+    out = fit(tmp_path, tmp_path / "d.parquet")
+    assert out.schema.field("series_id").type == pa.string()  # the encoding is not kept
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet",
+                          {f"id-{i}": value for i, value in series.items()})
+
+
+def test_dictionary_ids_with_a_null_are_null_ids(tmp_path, capsys):
+    ids = pa.DictionaryArray.from_arrays(pa.array([0, 0, None, 1]), pa.array(["a", "b"]))
+    pq.write_table(pa.table({"series_id": ids, "x": [0.0, 1.0, 2.0, 3.0],
+                             "y": [1.0, 2.0, 3.0, 4.0]}), tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "column 'series_id' has null ids", capsys)
+
+
+@pytest.mark.parametrize("x_type,y_type", [
+    (pa.decimal128(12, 3), pa.decimal128(20, 6)),
+    (pa.decimal256(40, 3), pa.float64()),
+    (pa.float64(), pa.decimal128(38, 10)),
+])
+def test_decimal_columns(tmp_path, rng, x_type, y_type):
+    table, _ = long_table(rng, n_series=25)
+    x = np.round(table["x"].to_numpy(), 3)
+    y = np.round(table["y"].to_numpy(), 6)
+    ids = table["series_id"].to_numpy()
+    w = np.round(rng.uniform(0.1, 2, len(x)), 2)
+
+    def stored(values, type_):
+        if pa.types.is_decimal(type_):
+            return pa.array([decimal.Decimal(f"{v:.{type_.scale}f}") for v in values], type_)
+        return pa.array(values)
+
+    pq.write_table(pa.table({"series_id": ids, "x": stored(x, x_type), "y": stored(y, y_type),
+                             "weight": stored(w, pa.decimal128(5, 2))}), tmp_path / "d.parquet")
+    out = {row["series_id"]: row for row in fit(tmp_path, tmp_path / "d.parquet").to_pylist()}
+    assert len(out) == 25
+    for s, row in out.items():
+        keep = ids == s
+        want = np.polyfit(x[keep], y[keep], 2, w=np.sqrt(w[keep]))
+        np.testing.assert_allclose([row["a"], row["b"], row["c"]], want, rtol=1e-7,
+                                   atol=1e-7 * np.abs(want).max())
+
+
+def test_integers_beyond_float64_precision(tmp_path):
+    """int64/uint64 x beyond 2**53 round to float64 (as numpy's would), not an error."""
+    x = np.arange(10, dtype=np.uint64) * 4096 + np.uint64(2**62)
+    y = (x.astype(np.float64) - 2.0**62) / 4096
+    pq.write_table(pa.table({"series_id": np.zeros(10, np.int64), "x": x, "y": y}),
+                   tmp_path / "d.parquet")
+    row = fit(tmp_path, tmp_path / "d.parquet", "--degree", "1").to_pylist()[0]
+    assert row["status"] == "ok" and row["n_points"] == 10 and row["r2"] == pytest.approx(1)
+    assert row["p1"] == pytest.approx(1 / 4096, rel=1e-9)  # a line: well posed even out here
+
+
+def test_fixed_size_lists(tmp_path, rng):
+    x, y = rng.uniform(-1, 1, (6, 8)), rng.normal(size=(6, 8))
+    pq.write_table(pa.table({"series_id": np.arange(6),
+                             "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
+                             "y": pa.FixedSizeListArray.from_arrays(pa.array(y.ravel()), 8)}),
+                   tmp_path / "d.parquet")
+    fit(tmp_path, tmp_path / "d.parquet")
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", dict(enumerate(zip(x, y))))
+
+
+# ---------------------------------------------------------------- 5: nulls
+
+
+def all_too_few(out: pa.Table, n_series: int):
+    assert out.num_rows == n_series and len(out["series_id"].unique()) == n_series
+    assert set(out["status"].to_pylist()) == {"too_few_points"}
+    assert set(out["n_points"].to_pylist()) == {0}
+    for column in ["a", "b", "c", "a_stderr", "loss", "rmse", "r2"]:
+        assert out[column].null_count == n_series
+
+
+@pytest.mark.parametrize("column,values", [
+    ("y", lambda n: pa.nulls(n, pa.float64())),
+    ("x", lambda n: pa.nulls(n, pa.int32())),
+    ("y", lambda n: pa.nulls(n)),  # null type: as pandas writes an all-None column
+    ("weight", lambda n: pa.nulls(n, pa.float32())),
+    ("x", lambda n: pa.array(np.full(n, np.nan))),
+])
+def test_all_null_column(tmp_path, points, column, values):
+    table = points[0]
+    table = table.drop_columns([column]) if column in table.column_names else table
+    table = table.append_column(column, values(table.num_rows))
+    pq.write_table(table, tmp_path / "d.parquet")
+    all_too_few(fit(tmp_path, tmp_path / "d.parquet"), 40)
+
+
+def test_series_whose_points_are_all_null(tmp_path, points):
+    table, series = points
+    ids = table["series_id"].to_numpy()
+    y = table["y"].to_numpy().copy()
+    y[ids == 3] = np.nan
+    ys = pa.array(y, from_pandas=True)  # NaN -> null
+    ys = pa.array([None if i == 5 else v for i, v in zip(ids, ys.to_pylist())], pa.float64())
+    x = table["x"].to_pylist()
+    x = pa.array([None if i == 7 else v for i, v in zip(ids, x)], pa.float64())
+    table = pa.table({"series_id": ids, "x": x, "y": ys})
+    pq.write_table(table, tmp_path / "d.parquet")
+    out = {row["series_id"]: row for row in fit(tmp_path, tmp_path / "d.parquet").to_pylist()}
+    assert len(out) == 40
+    for s in (3, 5, 7):
+        assert out[s]["status"] == "too_few_points" and out[s]["n_points"] == 0
+        assert out[s]["a"] is None and out[s]["c"] is None
+    for s in set(series) - {3, 5, 7}:
+        np.testing.assert_allclose([out[s]["a"], out[s]["b"], out[s]["c"]],
+                                   np.polyfit(*series[s], 2), rtol=1e-7)
+
+
+def test_null_lists_are_series_without_points(tmp_path):
+    x = pa.array([[0.0, 1.0, 2.0], None, [0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0], []],
+                 pa.list_(pa.float64()))
+    y = pa.array([[1.0, 2.0, 5.0], [1.0, 2.0], None, [None, 2.0, 5.0], []],
+                 pa.list_(pa.float64()))
+    pq.write_table(pa.table({"series_id": ["a", "b", "c", "d", "e"], "x": x, "y": y}),
+                   tmp_path / "d.parquet")
+    out = fit(tmp_path, tmp_path / "d.parquet").to_pylist()
+    assert [r["status"] for r in out] == ["ok"] + ["too_few_points"] * 4
+    assert [r["n_points"] for r in out] == [3, 0, 0, 2, 0]
+    np.testing.assert_allclose([out[0]["a"], out[0]["b"], out[0]["c"]], [1, 0, 1], atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_null_ids(tmp_path, points, capsys, where):
+    table = points[0]
+    ids = table["series_id"].to_pylist()
+    ids[0 if where == "first" else -1] = None
+    pq.write_table(table.set_column(0, "series_id", pa.array(ids, pa.int64())),
+                   tmp_path / "d.parquet", row_group_size=50)
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], "column 'series_id' has null ids", capsys)
+
+
+# ---------------------------------------------------------------- 6, 7: extreme shapes
+
+
+def test_many_one_point_series(tmp_path):
+    n = 300_000
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.arange(n, dtype=np.int64) * 7 - 1000)
+    pq.write_table(pa.table({"series_id": ids, "x": rng.normal(size=n),
+                             "y": rng.normal(size=n)}), tmp_path / "d.parquet")
+    start = time.perf_counter()
+    out = fit(tmp_path, tmp_path / "d.parquet")
+    assert time.perf_counter() - start < 20
+    assert out.num_rows == n and np.array_equal(np.sort(out["series_id"].to_numpy()),
+                                                np.sort(ids))
+    assert out["status"].unique().to_pylist() == ["too_few_points"]
+    assert out["n_points"].unique().to_pylist() == [1] and out["a"].null_count == n
+
+
+def test_one_series_with_millions_of_points(tmp_path):
+    n = 2_000_000
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-3, 5, n)
+    y = 2 * x**2 - x + 4 + rng.normal(size=n)
+    pq.write_table(pa.table({"series_id": np.full(n, 42, np.int64), "x": x, "y": y}),
+                   tmp_path / "d.parquet", row_group_size=300_000)
+    row = fit(tmp_path, tmp_path / "d.parquet").to_pylist()
+    assert len(row) == 1 and row[0]["n_points"] == n and row[0]["status"] == "ok"
+    np.testing.assert_allclose([row[0]["a"], row[0]["b"], row[0]["c"]], np.polyfit(x, y, 2),
+                               rtol=1e-9)
+
+
+# ---------------------------------------------------------------- 8: duplicate names
+
+
+@pytest.mark.parametrize("names,message", [
+    (["series_id", "x", "y", "y"], "duplicate column names: y"),
+    (["series_id", "x", "x", "y"], "duplicate column names: x"),
+    (["series_id", "series_id", "x", "y"], "duplicate column names: series_id"),
+    (["series_id", "x", "y", "weight", "weight"], "duplicate column names: weight"),
+])
+def test_duplicate_column_names(tmp_path, capsys, names, message):
+    arrays = [pa.array([1, 1, 1])] + [pa.array([0.0, 1.0, 2.0])] * (len(names) - 1)
+    pq.write_table(pa.Table.from_arrays(arrays, names=names), tmp_path / "d.parquet")
+    bad(tmp_path, ["run", tmp_path / "d.parquet"], message, capsys)
+
+
+def test_duplicate_names_of_other_columns_do_not_matter(tmp_path, points):
+    table, series = points
+    extra = pa.array(np.zeros(table.num_rows))
+    table = pa.Table.from_arrays([*table.columns, extra, extra],
+                                 names=[*table.column_names, "note", "note"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    fit(tmp_path, tmp_path / "d.parquet")
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+
+
+# ---------------------------------------------------------------- 9: empty files
+
+
+def test_zero_row_files_change_nothing(tmp_path, points):
+    table, series = points
+    first, second = halves(table)
+    plain = write_parts(tmp_path / "plain", [first, second])
+    empty_pandas_like = pa.table({"series_id": pa.nulls(0), "x": pa.nulls(0)})  # no y at all
+    padded = write_parts(tmp_path / "padded", [first.slice(0, 0), first, second.slice(0, 0),
+                                               second, empty_pandas_like])
+    want = fit(tmp_path, plain)
+    assert fit(tmp_path, padded).equals(want)
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+
+
+def test_only_zero_row_files(tmp_path, points, capsys):
+    directory = write_parts(tmp_path / "d", [points[0].slice(0, 0)] * 3)
+    bad(tmp_path, ["run", directory], f"empty input: {directory} has no rows", capsys)
+
+
+# ---------------------------------------------------------------- grouped, ids not ascending
+
+
+@pytest.mark.parametrize("make_id", [lambda i: f"id-{i}", lambda i: 1000 - 7 * i])
+def test_grouped_series_whose_ids_do_not_ascend(tmp_path, rng, make_id):
+    """Rows grouped by series, ids not in ascending order ("id-10" sorts before "id-2"),
+    points not sorted by x: each series keeps its own points (found by the fuzz: sorting
+    the points by (id, x, y) used to cut the reordered rows at the old series bounds)."""
+    table, series = long_table(rng, n_series=40, ids=[make_id(i) for i in range(40)])
+    pq.write_table(table, tmp_path / "d.parquet")
+    fit(tmp_path, tmp_path / "d.parquet")
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series)
+    in_memory = batchfit.fit_table(table, dtype="float64")
+    assert in_memory.drop_columns([]).equals(pq.read_table(tmp_path / "fit.coeffs.parquet"))
+
+
+# ---------------------------------------------------------------- 10: the fuzzed reader
+
+FUZZ_EXAMPLES = int(os.environ.get("BATCHFIT_FUZZ_EXAMPLES", "40"))
+ID_TYPES = {"int8": pa.int8(), "int32": pa.int32(), "int64": pa.int64(),
+            "uint16": pa.uint16(), "string": pa.string(), "large_string": pa.large_string(),
+            "dictionary": pa.dictionary(pa.int32(), pa.string())}
+VALUE_TYPES = {"int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(),
+               "int64": pa.int64(), "uint8": pa.uint8(), "float16": pa.float16(),
+               "float32": pa.float32(), "float64": pa.float64(),
+               "decimal": pa.decimal128(12, 3), "dictionary": pa.dictionary(pa.int16(),
+                                                                            pa.float64())}
+ID_FAMILIES = [("int8", "int32", "int64"), ("uint16", "int32", "int64"),
+               ("string", "large_string", "dictionary")]
+INT_RANGES = {"int8": (-128, 127), "int16": (-2**15, 2**15 - 1), "int32": (-2**31, 2**31 - 1),
+              "int64": (-2**63, 2**63 - 1), "uint8": (0, 255)}
+SPECIALS = [None, np.nan, np.inf, -np.inf]
+
+
+def stored_values(raw: np.ndarray, special: np.ndarray, kind: str):
+    """``raw`` float64 values, with ``special[i] >= 0`` marking SPECIALS[special[i]], as an
+    Arrow array of type ``kind`` and the float64 values it holds (NaN for null)."""
+    values = raw.astype(np.float64)
+    if kind in INT_RANGES:
+        values = np.clip(np.round(values), *INT_RANGES[kind])
+    elif kind == "float16":
+        values = values.astype(np.float16).astype(np.float64)
+    elif kind == "float32":
+        values = values.astype(np.float32).astype(np.float64)
+    elif kind == "decimal":
+        values = np.round(values, 3)
+    is_float = kind in ("float16", "float32", "float64", "dictionary")
+    null = np.zeros(len(values), bool)
+    for code, value in enumerate(SPECIALS):
+        hit = special == code
+        if code == 0 or not is_float:
+            null |= hit  # types without NaN/inf hold a null there
+        else:
+            values = np.where(hit, value, values)
+    if kind == "decimal":
+        objects = [None if n else decimal.Decimal(f"{v:.3f}") for v, n in zip(values, null)]
+        array = pa.array(objects, VALUE_TYPES[kind])
+    else:
+        numpy_type = {"float16": np.float16, "dictionary": np.float64}.get(kind, kind)
+        array = pa.array(values.astype(numpy_type), mask=null)
+        if kind == "dictionary":
+            array = array.dictionary_encode()
+    return array, np.where(null, np.nan, values)
+
+
+@st.composite
+def datasets(draw):
+    fmt = draw(st.sampled_from(["long", "list"]))
+    id_kind = draw(st.sampled_from(sorted(ID_TYPES)))
+    n_series = draw(st.integers(1, 30))
+    lengths = draw(st.lists(st.integers(0, 20), min_size=n_series, max_size=n_series))
+    n_files = draw(st.integers(1, 3))
+    same_types = draw(st.booleans())
+    kinds = {column: draw(st.lists(st.sampled_from(sorted(VALUE_TYPES)), min_size=n_files,
+                                   max_size=n_files))
+             for column in ("x", "y", "weight")}
+    # ids of one family may differ in width or encoding between files
+    family = next(f for f in ID_FAMILIES if id_kind in f)
+    kinds["series_id"] = [id_kind] + draw(st.lists(st.sampled_from(family), min_size=n_files - 1,
+                                                   max_size=n_files - 1))
+    if same_types:
+        kinds = {column: [types[0]] * n_files for column, types in kinds.items()}
+    return dict(fmt=fmt, id_kind=id_kind, lengths=lengths, n_files=n_files, kinds=kinds,
+                weights=draw(st.booleans()), special_rate=draw(st.sampled_from([0, .05, .3])),
+                unsigned=draw(st.booleans()), shuffle=draw(st.booleans()),
+                null_id=draw(st.integers(0, 9)) == 0, negative_weight=draw(st.integers(0, 9)) == 0,
+                repeat_id=draw(st.integers(0, 9)) == 0, seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def make_ids(case, rng) -> list:
+    n = len(case["lengths"])
+    if case["id_kind"] in ("int8", "int32", "int64", "uint16"):
+        low = 0 if case["id_kind"] == "uint16" else -100
+        return [int(v) for v in rng.choice(np.arange(low, 120), n, replace=False)]
+    prefixes = ["", "s-", "é", "a\x00", " "]
+    return [prefixes[int(rng.integers(len(prefixes)))] + str(v)
+            for v in rng.choice(1000, n, replace=False)]
+
+
+def id_array(ids: list, kind: str) -> pa.Array:
+    if kind == "dictionary":
+        return pa.array(ids, pa.string()).dictionary_encode()
+    return pa.array(ids, ID_TYPES[kind])
+
+
+def write_case(case, directory):
+    """Write the dataset; return {id: (x, y, w)} as stored (float64, NaN for null), and the
+    error expected, if any."""
+    rng = np.random.default_rng(case["seed"])
+    ids = make_ids(case, rng)
+    lengths = np.array(case["lengths"])
+    total = int(lengths.sum())
+    low = 0 if case["unsigned"] else -100
+    raw = {"x": rng.uniform(low, 100, total), "y": rng.normal(0, 50, total),
+           "weight": rng.uniform(0, 3, total) * (rng.random(total) > 0.1)}
+    if case["negative_weight"] and total:
+        raw["weight"][rng.integers(total)] = -1.0
+    special = {column: np.where(rng.random(total) < case["special_rate"],
+                                rng.integers(0, len(SPECIALS), total), -1)
+               for column in raw}
+    row_ids = np.repeat(np.arange(len(ids)), lengths)  # point -> series position
+    columns = ["x", "y"] + (["weight"] if case["weights"] else [])
+
+    if case["fmt"] == "long":
+        rows = rng.permutation(total) if case["shuffle"] else np.arange(total)
+        cuts = np.sort(rng.integers(0, total + 1, case["n_files"] - 1))
+        parts = np.split(rows, cuts)
+        series_of_part = [row_ids[part] for part in parts]
+    else:
+        order = rng.permutation(len(ids)) if case["shuffle"] else np.arange(len(ids))
+        cuts = np.sort(rng.integers(0, len(ids) + 1, case["n_files"] - 1))
+        series_of_part = np.split(order, cuts)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        parts = [np.concatenate([np.arange(starts[s], starts[s + 1]) for s in group]
+                                + [np.zeros(0, np.int64)]).astype(np.int64)
+                 for group in series_of_part]
+    file_ids = [[ids[s] for s in group] for group in series_of_part]
+    if case["null_id"] and total:
+        nonempty = [i for i, group in enumerate(file_ids) if group]
+        if nonempty:
+            part = nonempty[int(rng.integers(len(nonempty)))]
+            file_ids[part][int(rng.integers(len(file_ids[part])))] = None
+    repeated = False
+    if case["repeat_id"] and case["fmt"] == "list" and len(ids) > 1:
+        group = max(range(len(file_ids)), key=lambda i: len(file_ids[i]))
+        if len(file_ids[group]) > 1:
+            file_ids[group][0] = file_ids[group][1]
+            repeated = True
+
+    stored = {column: np.full(total, np.nan) for column in columns}
+    null_lists = {}
+    for i, part in enumerate(parts):
+        table = {"series_id": id_array(file_ids[i], case["kinds"]["series_id"][i])}
+        for column in columns:
+            kind = case["kinds"][column][i]
+            array, values = stored_values(raw[column][part], special[column][part], kind)
+            stored[column][part] = values
+            if case["fmt"] == "list":
+                group = series_of_part[i]
+                offsets = np.concatenate([[0], np.cumsum(lengths[group])]).astype(np.int32)
+                nulls = rng.random(len(group)) < case["special_rate"] / 3
+                for s in np.asarray(group)[nulls]:
+                    null_lists[s] = True
+                if pa.types.is_dictionary(array.type):
+                    array = array.dictionary_decode()
+                array = pa.ListArray.from_arrays(offsets, array,
+                                                 mask=pa.array(nulls, pa.bool_()))
+            table[column] = array
+        pq.write_table(pa.table(table), directory / f"part-{i}.parquet",
+                       row_group_size=int(rng.integers(1, 60)))
+
+    # the values of a null list's row are never read (that series has no points)
+    in_null_list = np.isin(row_ids, list(null_lists))
+    series = {}
+    for s, sid in enumerate(ids):
+        keep = row_ids == s
+        if case["fmt"] == "long" and not keep.any():
+            continue  # a series without rows does not exist in long format
+        x, y = stored["x"][keep], stored["y"][keep]
+        w = stored["weight"][keep] if case["weights"] else np.ones(len(x))
+        if null_lists.get(s):
+            x = np.full(len(x), np.nan)
+        series[sid] = (x, y, w)
+    all_ids = [i for group in file_ids for i in group]
+    if case["fmt"] == "list" and repeated:  # the overwritten series is gone
+        series = {sid: series[sid] for sid in set(all_ids) if sid in series}
+    error = None
+    if (case["fmt"] == "long" and total == 0) or not all_ids:
+        error = "empty input"
+    elif None in all_ids:
+        error = "has null ids"
+    elif repeated:
+        error = "series ids repeat in list format"
+    elif case["weights"] and np.any(stored["weight"][~in_null_list] < 0):
+        error = "weights must be >= 0"
+    return series, error
+
+
+def check_series(row, x, y, w):
+    used = np.isfinite(x) & np.isfinite(y) & np.isfinite(w) & (w > 0)
+    x, y, w = x[used], y[used], w[used]
+    assert row["n_points"] == len(x)
+    if len(x) < 3:
+        assert row["status"] == "too_few_points" and row["a"] is None
+        return
+    if len(np.unique(x)) < 3:
+        assert row["status"] == "singular" and row["a"] is None
+        return
+    t = (x - (x.max() + x.min()) / 2) / ((x.max() - x.min()) / 2)
+    design = np.vander(t, 3) * np.sqrt(w)[:, None]
+    if np.linalg.cond(design) > 1e5:  # near-singular: either verdict is fine
+        assert row["status"] in ("ok", "singular")
+        return
+    assert row["status"] == "ok"
+    want = np.polyfit(x, y, 2, w=np.sqrt(w))
+    got = np.array([row["a"], row["b"], row["c"]])
+    scale = np.abs(y).max() + 1
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * max(np.abs(want).max(), 1))
+    np.testing.assert_allclose(np.polyval(got, x), np.polyval(want, x), rtol=0,
+                               atol=1e-6 * scale)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(case=datasets())
+def test_fuzzed_reader(tmp_path_factory, case):
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)  # restart: per example
+    base = tmp_path_factory.mktemp("fuzz")
+    directory = base / "input"
+    directory.mkdir()
+    series, error = write_case(case, directory)
+    path = directory if case["n_files"] > 1 else directory / "part-0.parquet"
+    out = base / "out.parquet"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_cli("run", path, "-o", out, "--no-progress", "--no-compile",
+                       "--dtype", "float64")
+    err = err.getvalue()
+    assert "Traceback" not in err
+    assert not [p for p in base.iterdir() if p.name.startswith(".")]
+    if error is not None:
+        assert code == 2, (error, err)
+        assert err.startswith("batchfit: error: ") and err.count("\n") == 1, err
+        assert error in err, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(map(repr, (r["series_id"] for r in rows))) == sorted(map(repr, series))
+    for row in rows:
+        check_series(row, *series[row["series_id"]])
+
+
+def test_damaged_page_is_caught_by_its_checksum(tmp_path, capsys):
+    """A flipped byte inside a data page of a file written with page checksums (Spark's
+    default, and batchfit's own outputs) is an error, not a silently different number."""
+    table, _ = long_table(np.random.default_rng(5), n_series=200, ragged=False)
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path, write_page_checksum=True, compression="none")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    bad(tmp_path, ["run", str(path)], "CRC checksum verification failed", capsys)
