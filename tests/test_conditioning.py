@@ -12,27 +12,14 @@ each (NIST's as they are) and assert the aims:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
+from zoo import load_benchmark
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "conditioning.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("batchfit_conditioning_benchmark", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cond = _load_benchmark()
+cond = load_benchmark("conditioning")
 CASES = {case.name: case for case in cond.build_cases(series=4)}
 METHODS = cond.methods("cpu")
 NAMES = list(CASES)

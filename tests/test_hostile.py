@@ -688,3 +688,21 @@ def test_damaged_page_is_caught_by_its_checksum(tmp_path, capsys):
     raw[len(raw) // 3] ^= 0xFF
     path.write_bytes(bytes(raw))
     bad(tmp_path, ["run", str(path)], "CRC checksum verification failed", capsys)
+
+
+def test_load_run_reconciles(tmp_path, monkeypatch):
+    """The load run of benchmarks/bench_load.py (1e7 series there), scaled down and streamed
+    in many read batches: every input series comes back exactly once, statuses counted."""
+    from zoo import load_benchmark
+
+    from batchfit import io as bio
+    from batchfit.generate import generate
+
+    load = load_benchmark("bench_load")
+    data, out = str(tmp_path / "load.parquet"), str(tmp_path / "fits.parquet")
+    generate(data, series=200_000, points=10, seed=7)
+    monkeypatch.setattr(bio.Dataset.chunks, "__defaults__", (1 << 16,))  # many read batches
+    assert run_cli("run", data, "-o", out, "--batch-size", "30000") == 0
+    report = load.reconcile(data, out)
+    assert report == {"series_in": 200_000, "rows_out": 200_000, "duplicates_out": 0,
+                      "same_ids": True, "statuses": {"ok": 200_000}}

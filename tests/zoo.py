@@ -68,3 +68,17 @@ def naive_descent(x, y, p0, lr, epochs, adam=False):
             p = p - lr * g
         curve.append(losses(p, x, y))
     return p, torch.stack(curve)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (its case builders and checks are shared)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"batchfit_benchmark_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
