@@ -46,7 +46,7 @@ def _run(args) -> int:
     columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col,
                          weight=args.weight_col or "weight",
                          weight_given=args.weight_col is not None, format=args.format)
-    fit_options = dict(degree=args.degree, loss=args.loss, f_scale=args.f_scale,
+    fit_options = dict(degree=args.degree, model=args.model, loss=args.loss, f_scale=args.f_scale,
                        solver=args.solver, lr=args.lr, epochs=args.epochs, tol=args.tol,
                        device=args.device, dtype=args.dtype,
                        compile=False if args.no_compile else "auto")
@@ -86,10 +86,11 @@ def _report(summary):
 def _generate(args) -> int:
     from .generate import generate
 
-    info = generate(args.output, series=args.series, points=args.points, noise=args.noise,
+    noise = args.noise if args.noise is not None else 1.0 if args.model == "poly" else 0.1
+    info = generate(args.output, series=args.series, points=args.points, noise=noise,
                     seed=args.seed, fmt=args.format, x_kind=args.x,
                     min_points=args.min_points, max_points=args.max_points,
-                    outliers=args.outliers, degree=args.degree)
+                    outliers=args.outliers, degree=args.degree, model=args.model)
     _say(f"wrote {info['series']:,} series ({info['points']:,} points, {info['format']} "
          f"format) to {info['path']} and their true coefficients to {info['truth']}")
     return 0
@@ -156,6 +157,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MODEL_CHOICES = ["poly", "exp", "gauss", "logistic", "power"]  # models.FAMILIES, and poly
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchfit", description="Fit very many curves at once.")
     parser.add_argument("--version", action="version", version=f"batchfit {__version__}")
@@ -173,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--x-col", default="x", help="x column [x]")
     run.add_argument("--y-col", default="y", help="y column [y]")
     run.add_argument("--weight-col", help="weight column, >= 0 [weight, used when present]")
+    run.add_argument("--model", default="poly", choices=MODEL_CHOICES,
+                     help="poly: the polynomial of --degree; exp: a*exp(-b*x)+c; gauss: "
+                          "a*exp(-(x-mu)^2/(2*sigma^2))+c; logistic: L/(1+exp(-k*(x-x0)))+c; "
+                          "power: a*x^b+c (x > 0) [poly]")
     run.add_argument("--degree", type=int, default=2, help="polynomial degree [2]")
     run.add_argument("--loss", default="mse",
                      choices=["mse", "huber", "soft_l1", "cauchy", "arctan"], help="[mse]")
@@ -184,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, help="learning rate of gd/adam [1e-3]")
     run.add_argument("--epochs", type=int,
                      help="gd/adam epochs [15000]; newton iteration cap [50]")
-    run.add_argument("--tol", type=float, default=1e-6,
-                     help="relative excess-loss tolerance of the iterative solvers [1e-6]")
+    run.add_argument("--tol", type=float,
+                     help="relative excess-loss tolerance of the iterative solvers [1e-6; "
+                          "1e-10 for nonlinear models in float64]")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto]")
     run.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                      help="[float32]")
@@ -217,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("output", help="the Parquet file to write")
     gen.add_argument("--series", type=_positive_int, default=10_000, help="[10000]")
     gen.add_argument("--points", type=_positive_int, default=100, help="points per series [100]")
-    gen.add_argument("--noise", type=float, default=1.0, help="Gaussian noise sd [1.0]")
+    gen.add_argument("--noise", type=float,
+                     help="Gaussian noise sd [1.0 for poly, 0.1 for the other models]")
     gen.add_argument("--seed", type=int, default=0, help="[0]")
     gen.add_argument("--format", choices=["long", "list"], default="long", help="[long]")
     gen.add_argument("--x", choices=["linspace", "uniform"], default="linspace",
@@ -227,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--outliers", type=float, default=0.0,
                      help="fraction of points pushed 10-30 noise sds away [0]")
     gen.add_argument("--degree", type=int, default=2, help="[2]")
+    gen.add_argument("--model", default="poly", choices=MODEL_CHOICES,
+                     help="poly: around the seed's quadratic; a family: parameters and x "
+                          "range from batchfit.generate.FAMILY_EXAMPLES [poly]")
     gen.set_defaults(handler=_generate)
 
     plot = commands.add_parser(

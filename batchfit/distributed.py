@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import __version__, io
-from .job import JobSummary, checked_options, fit_table
+from .job import JobSummary, checked_options, fit_table, job_columns
 
 PARTITION_BYTES = 32 << 20  # decoded input per partition: far below Ray's 128 MiB blocks
 
@@ -101,7 +101,7 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
     metadata = {"version": __version__, **resolved, "input": input_path,
                 "format": layout.format, "engine": "ray",
                 "options": {k: v for k, v in fit_options.items() if not callable(v)}}
-    schema = io.output_schema(layout.id_type, resolved["degree"], metadata)
+    schema = io.output_schema(layout.id_type, job_columns(resolved), metadata)
     # device "auto" in a task means the worker's own GPU when it was given one.
     # batch_size None is a whole block per batch; GPU tasks must name a size: the whole
     # dataset's row count can never cut a bundle of whole partitions.

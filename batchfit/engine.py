@@ -20,6 +20,8 @@ from torch.utils import _pytree as pytree
 
 from .diagnostics import PRECISION_LIMITED
 from .losses import resolve_loss
+from .models import Model, resolve_model, with_param_count
+from .nonlinear import solve_model
 from .problem import (
     FitResult,
     History,
@@ -134,9 +136,10 @@ def _check_number(name, value, *, low=None, integer=False, strictly=False):
     return value
 
 
-def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="mse",
+def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=None, p0=None,
+        param_names=None, bounds=None, loss="mse",
         f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
-        epochs: int | None = None, tol: float = 1e-6, init="random", seed: int = 0,
+        epochs: int | None = None, tol: float | None = None, init="random", seed: int = 0,
         device="auto", dtype=None, compile="auto", history_every: int = 0,
         history_sample: int = 1 << 14, track=None) -> FitResult:
     """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
@@ -148,12 +151,23 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     lengths : (B,) ints, points beyond them are padding. ``mask`` (B, N) bool does the same.
         Points with a non-finite x, y or weight, or weight 0, are skipped.
     degree : polynomial degree, 0 to 10.
+    model : ``None``/``"poly"`` (the polynomial of ``degree``), a built-in family (``"exp"``,
+        ``"gauss"``, ``"logistic"``, ``"power"``, see batchfit.models.FAMILIES), or a callable
+        ``f(x, params)`` on ONE series (1-D ``x``, 1-D ``params``), like the seed's ``f``.
+    p0 : starting parameters of a nonlinear model: (k,) or (B, k), or a callable
+        ``p0(x, y) -> params`` on one series (unused points are NaN); families have their
+        own data-driven start. For polynomials it is the ``init`` of gd/adam/newton.
+    param_names, bounds : names of a custom model's parameters (default p0, p1, ...);
+        ``(lower, upper)`` box constraints (sequences of k, +-inf where free), kept by
+        projecting every step onto the box.
     loss : ``mse`` or scipy's robust ``huber``, ``soft_l1``, ``cauchy``, ``arctan`` (with
         ``f_scale``), or a callable ``loss(pred, y)`` (see batchfit.losses).
     solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
     lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
-        or an array); Newton: epochs is the iteration cap (default 50).
+        or an array); Newton: epochs is the iteration cap (default 50). ``tol``: converged
+        when half the squared Newton decrement is below tol * |loss| (default 1e-6; 1e-10
+        for nonlinear models in float64, whose last steps converge linearly).
     device, dtype : ``auto|cpu|cuda``; float32 (default) or float64.
     compile : ``auto`` (compile a kernel when its estimated eager run time exceeds a compile's,
         about 5 s), True (compile every kernel that is not trivial), or False.
@@ -167,7 +181,13 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
     _check_number("degree", degree, low=0, integer=True)
     if degree > MAX_DEGREE:
         raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
+    model_spec = _resolved_model(model, degree, p0, param_names, bounds)
+    if model_spec.is_poly and p0 is not None:
+        init = p0
     _check_number("f_scale", f_scale, low=0, strictly=True)
+    if tol is None:  # nonlinear models converge linearly at the end: ask for more
+        tol = 1e-10 if not model_spec.is_poly and resolve_dtype(dtype, y) == torch.float64 \
+            else 1e-6
     _check_number("tol", tol, low=0)
     _check_number("seed", seed, integer=True)
     _check_number("history_every", history_every, low=0, integer=True)
@@ -176,7 +196,10 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     loss_spec = resolve_loss(loss)
     if solver == "auto":
-        solver = "exact" if loss_spec.is_mse else "newton"
+        solver = "exact" if loss_spec.is_mse and model_spec.is_poly else "newton"
+    if solver == "exact" and not model_spec.is_poly:
+        raise ValueError(f"the exact solver fits polynomials; use newton (Levenberg-Marquardt)"
+                         f" for the {model_spec.name} model")
     if lr is None:
         lr = 1e-3
     _check_number("lr", lr, low=0, strictly=True)
@@ -185,7 +208,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
 
     device = resolve_device(device, x, y)
     dtype = resolve_dtype(dtype, y)
-    options = dict(degree=degree, loss=loss, f_scale=f_scale, solver=solver, lr=lr,
+    options = dict(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
+                   loss=loss, f_scale=f_scale, solver=solver, lr=lr,
                    epochs=epochs, tol=tol, init=init, seed=seed, device=device,
                    compile=compile, history_every=history_every,
                    history_sample=history_sample, track=track)
@@ -194,19 +218,22 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
         wide = float32_unsafe_rows(y)
         if wide.any():
             return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
-    problem = make_problem(x, y, weights, lengths, mask, dtype=dtype, device=device)
+    problem = make_problem(x, y, weights, lengths, mask, dtype=dtype, device=device,
+                           centre_x=model_spec.is_poly)
     vectorize = _Vectorizer(compile, fullgraph=loss_spec.user is None)
     if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
                          "weighted or non-finite points; return per-point losses instead")
-    cfg = SolverConfig(degree=degree, loss=loss_spec, f_scale=float(f_scale), lr=float(lr),
+    cfg = SolverConfig(degree=degree, model=model_spec, loss=loss_spec, f_scale=float(f_scale), lr=float(lr),
                        epochs=int(epochs), tol=float(tol), init=init, seed=seed,
                        history_every=history_every, history_sample=history_sample,
                        track=None if track is None else tuple(int(i) for i in track))
 
     if problem.y.numel() == 0:
         return solve_without_points(problem, cfg, solver)
-    if solver == "exact":
+    if not model_spec.is_poly:
+        result = solve_model(problem, cfg, vectorize, solver, p0)
+    elif solver == "exact":
         result = solve_exact(problem, cfg, vectorize)
     elif solver == "newton":
         result = solve_newton(problem, cfg, vectorize)
@@ -217,6 +244,24 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, loss="m
         if wide is not None:
             return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
     return result
+
+
+def _resolved_model(model, degree, p0, param_names, bounds) -> Model:
+    """The model, with a custom model's parameter count taken from ``p0`` if need be."""
+    spec = resolve_model(model, degree, param_names, bounds)
+    if spec.is_poly:
+        return spec
+    if p0 is not None and not callable(p0) and np.ndim(p0) in (1, 2):
+        spec = with_param_count(spec, int(np.shape(p0)[-1]))
+    elif not spec.param_names:
+        raise ValueError("a custom model needs p0 as an array (its starting parameters), "
+                         "or param_names to say how many parameters it has")
+    if spec.start is None and p0 is None:
+        raise ValueError(f"the {spec.name} model needs p0 (starting parameters)")
+    for side in (spec.lower, spec.upper):
+        if side is not None and len(side) != spec.k:
+            raise ValueError(f"bounds need {spec.k} values on each side")
+    return spec
 
 
 def _needs_float64(result: FitResult, y) -> np.ndarray | None:
@@ -298,9 +343,14 @@ def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
     per_series = not isinstance(init, str) and np.ndim(init) == 2
     if per_series:
         init = torch.as_tensor(init)
+    p0 = options.pop("p0", None)
+    p0_rows = p0 is not None and not callable(p0) and np.ndim(p0) == 2
+    if p0_rows:
+        p0 = torch.as_tensor(p0)
     parts = [fit_group(rows, track=np.flatnonzero(np.isin(rows, track)).tolist(),
                        history_sample=-(-sample * len(rows) // batch),
-                       init=init[torch.from_numpy(rows)] if per_series else init, **options)
+                       init=init[torch.from_numpy(rows)] if per_series else init,
+                       p0=p0[torch.from_numpy(rows)] if p0_rows else p0, **options)
              for rows in groups]
     positions = [torch.from_numpy(rows) for rows in groups]
     histories = [part.history for part in parts]

@@ -2,7 +2,8 @@
 
 Each series' true coefficients are drawn around the seed's ``20x^2 + 5x - 3`` (for other
 degrees: standard normal), its x are ``linspace(0, 1, n)`` (or sorted uniform draws), and
-``y = f(x) + N(0, noise^2)``, with an optional fraction of outliers. Series are made and
+``y = f(x) + N(0, noise^2)``, with an optional fraction of outliers. For a built-in nonlinear
+family (``model``), parameters and x range come from ``FAMILY_EXAMPLES``. Series are made and
 written a block at a time, so any number of them fits in bounded memory; a block's random
 numbers depend only on the seed and the block's index, so output is reproducible.
 """
@@ -13,12 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from . import io
+from .models import FAMILIES, output_columns, polynomial
 
 SEED_COEFFICIENTS = (-3.0, 5.0, 20.0)  # c, b, a: the seed's y = 20x^2 + 5x - 3
 SEED_SPREAD = (0.5, 1.0, 2.0)  # standard deviation of each true coefficient across series
 BLOCK = 100_000  # series made and written at a time
+# Per family: the x range, and each parameter's uniform range across series.
+FAMILY_EXAMPLES = {
+    "exp": ((0.0, 5.0), ((2.0, 6.0), (0.5, 1.5), (-1.0, 1.0))),
+    "gauss": ((-5.0, 5.0), ((2.0, 6.0), (-2.0, 2.0), (0.5, 1.5), (-1.0, 1.0))),
+    "logistic": ((-6.0, 6.0), ((2.0, 6.0), (0.5, 2.0), (-2.0, 2.0), (-1.0, 1.0))),
+    "power": ((0.1, 5.0), ((1.0, 3.0), (0.5, 2.0), (-1.0, 1.0))),
+}
 
 
 @dataclass(frozen=True)
@@ -29,14 +39,19 @@ class Block:
     x: np.ndarray
     y: np.ndarray
     offsets: np.ndarray
-    coefficients: np.ndarray  # (n, degree + 1), lowest power first
+    coefficients: np.ndarray  # (n, k): the model's parameters (polynomial: lowest power first)
+    model: str = "poly"
 
 
 def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_kind: str,
                min_points: int | None, max_points: int | None, outliers: float,
-               degree: int) -> Block:
+               degree: int, model: str = "poly") -> Block:
     rng = np.random.default_rng([seed, first // BLOCK])
-    if degree == 2:
+    if model != "poly":
+        (x_lo, x_hi), ranges = FAMILY_EXAMPLES[model]
+        low, high = np.array(ranges).T
+        coefficients = rng.uniform(low, high, (n, len(ranges)))
+    elif degree == 2:
         coefficients = rng.normal(SEED_COEFFICIENTS, SEED_SPREAD, (n, 3))
     else:
         coefficients = rng.normal(0.0, 1.0, (n, degree + 1))
@@ -54,16 +69,21 @@ def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_ki
     else:  # sorted uniform draws, so plots read left to right
         x = rng.uniform(0.0, 1.0, offsets[-1])
         x = x[np.lexsort((x, series))]
-    y = np.zeros_like(x)
-    for power in reversed(range(degree + 1)):  # Horner
-        y = y * x + coefficients[series, power]
+    if model != "poly":
+        x = x_lo + (x_hi - x_lo) * x
+        y = FAMILIES[model].f(torch.from_numpy(x), torch.from_numpy(
+            coefficients[series].T)).numpy()
+    else:
+        y = np.zeros_like(x)
+        for power in reversed(range(degree + 1)):  # Horner
+            y = y * x + coefficients[series, power]
     y += rng.normal(0.0, noise, len(y))
     if outliers > 0:
         hit = rng.random(len(y)) < outliers
         size = max(noise, 1.0) * rng.uniform(10.0, 30.0, hit.sum())
         y[hit] += rng.choice([-1.0, 1.0], hit.sum()) * size
     return Block(np.arange(first, first + n, dtype=np.int64), x.astype(np.float32),
-                 y.astype(np.float32), offsets, coefficients)
+                 y.astype(np.float32), offsets, coefficients, model)
 
 
 def truth_path(path: str) -> str:
@@ -85,8 +105,10 @@ def _data_table(block: Block, fmt: str) -> pa.Table:
 
 def _truth_table(block: Block, noise: float) -> pa.Table:
     columns = {"series_id": block.ids}
-    for name, power in io.coefficient_columns(block.coefficients.shape[1] - 1):
-        columns[name] = block.coefficients[:, power]
+    model = polynomial(block.coefficients.shape[1] - 1) if block.model == "poly" \
+        else FAMILIES[block.model]
+    for name, index in output_columns(model):
+        columns[name] = block.coefficients[:, index]
     columns["n_points"] = np.diff(block.offsets)
     columns["noise"] = np.full(len(block.ids), noise)
     return pa.table(columns)
@@ -94,8 +116,11 @@ def _truth_table(block: Block, noise: float) -> pa.Table:
 
 def generate(path: str, *, series: int, points: int = 100, noise: float = 1.0, seed: int = 0,
              fmt: str = "long", x_kind: str = "linspace", min_points: int | None = None,
-             max_points: int | None = None, outliers: float = 0.0, degree: int = 2) -> dict:
+             max_points: int | None = None, outliers: float = 0.0, degree: int = 2,
+             model: str = "poly") -> dict:
     """Write ``path`` (the data) and ``truth_path(path)`` (the true coefficients) atomically."""
+    if model != "poly" and model not in FAMILY_EXAMPLES:
+        raise ValueError(f"unknown model {model!r}; choose poly, {', '.join(FAMILY_EXAMPLES)}")
     if series < 1 or points < 1:
         raise ValueError("--series and --points must be at least 1")
     if noise < 0 or not 0 <= outliers <= 1:
@@ -109,7 +134,7 @@ def generate(path: str, *, series: int, points: int = 100, noise: float = 1.0, s
     if low < 0 or high < low:
         raise ValueError("need 0 <= --min-points <= --max-points")
     options = dict(points=points, noise=noise, seed=seed, x_kind=x_kind, min_points=min_points,
-                   max_points=max_points, outliers=outliers, degree=degree)
+                   max_points=max_points, outliers=outliers, degree=degree, model=model)
     first = make_block(0, min(series, BLOCK), **options)
     truth = truth_path(path)
     rows = 0

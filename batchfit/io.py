@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .models import FAMILIES, output_columns, polynomial
 from .problem import STATUS_LABELS, FitResult, History
 
 FORMATS = ("auto", "long", "list")
@@ -538,17 +539,10 @@ def _list_chunk(batch: pa.RecordBatch, layout: Layout) -> Chunk:
 MAX_DEGREE_COLUMNS = 10
 
 
-def coefficient_columns(degree: int) -> list[tuple[str, int]]:
-    """``(column name, power of x)`` in output order: a, b, c for the quadratic (y = a x^2 +
-    b x + c), else p0 .. pD (p_k multiplies x^k)."""
-    if degree == 2:
-        return [("a", 2), ("b", 1), ("c", 0)]
-    return [(f"p{k}", k) for k in range(degree + 1)]
-
-
-def output_schema(id_type: pa.DataType, degree: int, metadata: dict) -> pa.Schema:
-    """The contract's output columns, in order, with the ``batchfit`` metadata entry."""
-    names = [name for name, _ in coefficient_columns(degree)]
+def output_schema(id_type: pa.DataType, columns, metadata: dict) -> pa.Schema:
+    """The contract's output columns, in order, with the ``batchfit`` metadata entry.
+    ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``)."""
+    names = [name for name, _ in columns]
     fields = [pa.field("series_id", id_type)]
     fields += [pa.field(name, pa.float64()) for name in names]
     fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
@@ -574,7 +568,7 @@ def result_table(ids: pa.Array, result: FitResult, schema: pa.Schema) -> pa.Tabl
         return pa.array(np.asarray(values, dtype=np.float64), from_pandas=True)
 
     columns = {"series_id": ids}
-    for name, power in coefficient_columns(result.degree):
+    for name, power in output_columns(result.output_model):
         columns[name] = floats(params[:, power])
         columns[f"{name}_stderr"] = floats(stderr[:, power])
     columns.update(n_points=pa.array(result.n_points.cpu().numpy()),
@@ -838,12 +832,22 @@ def read_coefficients(path: str) -> tuple[pa.Table, dict]:
     if "status" not in names or "series_id" not in names:
         raise ValueError(f"{path} is not a batchfit coefficients file")
     meta = _json_object((table.schema.metadata or {}).get(b"batchfit", b"{}"))
-    # The columns, not the metadata, say what was fitted.
+    # The metadata may only name a built-in family; the columns must then be there.
+    family = FAMILIES.get(meta.get("model")) if isinstance(meta.get("model"), str) else None
+    if family is not None and all(name in names for name, _ in output_columns(family)):
+        return table, {**meta, "model": family.name, "degree": None,
+                       "columns": list(output_columns(family))}
     degree = next((d for d in range(MAX_DEGREE_COLUMNS, -1, -1)
-                   if all(name in names for name, _ in coefficient_columns(d))), None)
-    if degree is None:
-        raise ValueError(f"{path} has no coefficient columns")
-    return table, {**meta, "degree": degree}
+                   if all(name in names for name, _ in polynomial(d).columns)), None)
+    if degree is not None:
+        return table, {**meta, "model": "poly", "degree": degree,
+                       "columns": list(polynomial(degree).columns)}
+    stated = meta.get("param_columns")  # a custom model: its columns, if really there
+    if isinstance(stated, list) and stated and all(
+            isinstance(name, str) and name in names for name in stated):
+        return table, {**meta, "model": None, "degree": None,
+                       "columns": [(name, i) for i, name in enumerate(stated)]}
+    raise ValueError(f"{path} has no coefficient columns")
 
 
 def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import torch
 
 from . import __version__, io
-from .engine import COMPILE_COST_S, fit, fit_ragged, resolve_device
+from .engine import COMPILE_COST_S, fit, fit_ragged, resolve_device, resolve_dtype
+from .models import FORMULAS, output_columns, polynomial
 from .problem import History
 from .solvers import DEFAULT_EPOCHS, eager_seconds, random_init
 
@@ -57,16 +58,25 @@ def checked_options(fit_options: dict) -> dict:
     """Validate fit options before any data is read, by fitting one tiny series.
 
     Returns what the engine resolved them to (solver, loss, dtype, device)."""
-    degree = fit_options.get("degree", 2)
     epochs = fit_options.get("epochs")
     if epochs is None or (isinstance(epochs, int) and epochs > 0):
         epochs = 1  # a valid count: one step is enough to check everything else
-    points = degree + 2 if isinstance(degree, int) and 0 <= degree <= 10 else 4
-    probe = fit(np.linspace(0.0, 1.0, points), np.zeros(points),
+    points = 14  # more than any model's parameter count
+    probe = fit(np.linspace(0.5, 1.5, points), np.zeros(points),
                 **{**fit_options, "compile": False, "epochs": epochs})
+    model = probe.output_model
     return {"solver": probe.solver, "loss": probe.loss_name, "degree": probe.degree,
-            "dtype": str(probe.loss.dtype).replace("torch.", ""),
+            "model": model.name, "formula": FORMULAS.get(model.name),
+            "param_columns": [name for name, _ in output_columns(model)],
+            "dtype": str(resolve_dtype(fit_options.get("dtype"), None)).replace("torch.", ""),
             "device": str(resolve_device(fit_options.get("device", "auto")))}
+
+
+def job_columns(resolved: dict) -> list[tuple[str, int]]:
+    """(name, parameter index) of the output columns that ``checked_options`` resolved."""
+    if resolved["model"] == "poly":
+        return list(polynomial(resolved["degree"]).columns)
+    return [(name, i) for i, name in enumerate(resolved["param_columns"])]
 
 
 def _compile_choice(compile, resolved: dict, fit_options: dict, n_rows: int, n_series: int):
@@ -120,19 +130,19 @@ class _HistoryCollector:
         ids = piece.ids.take(pa.array(local)).to_pylist()
         self.ids.update(zip((first + local).tolist(), ids))
 
-    def table(self, degree: int, metadata: dict) -> pa.Table:
+    def table(self, columns: list, metadata: dict) -> pa.Table:
         history = History.merge(self.parts, self.positions)
         ids = [self.ids[position] for position in history.tracked.tolist()]
-        return io.history_table(history, ids, io.coefficient_columns(degree), metadata)
+        return io.history_table(history, ids, columns, metadata)
 
 
 def _position_options(fit_options: dict, history, piece: io.Chunk, first: int,
-                      degree: int) -> dict:
+                      degree: int | None) -> dict:
     """What the fit call of ``piece`` (series ``first`` onwards) gets from its place in the
-    run: random starting values by position, and its share of the history."""
+    run: random starting values by position (polynomials), and its share of the history."""
     extra = {} if history is None else history.options(piece, first)
     init = fit_options.get("init", "random")
-    if isinstance(init, str) and init == "random":
+    if isinstance(init, str) and init == "random" and degree is not None:
         extra["init"] = random_init(fit_options.get("seed", 0), first, piece.n_series,
                                     degree + 1)
     return extra
@@ -180,7 +190,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
                             "weight": columns.weight if dataset.layout.has_weight else None},
                 "options": {key: value for key, value in fit_options.items()
                             if not callable(value)} | {"batch_size": batch_size}}
-    schema = io.output_schema(dataset.layout.id_type, resolved["degree"], metadata)
+    schema = io.output_schema(dataset.layout.id_type, job_columns(resolved), metadata)
     history = None if history_path is None else _HistoryCollector(
         dataset.n_series, dataset.layout.id_type, track, track_ids)
     checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
@@ -207,7 +217,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
                 if progress:
                     progress(n_series, dataset.n_series)
         if history is not None:
-            io.write_table_atomically(history_path, history.table(resolved["degree"], metadata))
+            io.write_table_atomically(history_path, history.table(job_columns(resolved), metadata))
     if checkpoint is not None:
         checkpoint.remove()
     return JobSummary(input_path, output_path, n_series, n_points, dict(counts),
@@ -222,7 +232,7 @@ def fit_table(table: pa.Table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS,
     resolved = checked_options(fit_options)
     parts, schema = [], None
     for chunk in io.table_chunks(table, columns):
-        schema = schema or io.output_schema(chunk.ids.type, resolved["degree"], resolved)
+        schema = schema or io.output_schema(chunk.ids.type, job_columns(resolved), resolved)
         parts.append(io.result_table(chunk.ids, _fit_chunk(chunk, fit_options), schema))
     if not parts:
         raise ValueError("empty input: the table has no rows")

@@ -1,4 +1,5 @@
-"""The polynomial family, in a basis that stays well conditioned.
+"""The models: the polynomial family (in a basis that stays well conditioned), the built-in
+nonlinear families, and users' ``f(x, params)``.
 
 Inside batchfit every series is fitted in its own frame ``t = (x - centre) / half``, which maps
 the series' x range onto [-1, 1], in the Chebyshev basis ``T_j(t)``. Two facts make this pay:
@@ -18,6 +19,8 @@ All functions here work on ONE series (see linalg.py for the tuple layout) and a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from math import comb
 from typing import NamedTuple
 
@@ -151,3 +154,197 @@ def polyval(x: torch.Tensor, p: Vec) -> torch.Tensor:
     for coef in reversed(p[:-1]):
         out = out * x + coef
     return out
+
+
+# ---------------------------------------------------------------- any model f(x, params)
+
+@dataclass(frozen=True)
+class Model:
+    """What is fitted to every series: the polynomial family, a built-in nonlinear family,
+    or a user's ``f(x, params)``.
+
+    ``f`` works on ONE series, exactly like the seed's ``f(x, params)``: ``x`` is 1-D,
+    ``params`` 1-D of length k, and it returns the predictions for ``x``; batchfit vmaps it
+    over the batch (so it must use torch operations, with no Python branch on values).
+    ``start(x, y, w)`` gives data-driven initial parameters for a whole batch ((B, N)
+    tensors, ``w`` 0 on unused points; returns (B, k)). ``domain(x)`` marks the x a model is
+    defined on (points outside are skipped). ``lower``/``upper``: box constraints, kept by
+    projecting every step onto the box. ``columns``: (output column, parameter index).
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    f: Callable | None = None  # None: the polynomial family, solved in its own frame
+    start: Callable | None = None
+    domain: Callable | None = None
+    lower: tuple[float, ...] | None = None
+    upper: tuple[float, ...] | None = None
+    columns: tuple[tuple[str, int], ...] = ()
+    degree: int | None = None  # the polynomial family only
+    canonical: Callable | None = None  # one of several equivalent answers (sigma > 0)
+
+    @property
+    def k(self) -> int:
+        return len(self.param_names)
+
+    @property
+    def is_poly(self) -> bool:
+        return self.f is None
+
+    @property
+    def bounded(self) -> bool:
+        return self.lower is not None or self.upper is not None
+
+
+def polynomial(degree: int) -> Model:
+    """``y = sum_i p_i x**i``: columns a, b, c for the quadratic, else p0 .. pD."""
+    if degree == 2:
+        columns = (("a", 2), ("b", 1), ("c", 0))
+    else:
+        columns = tuple((f"p{i}", i) for i in range(degree + 1))
+    names = tuple(name for name, _ in sorted(columns, key=lambda c: c[1]))
+    return Model("poly", names, columns=columns, degree=degree)
+
+
+def _exp(x, p):
+    return p[0] * torch.exp(-p[1] * x) + p[2]
+
+
+def _gauss(x, p):
+    return p[0] * torch.exp(-((x - p[1]) ** 2) / (2 * p[2] ** 2)) + p[3]
+
+
+def _logistic(x, p):
+    return p[0] / (1 + torch.exp(-p[1] * (x - p[2]))) + p[3]
+
+
+def _power(x, p):
+    return p[0] * x ** p[1] + p[2]
+
+
+def _masked_mean(values, w):
+    return (w * values).sum(1) / w.sum(1).clamp(min=1e-30)
+
+
+def _ends(x, y, w, fraction=0.15):
+    """Mean y over the lowest and the highest ``fraction`` of each series' x range."""
+    lo = torch.where(w > 0, x, torch.inf).amin(1, keepdim=True)
+    hi = torch.where(w > 0, x, -torch.inf).amax(1, keepdim=True)
+    span = (hi - lo).clamp(min=1e-30)
+    low = w * (x <= lo + fraction * span)
+    high = w * (x >= hi - fraction * span)
+    return _masked_mean(y, low), _masked_mean(y, high), lo[:, 0], hi[:, 0]
+
+
+def _nearest_x(x, w, y, target):
+    """Per series, the x of the used point whose y is closest to ``target``."""
+    distance = torch.where(w > 0, (y - target[:, None]).abs(), torch.inf)
+    return x.gather(1, distance.argmin(1, keepdim=True))[:, 0]
+
+
+def _exp_start(x, y, w):
+    y_lo, y_hi, lo, hi = _ends(x, y, w)
+    c = y_hi
+    half = _nearest_x(x, w, y, (y_lo + y_hi) / 2)  # where half the decay is done
+    b = torch.log(torch.tensor(2.0, dtype=x.dtype)) / (half - lo).clamp(min=1e-3 * (hi - lo))
+    a = (y_lo - c) * torch.exp(b * lo)
+    return torch.stack([a, b, c], 1)
+
+
+def _gauss_start(x, y, w):
+    y_lo, y_hi, _, _ = _ends(x, y, w)
+    c = (y_lo + y_hi) / 2
+    top = torch.where(w > 0, y - c[:, None], -torch.inf).amax(1)
+    bottom = torch.where(w > 0, y - c[:, None], torch.inf).amin(1)
+    a = torch.where(top >= -bottom, top, bottom)  # a peak or a dip
+    mu = _nearest_x(x, w, y, c + a)
+    mass = w * ((y - c[:, None]) / a[:, None]).clamp(min=0)
+    sigma = torch.sqrt(_masked_mean((x - mu[:, None]) ** 2, mass)).clamp(min=1e-30)
+    return torch.stack([a, mu, sigma, c], 1)
+
+
+def _logistic_start(x, y, w):
+    y_lo, y_hi, lo, hi = _ends(x, y, w)
+    x0 = _nearest_x(x, w, y, (y_lo + y_hi) / 2)
+    k = 8 / (hi - lo).clamp(min=1e-30)  # the step spans about a quarter of the range
+    return torch.stack([y_hi - y_lo, k, x0, y_lo], 1)
+
+
+def _power_start(x, y, w):
+    """c from the low end, then a, b by least squares of log|y - c| on log x."""
+    y_lo, y_hi, _, _ = _ends(x, y, w)
+    c = torch.where(y_hi >= y_lo, torch.minimum(y_lo, torch.zeros_like(y_lo)),
+                    torch.maximum(y_lo, torch.zeros_like(y_lo)))
+    sign = torch.where(y_hi >= y_lo, 1.0, -1.0).to(x.dtype)
+    lx = torch.log(torch.where(w > 0, x, 1))
+    ly = torch.log((sign[:, None] * (y - c[:, None])).clamp(min=1e-30))
+    keep = w * (sign[:, None] * (y - c[:, None]) > 0)
+    mx, my = _masked_mean(lx, keep), _masked_mean(ly, keep)
+    b = _masked_mean((lx - mx[:, None]) * (ly - my[:, None]), keep) / _masked_mean(
+        (lx - mx[:, None]) ** 2, keep).clamp(min=1e-30)
+    a = sign * torch.exp(my - b * mx)
+    return torch.stack([a, b, c], 1)
+
+
+def _positive(x):
+    return x > 0
+
+
+FAMILIES = {
+    "exp": Model("exp", ("a", "b", "c"), _exp, _exp_start),
+    "gauss": Model("gauss", ("a", "mu", "sigma", "c"), _gauss, _gauss_start,
+                   canonical=lambda p: (p[0], p[1], p[2].abs(), p[3])),
+    "logistic": Model("logistic", ("L", "k", "x0", "c"), _logistic, _logistic_start),
+    "power": Model("power", ("a", "b", "c"), _power, _power_start, domain=_positive),
+}
+FORMULAS = {"poly": "sum_i p_i x^i", "exp": "a*exp(-b*x) + c",
+            "gauss": "a*exp(-(x-mu)^2/(2*sigma^2)) + c",
+            "logistic": "L/(1+exp(-k*(x-x0))) + c", "power": "a*x^b + c (x > 0)"}
+
+
+def resolve_model(model, degree: int, param_names=None, bounds=None) -> Model:
+    """``model``: None or 'poly' (degree ``degree``), a family name, a ``Model``, or a
+    callable ``f(x, params)`` (its parameter count comes from ``param_names``, or later
+    from ``p0``). ``bounds``: ``(lower, upper)`` sequences of length k (None or +-inf: free).
+    """
+    if model is None or (isinstance(model, str) and model == "poly"):
+        resolved = polynomial(degree)
+    elif isinstance(model, str):
+        if model not in FAMILIES:
+            raise ValueError(f"unknown model {model!r}; choose poly, {', '.join(FAMILIES)}, "
+                             "or pass a callable f(x, params)")
+        resolved = FAMILIES[model]
+    elif isinstance(model, Model):
+        resolved = model
+    elif callable(model):
+        names = tuple(param_names) if param_names is not None else ()
+        resolved = Model(getattr(model, "__name__", "custom"), names, model)
+    else:
+        raise ValueError(f"model must be a name or a callable f(x, params), got {model!r}")
+    if param_names is not None and not resolved.is_poly:
+        names = tuple(str(n) for n in param_names)
+        if resolved.param_names and len(names) != resolved.k:
+            raise ValueError(f"param_names has {len(names)} names, the model has "
+                             f"{resolved.k} parameters")
+        resolved = replace(resolved, param_names=names)
+    if bounds is not None:
+        if resolved.is_poly:
+            raise ValueError("bounds apply to nonlinear models (the polynomial is solved "
+                             "exactly)")
+        lower, upper = bounds
+        resolved = replace(resolved, lower=None if lower is None else tuple(map(float, lower)),
+                           upper=None if upper is None else tuple(map(float, upper)))
+    return resolved
+
+
+def with_param_count(model: Model, k: int) -> Model:
+    """A custom model whose names were not given: ``p0 .. p{k-1}``."""
+    if model.param_names:
+        if model.k != k:
+            raise ValueError(f"p0 has {k} parameters but the model names {model.k}")
+        return model
+    return replace(model, param_names=tuple(f"p{i}" for i in range(k)))
+
+
+def output_columns(model: Model) -> tuple[tuple[str, int], ...]:
+    return model.columns or tuple((name, i) for i, name in enumerate(model.param_names))

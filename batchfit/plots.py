@@ -20,10 +20,12 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import io
+from .models import FAMILIES
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
 MAX_SCATTER = 20_000  # points drawn in a scatter over the batch (a reproducible sample)
@@ -50,12 +52,20 @@ def _note(ax, text: str):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def polynomial(coefficients: dict, degree: int, x: np.ndarray) -> np.ndarray | None:
-    """Evaluate output-row coefficients ({name: value}) at x; None when any is missing."""
-    columns = io.coefficient_columns(degree)
+def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
+    """Evaluate output-row coefficients ({name: value}) at x; None when any is missing or
+    the model is not a built-in one. ``fitted``: ``io.read_coefficients``' metadata."""
+    columns = fitted["columns"]
     if any(coefficients.get(name) is None for name, _ in columns):
         return None
-    return sum(coefficients[name] * x**power for name, power in columns)
+    if fitted["model"] == "poly":
+        return sum(coefficients[name] * x**power for name, power in columns)
+    if fitted["model"] not in FAMILIES:
+        return None  # a custom model: its code is not in the file (and never will be)
+    params = [coefficients[name] for name, _ in sorted(columns, key=lambda c: c[1])]
+    with np.errstate(all="ignore"):
+        return FAMILIES[fitted["model"]].f(torch.as_tensor(x, dtype=torch.float64),
+                                           torch.tensor(params, dtype=torch.float64)).numpy()
 
 
 def _series_grid(series: dict, title: str, draw) -> Figure:
@@ -92,11 +102,12 @@ def plot_data(series: dict, path: str, total: int | None = None) -> str:
                               lambda ax, sid, x: None), path)
 
 
-def plot_fits(series: dict, fitted: dict, degree: int, path: str, initial: dict | None = None,
+def plot_fits(series: dict, fitted: dict, model: dict, path: str, initial: dict | None = None,
               reference: dict | None = None, label: str = "fitted",
               reference_label: str = "reference") -> str:
     """Points with the fitted curve; ``initial`` ({id: coefficients}) adds the curve before
-    training, ``reference`` another fit (e.g. the exact solver) for comparison."""
+    training, ``reference`` another fit (e.g. the exact solver) for comparison. ``model``:
+    the fitted model as ``io.read_coefficients`` describes it."""
     def draw(ax, series_id, x):
         if len(x) == 0:
             return
@@ -106,7 +117,7 @@ def plot_fits(series: dict, fitted: dict, degree: int, path: str, initial: dict 
                   (fitted, FIT_COLOR, label, "-")]
         for source, color, name, style in curves:
             row = (source or {}).get(series_id)
-            values = None if row is None else polynomial(row, degree, grid)
+            values = None if row is None else curve(row, model, grid)
             if values is not None:
                 ax.plot(grid, values, style, color=color, lw=1.6, label=name,
                         marker="o" if len(grid) == 1 else None)
@@ -161,10 +172,10 @@ def _sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def plot_coefficients(coefficients: pa.Table, degree: int, path: str,
+def plot_coefficients(coefficients: pa.Table, columns: list, path: str,
                       truth: pa.Table | None = None, label: str = "") -> str:
-    """Histograms of each coefficient over the batch; with the truth, fitted against true."""
-    columns = io.coefficient_columns(degree)
+    """Histograms of each coefficient (``columns``: (name, index)) over the batch; with the
+    truth, fitted against true."""
     rows = 2 if truth is not None else 1
     fig, axes = _figure(rows, len(columns))
     matched = None
@@ -260,7 +271,6 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
     """Read a job's files and write every picture into ``out_dir``; returns their paths."""
     columns = columns or io.ColumnSpec()
     coefficients, meta = io.read_coefficients(coefficients_path)
-    degree = meta.get("degree", 2)
     history, history_meta = io.read_history(history_path) if history_path else (None, None)
     truth = io.read_parquet(truth_path) if truth_path else None
     if series:  # ids typed like the coefficients' series_id
@@ -279,11 +289,11 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
     os.makedirs(out_dir, exist_ok=True)
     label = f"{meta.get('solver', 'fitted')} ({meta.get('loss', 'mse')})"
     paths = [plot_data(points, os.path.join(out_dir, "data.png"), coefficients.num_rows),
-             plot_fits(points, rows, degree, os.path.join(out_dir, "fits.png"), initial,
+             plot_fits(points, rows, meta, os.path.join(out_dir, "fits.png"), initial,
                        reference, label, reference_label)]
     if history is not None:
         paths.append(plot_loss(history, history_meta, os.path.join(out_dir, "loss.png")))
-    paths.append(plot_coefficients(coefficients, degree,
+    paths.append(plot_coefficients(coefficients, meta["columns"],
                                    os.path.join(out_dir, "coefficients.png"), truth, label))
     paths.append(plot_residuals(coefficients, os.path.join(out_dir, "residuals.png")))
     return paths

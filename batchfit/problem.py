@@ -11,6 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .models import Model, polynomial
+
 
 class Status(IntEnum):
     """Per-series outcome. A failure is data, not an exception."""
@@ -136,10 +138,21 @@ class FitResult:
     solver: str
     loss_name: str
     history: History | None = field(default=None, repr=False)
+    model: Model | None = field(default=None, repr=False)  # None: the polynomial
 
     @property
-    def degree(self) -> int:
-        return self.params.shape[-1] - 1
+    def degree(self) -> int | None:
+        """The polynomial's degree (None for other models)."""
+        return self.params.shape[-1] - 1 if self.model is None or self.model.is_poly else None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of ``params``' columns, in column order (for the quadratic: c, b, a)."""
+        return self.output_model.param_names
+
+    @property
+    def output_model(self) -> Model:
+        return polynomial(self.degree) if self.model is None else self.model
 
     def status_labels(self) -> np.ndarray:
         """Status names ('ok', 'singular', ...) as a numpy array of str."""
@@ -206,7 +219,7 @@ def float32_overflows(y) -> bool:
 
 
 def make_problem(x, y, weights=None, lengths=None, mask=None, *,
-                 dtype: torch.dtype, device: torch.device) -> Problem:
+                 dtype: torch.dtype, device: torch.device, centre_x: bool = True) -> Problem:
     """Validate arrays or tensors and lay them out as a Problem.
 
     ``y`` is (B, N) or (N,) for one series; ``x`` is the same shape, or (N,) shared by all
@@ -251,7 +264,8 @@ def make_problem(x, y, weights=None, lengths=None, mask=None, *,
             raise ValueError(f"mask must be a bool array of shape {tuple(y_in.shape)}")
 
     x_offset = None
-    if x_in.is_floating_point() and torch.finfo(x_in.dtype).bits > torch.finfo(dtype).bits:
+    if centre_x and x_in.is_floating_point() and \
+            torch.finfo(x_in.dtype).bits > torch.finfo(dtype).bits:
         # Centre in the input's precision before the cast: float32 cannot hold timestamps.
         valid = torch.isfinite(x_in)
         if mask is not None:

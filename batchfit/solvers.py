@@ -30,6 +30,7 @@ from .diagnostics import coefficient_errors, finalize, summarise
 from .linalg import Mat, Vec, mat_vec
 from .losses import Loss
 from .models import (
+    Model,
     Sums,
     chebyshev_eval,
     chebyshev_terms,
@@ -77,10 +78,11 @@ class SolverConfig:
     history_sample: int = 1 << 14  # series whose loss the history keeps (for its quantiles)
     track: tuple[int, ...] | None = None  # None: 5 spread over the batch
     unroll: int = 10  # GD/Adam epochs per compiled call
+    model: Model | None = None  # None: the polynomial of ``degree``
 
     @property
     def k(self) -> int:
-        return self.degree + 1
+        return self.degree + 1 if self.model is None or self.model.is_poly else self.model.k
 
 
 class Consts(NamedTuple):
@@ -388,11 +390,13 @@ def _keep_frozen(active, new, old):
 
 
 @cache
-def descent_chunk(objective: Callable, optimizer_name: str, unroll: int) -> Callable:
+def descent_chunk(objective: Callable, optimizer_name: str, unroll: int, lower=None,
+                  upper=None) -> Callable:
     """Per series: ``unroll`` epochs of GD/Adam on the raw coefficients, then a check.
 
     Frozen series (structural failures, converged, diverged) keep their parameters through
-    ``torch.where``: no host sync, no data-dependent branch.
+    ``torch.where``: no host sync, no data-dependent branch. ``lower``/``upper`` (tuples, or
+    None): every step is projected onto that box.
     """
     optimizer = OPTIMIZERS[optimizer_name]()
     check = convergence_check(objective)
@@ -407,7 +411,11 @@ def descent_chunk(objective: Callable, optimizer_name: str, unroll: int) -> Call
             g = grad(raw_objective)(p, to_frame, data, consts)
             step = epoch0.to(p[0].dtype) + (i + 1)
             delta, new_state = optimizer.update(g, state, step, consts.lr)
-            p = _keep_frozen(active, tuple(pj + dj for pj, dj in zip(p, delta)), p)
+            moved = tuple(pj + dj for pj, dj in zip(p, delta))
+            if lower is not None or upper is not None:
+                moved = tuple(pj.clamp(min=lo, max=hi) for pj, lo, hi in zip(
+                    moved, lower or (-torch.inf,) * len(p), upper or (torch.inf,) * len(p)))
+            p = _keep_frozen(active, moved, p)
             state = _keep_frozen(active, new_state, state)
             iterations = iterations + active
         value, converged = check(mat_vec(to_frame, p), data, floor, consts)
@@ -563,6 +571,7 @@ def _fit_result(out: dict, iterations, cfg: SolverConfig, solver: str,
                 history: History | None = None) -> FitResult:
     wide = {name: out[name].to(torch.float64) for name in ("loss", "rmse", "r2")}
     return FitResult(params=_stack(out["params"]), stderr=_stack(out["stderr"]), **wide,
+                     model=cfg.model,
                      n_points=out["n_points"].to(torch.int64),
                      iterations=iterations.to(torch.int64), status=out["status"],
                      solver=solver, loss_name=cfg.loss.name, history=history)
@@ -575,7 +584,7 @@ def solve_without_points(problem: Problem, cfg: SolverConfig, solver: str) -> Fi
     zeros = _zeros(problem, torch.int64)
     status = torch.full((batch,), int(Status.TOO_FEW_POINTS), dtype=torch.int8,
                         device=problem.device)
-    return FitResult(params=nan, stderr=nan.clone(), loss=nan[:, 0].clone(),
+    return FitResult(params=nan, stderr=nan.clone(), model=cfg.model, loss=nan[:, 0].clone(),
                      rmse=nan[:, 0].clone(), r2=nan[:, 0].clone(),
                      n_points=zeros, iterations=zeros.clone(), status=status, solver=solver,
                      loss_name=cfg.loss.name)

@@ -404,7 +404,7 @@ def _cli(dtype: str, device: str):
         import pyarrow.parquet as pq
 
         from batchfit.cli import main
-        from batchfit.io import coefficient_columns
+        from batchfit.models import polynomial
 
         batch, n = case.shape
         with tempfile.TemporaryDirectory() as tmp:
@@ -423,7 +423,7 @@ def _cli(dtype: str, device: str):
         order = np.argsort(table["series_id"])
         params = np.empty((batch, case.degree + 1))
         stderr = np.empty((batch, case.degree + 1))
-        for name, power in coefficient_columns(case.degree):
+        for name, power in polynomial(case.degree).columns:
             params[:, power] = np.asarray(table[name], dtype=np.float64)[order]
             stderr[:, power] = np.asarray(table[f"{name}_stderr"], dtype=np.float64)[order]
         return Fit(params, np.asarray(table["status"])[order], stderr, seconds)

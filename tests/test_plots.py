@@ -11,6 +11,8 @@ from batchfit.cli import main
 from batchfit.demo import run_demo
 from batchfit.generate import generate
 
+QUADRATIC = {"model": "poly", "degree": 2, "columns": [("a", 2), ("b", 1), ("c", 0)]}
+
 
 def assert_png(path, min_kb=5):
     with open(path, "rb") as f:
@@ -59,7 +61,7 @@ def test_edge_cases_do_not_crash(tmp_path):
     fitted = {"one point": {"a": None, "b": None, "c": None, "status": "too_few_points"},
               "constant x": {"a": None, "b": None, "c": None, "status": "singular"}}
     assert_png(plots.plot_data(series, str(tmp_path / "d.png")), min_kb=1)
-    assert_png(plots.plot_fits(series, fitted, 2, str(tmp_path / "f.png")), min_kb=1)
+    assert_png(plots.plot_fits(series, fitted, QUADRATIC, str(tmp_path / "f.png")), min_kb=1)
     assert_png(plots.plot_data({}, str(tmp_path / "none.png")), min_kb=1)
     history = pa.table({"epoch": [0], **{c: [1.0] for c in
                         ["loss_p05", "loss_p25", "loss_median", "loss_p75", "loss_p95"]}})
@@ -73,7 +75,8 @@ def test_edge_cases_do_not_crash(tmp_path):
                                         ("rmse", pa.float64()), ("r2", pa.float64()),
                                         ("status", pa.string())]))
     truth = pa.table({"series_id": [1, 2], "a": [1.0, 2.0], "b": [0.0, 0.0], "c": [0.0, 0.0]})
-    assert_png(plots.plot_coefficients(failed, 2, str(tmp_path / "c.png"), truth), min_kb=1)
+    assert_png(plots.plot_coefficients(failed, QUADRATIC["columns"], str(tmp_path / "c.png"),
+                                       truth), min_kb=1)
     assert_png(plots.plot_residuals(failed, str(tmp_path / "r.png")), min_kb=1)
     nan_loss = history.set_column(3, "loss_median", pa.array([float("nan")]))
     assert_png(plots.plot_loss(nan_loss, {}, str(tmp_path / "l2.png")), min_kb=1)
