@@ -152,10 +152,13 @@ class Bench:
 def run(sizes=(1_000, 10_000, 100_000, 1_000_000), points=100, long_series=1_000,
         long_points=10_000, devices=None, dtypes=("float32", "float64"), repeats=3,
         epochs=SEED_EPOCHS, iterative_max=100_000, peer_subset=2_000, quick=False,
-        cpu_max=None, progress=print) -> dict:
+        cpu_max=None, gauss_sizes=(10_000, 100_000, 1_000_000), progress=print) -> dict:
     """Run the whole table; returns {"machine": ..., "rows": [...]}."""
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     bench = Bench(repeats, epochs, quick)
+    for series in gauss_sizes:
+        progress(f"bench: gauss, {series:,} series x {GAUSS_POINTS} points")
+        _gauss(bench, series, devices, dtypes, cpu_max, quick)
     shapes = [(s, points) for s in sizes] + ([(long_series, long_points)] if long_series else [])
     for series, n in shapes:
         progress(f"bench: {series:,} series x {n:,} points")
@@ -238,8 +241,59 @@ def _peers(bench: Bench, x, y, ref, series, n, subset):
                    scale=series / few, repeats=1, note=f"timed on {few} series")
 
 
+GAUSS_POINTS = 25  # Gpufit's benchmark: 5 x 5 pixels per 2-D Gaussian fit
+GAUSS_REFERENCE_SERIES = 50
+
+
+def gauss_dataset(series: int, seed: int = 0):
+    """1-D Gaussian peaks on x = linspace(-5, 5, 25): a ~ U(2, 6), mu ~ U(-2, 2),
+    sigma ~ U(0.5, 1.5), c ~ U(-1, 1), noise 0.1; returns x, y and the truth."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(-5.0, 5.0, GAUSS_POINTS)
+    truth = rng.uniform([2, -2, 0.5, -1], [6, 2, 1.5, 1], (series, 4))
+    a, mu, sigma, c = (truth[:, [j]] for j in range(4))
+    y = a * np.exp(-((x - mu) ** 2) / (2 * sigma**2)) + c + rng.normal(0, 0.1, (series, x.size))
+    return x, y, truth
+
+
+def _curve_fit_loop(x, y, truth, rows):
+    from scipy.optimize import curve_fit
+
+    def gauss(x, a, mu, sigma, c):
+        return a * np.exp(-((x - mu) ** 2) / (2 * sigma**2)) + c
+
+    out = []
+    for i in range(rows):
+        p = curve_fit(gauss, x, y[i], p0=truth[i], xtol=1e-12, ftol=1e-12, gtol=1e-12)[0]
+        out.append(np.array([p[0], p[1], abs(p[2]), p[3]]))
+    return np.array(out)
+
+
+def _gauss(bench: Bench, series: int, devices, dtypes, cpu_max, quick: bool):
+    """batchfit's Levenberg-Marquardt on the Gaussian family next to a curve_fit loop (the
+    CPU peer; started from the truth, so it does the least work it can)."""
+    x_np, y_np, truth = gauss_dataset(series)
+    ref = _curve_fit_loop(x_np, y_np, truth, min(GAUSS_REFERENCE_SERIES, series))
+    on_cpu = cpu_max is None or series <= cpu_max
+    if on_cpu:
+        few = min(series, 200 if not quick else 50)
+        bench.case("scipy curve_fit loop, gauss", "cpu", "float64", series, GAUSS_POINTS,
+                   lambda: _curve_fit_loop(x_np, y_np, truth, few), ref=ref,
+                   scale=series / few, repeats=1, note=f"timed on {few} series")
+    for device in devices if on_cpu else [d for d in devices if d != "cpu"]:
+        for dtype in dtypes:
+            tdtype = getattr(torch, dtype)
+            x = torch.as_tensor(x_np, dtype=tdtype, device=device)
+            y = torch.as_tensor(y_np, dtype=tdtype, device=device)
+            compiled = not quick
+            bench.case(f"batchfit newton (LM) gauss, compile={compiled}", device, dtype,
+                       series, GAUSS_POINTS,
+                       lambda x=x, y=y, c=compiled: fit(x, y, model="gauss", compile=c).params,
+                       ref=ref, wrong_above=ROBUST_AGREEMENT)
+
+
 QUICK = dict(sizes=(1_000, 10_000), long_series=0, dtypes=("float32",), repeats=1, epochs=300,
-             peer_subset=500)
+             peer_subset=500, gauss_sizes=(1_000,))
 
 
 def multiples(rows: list[dict]) -> list[dict]:
@@ -249,7 +303,8 @@ def multiples(rows: list[dict]) -> list[dict]:
         same = [r for r in rows if r["series"] == row["series"] and r["points"] == row["points"]]
         floor = [r for r in same if r["method"].startswith("floor") and
                  r["device"] == row["device"] and r["dtype"] == row["dtype"]]
-        loop = [r for r in same if r["method"] == "numpy.polyfit loop"]
+        loop = [r for r in same if r["method"] in ("numpy.polyfit loop",
+                                                    "scipy curve_fit loop, gauss")]
         row["x_floor"] = floor[0]["seconds"] / row["seconds"] if floor else float("nan")
         row["x_polyfit_loop"] = loop[0]["seconds"] / row["seconds"] if loop else float("nan")
     return rows
@@ -273,9 +328,10 @@ def table(result: dict) -> str:
             + (f" ({r['note']})" if r["note"] else ""))
     lines.append("~ extrapolated (see note); x floor: fits/s as a multiple of the floor's "
                  "(1 = as fast as reading x and y once); x loop: multiple of the numpy.polyfit "
-                 "loop; compile: first call minus a later one (compile=True lets batchfit "
+                 "loop (for gauss: of the scipy curve_fit loop); compile: first call minus a later one (compile=True lets batchfit "
                  "compile kernels whose eager work is not trivial); rel err: max |coef - ref| / "
-                 "max |ref| over 200 series vs float64 numpy.polyfit (scipy for huber)")
+                 "max |ref| over 200 series vs float64 numpy.polyfit (scipy for huber and "
+                 "gauss)")
     return "\n".join(lines)
 
 

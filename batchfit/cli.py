@@ -86,8 +86,7 @@ def _report(summary):
 def _generate(args) -> int:
     from .generate import generate
 
-    noise = args.noise if args.noise is not None else 1.0 if args.model == "poly" else 0.1
-    info = generate(args.output, series=args.series, points=args.points, noise=noise,
+    info = generate(args.output, series=args.series, points=args.points, noise=args.noise,
                     seed=args.seed, fmt=args.format, x_kind=args.x,
                     min_points=args.min_points, max_points=args.max_points,
                     outliers=args.outliers, degree=args.degree, model=args.model)

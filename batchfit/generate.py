@@ -114,13 +114,17 @@ def _truth_table(block: Block, noise: float) -> pa.Table:
     return pa.table(columns)
 
 
-def generate(path: str, *, series: int, points: int = 100, noise: float = 1.0, seed: int = 0,
+def generate(path: str, *, series: int, points: int = 100, noise: float | None = None,
+             seed: int = 0,
              fmt: str = "long", x_kind: str = "linspace", min_points: int | None = None,
              max_points: int | None = None, outliers: float = 0.0, degree: int = 2,
              model: str = "poly") -> dict:
-    """Write ``path`` (the data) and ``truth_path(path)`` (the true coefficients) atomically."""
+    """Write ``path`` (the data) and ``truth_path(path)`` (the true coefficients) atomically.
+    ``noise``: the Gaussian noise's sd (default 1.0 for poly, 0.1 for the other families)."""
     if model != "poly" and model not in FAMILY_EXAMPLES:
         raise ValueError(f"unknown model {model!r}; choose poly, {', '.join(FAMILY_EXAMPLES)}")
+    if noise is None:
+        noise = 1.0 if model == "poly" else 0.1
     if series < 1 or points < 1:
         raise ValueError("--series and --points must be at least 1")
     if noise < 0 or not 0 <= outliers <= 1:

@@ -287,7 +287,8 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
         reference = {row["series_id"]: row for row in _rows_for(ref_table, chosen)}
         reference_label = ref_meta.get("solver", "reference")
     os.makedirs(out_dir, exist_ok=True)
-    label = f"{meta.get('solver', 'fitted')} ({meta.get('loss', 'mse')})"
+    model = "" if meta.get("model") in ("poly", None) else f"{meta['model']}, "
+    label = f"{model}{meta.get('solver', 'fitted')} ({meta.get('loss', 'mse')})"
     paths = [plot_data(points, os.path.join(out_dir, "data.png"), coefficients.num_rows),
              plot_fits(points, rows, meta, os.path.join(out_dir, "fits.png"), initial,
                        reference, label, reference_label)]

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import batchfit
 from batchfit.cli import main
@@ -116,3 +117,19 @@ def test_single_machine_path_never_imports_ray(tmp_path):
                            str(tmp_path / "o.parquet")], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_custom_model_runs_on_ray_like_on_one_machine(ray_cluster, tmp_path):
+    """A user's f(x, params) travels to the workers (as code from the Python session, never
+    from a file) and gives the single-machine numbers. (Defined here, it travels by value; a
+    function of an importable module travels by name and the workers must have the module.)"""
+    def decay(x, params):
+        return params[0] * torch.exp(-params[1] * x) + params[2]
+
+    generate(str(tmp_path / "d.parquet"), series=300, points=20, model="exp")
+    options = dict(model=decay, p0=[1.0, 1.0, 0.0], param_names=["a", "b", "c"],
+                   dtype="float64")
+    want = single_machine(tmp_path / "d.parquet", tmp_path / "one.parquet", **options)
+    got, summary = ray_output(tmp_path / "d.parquet", tmp_path / "ray", **options)
+    same(got, want)
+    assert got.column_names[1:4] == ["a", "b", "c"] and summary.status_counts == {"ok": 300}
