@@ -112,10 +112,11 @@ def _bench(args) -> int:
     from . import bench
 
     options = dict(bench.QUICK) if args.quick else {}
-    for name in ("sizes", "points", "devices", "dtypes", "repeats", "epochs", "cpu_max"):
+    for name in ("sizes", "gauss_sizes", "points", "devices", "dtypes", "repeats", "epochs",
+                 "cpu_max"):
         value = getattr(args, name)
         if value is not None:
-            options[name] = (tuple(int(v) for v in value) if name == "sizes"
+            options[name] = (tuple(int(v) for v in value) if name.endswith("sizes")
                              else int(value) if name == "cpu_max" else value)
     if args.devices and "cuda" in args.devices:
         import torch
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="small sizes, float32, no compiles of the loops (under a minute)")
     bench.add_argument("--sizes", type=float, nargs="+", help="series counts [1e3 1e4 1e5 1e6]")
+    bench.add_argument("--gauss-sizes", type=float, nargs="*",
+                       help="series counts of the Gaussian-family rows (none: skip them) "
+                            "[1e4 1e5 1e6]")
     bench.add_argument("--points", type=_positive_int, help="points per series [100]")
     bench.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                        help="[cpu, and cuda when present]")

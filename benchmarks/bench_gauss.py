@@ -20,9 +20,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"])
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = bench.run(sizes=(), long_series=0, repeats=args.repeats,
+    result = bench.run(sizes=(), long_series=0, repeats=args.repeats, devices=args.devices,
                        gauss_sizes=tuple(int(s) for s in args.sizes),
                        progress=lambda m: print(m, file=sys.stderr))
     print(bench.table(result))
