@@ -113,11 +113,12 @@ def _bench(args) -> int:
 
     options = dict(bench.QUICK) if args.quick else {}
     for name in ("sizes", "gauss_sizes", "points", "devices", "dtypes", "repeats", "epochs",
-                 "cpu_max"):
+                 "cpu_max", "long_series"):
         value = getattr(args, name)
         if value is not None:
             options[name] = (tuple(int(v) for v in value) if name.endswith("sizes")
-                             else int(value) if name == "cpu_max" else value)
+                             else int(value) if name in ("cpu_max", "long_series")
+                             else value)
     if args.devices and "cuda" in args.devices:
         import torch
 
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="series counts of the Gaussian-family rows (none: skip them) "
                             "[1e4 1e5 1e6]")
     bench.add_argument("--points", type=_positive_int, help="points per series [100]")
+    bench.add_argument("--long-series", type=float,
+                       help="series of the long-series rows (10,000 points; 0: skip) [1000]")
     bench.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                        help="[cpu, and cuda when present]")
     bench.add_argument("--dtypes", nargs="+", choices=["float32", "float64"],
