@@ -57,10 +57,11 @@ _COMPILED: dict = {}
 
 
 def resolve_device(device, *arrays) -> torch.device:
-    """``auto``: the device of a CUDA tensor input, else CUDA when available, else the CPU."""
+    """``auto``: the device of the tensor inputs (results stay where the caller's tensors
+    are); for numpy inputs, CUDA when available, else the CPU."""
     if device is None or device == "auto":
         for array in arrays:
-            if isinstance(array, torch.Tensor) and array.device.type != "cpu":
+            if isinstance(array, torch.Tensor):
                 return array.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
