@@ -186,9 +186,9 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     if model_spec.is_poly and p0 is not None:
         init = p0
     _check_number("f_scale", f_scale, low=0, strictly=True)
+    dtype = resolve_dtype(dtype, y)
     if tol is None:  # nonlinear models converge linearly at the end: ask for more
-        tol = 1e-10 if not model_spec.is_poly and resolve_dtype(dtype, y) == torch.float64 \
-            else 1e-6
+        tol = 1e-10 if not model_spec.is_poly and dtype == torch.float64 else 1e-6
     _check_number("tol", tol, low=0)
     _check_number("seed", seed, integer=True)
     _check_number("history_every", history_every, low=0, integer=True)
@@ -208,7 +208,6 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     _check_number("epochs", epochs, low=0, integer=True)
 
     device = resolve_device(device, x, y)
-    dtype = resolve_dtype(dtype, y)
     options = dict(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
                    loss=loss, f_scale=f_scale, solver=solver, lr=lr,
                    epochs=epochs, tol=tol, init=init, seed=seed, device=device,
@@ -225,8 +224,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
                          "weighted or non-finite points; return per-point losses instead")
-    cfg = SolverConfig(degree=degree, model=model_spec, loss=loss_spec, f_scale=float(f_scale), lr=float(lr),
-                       epochs=int(epochs), tol=float(tol), init=init, seed=seed,
+    cfg = SolverConfig(degree=degree, model=model_spec, loss=loss_spec, f_scale=float(f_scale),
+                       lr=float(lr), epochs=int(epochs), tol=float(tol), init=init, seed=seed,
                        history_every=history_every, history_sample=history_sample,
                        track=None if track is None else tuple(int(i) for i in track))
 
@@ -242,6 +241,10 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         result = solve_descent(problem, cfg, vectorize, solver)
     if wide is None and dtype == torch.float32:
         wide = _needs_float64(result, y)
+        if wide is not None and result.history is None and np.ndim(y) == 2:
+            # Rows are independent: redo only the flagged ones (a history would need them
+            # merged back in, which the group path below does).
+            return _with_float64_rows(result, x, y, weights, lengths, mask, wide, options)
         if wide is not None:
             return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
     return result
@@ -281,8 +284,26 @@ def _needs_float64(result: FitResult, y) -> np.ndarray | None:
     return wide if wide.any() else None
 
 
+RESULT_FIELDS = ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status")
+
+
+def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np.ndarray,
+                       options: dict) -> FitResult:
+    """``result`` with its ``wide`` rows fitted again in float64."""
+    rows = np.flatnonzero(wide)
+    per_series = {name: _take_rows(options[name], rows, 2) for name in ("init", "p0")}
+    part = fit(_take_rows(x, rows, 2), _take_rows(y, rows, 2), _take_rows(weights, rows, 2),
+               _take_rows(lengths, rows, 1), mask=_take_rows(mask, rows, 2),
+               dtype=torch.float64, **{**options, **per_series, "track": []})
+    index = torch.from_numpy(rows).to(result.params.device)
+    return dataclasses.replace(result, **{
+        name: getattr(result, name).index_put((index,), getattr(part, name))
+        for name in RESULT_FIELDS})
+
+
 def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, options: dict):
-    """Fit the series with |y| beyond float32's range in float64, the others in float32."""
+    """Fit the ``wide`` series (beyond float32's range, or limited by its rounding) in
+    float64, the others in float32."""
     def fit_group(rows, **group_options):
         return fit(_take_rows(x, rows, 2), _take_rows(y, rows, 2),
                    _take_rows(weights, rows, 2), _take_rows(lengths, rows, 1),
@@ -358,7 +379,7 @@ def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
     history = None if histories[0] is None else History.merge(histories, positions)
     order = torch.from_numpy(np.argsort(np.concatenate(groups), kind="stable"))
     fields = {}
-    for field in ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status"):
+    for field in RESULT_FIELDS:
         joined = torch.cat([getattr(part, field) for part in parts])
         fields[field] = joined[order.to(joined.device)]
     return dataclasses.replace(parts[0], history=history, **fields)

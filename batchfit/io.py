@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .models import FAMILIES, output_columns, polynomial
+from .models import FAMILIES, MAX_TERMS, output_columns, polynomial
 from .problem import STATUS_LABELS, FitResult, History
 
 FORMATS = ("auto", "long", "list")
@@ -536,9 +536,6 @@ def _list_chunk(batch: pa.RecordBatch, layout: Layout) -> Chunk:
 
 # ---------------------------------------------------------------- writing
 
-MAX_DEGREE_COLUMNS = 10
-
-
 def output_schema(id_type: pa.DataType, columns, metadata: dict) -> pa.Schema:
     """The contract's output columns, in order, with the ``batchfit`` metadata entry.
     ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``)."""
@@ -837,7 +834,7 @@ def read_coefficients(path: str) -> tuple[pa.Table, dict]:
     if family is not None and all(name in names for name, _ in output_columns(family)):
         return table, {**meta, "model": family.name, "degree": None,
                        "columns": list(output_columns(family))}
-    degree = next((d for d in range(MAX_DEGREE_COLUMNS, -1, -1)
+    degree = next((d for d in range(MAX_TERMS - 1, -1, -1)
                    if all(name in names for name, _ in polynomial(d).columns)), None)
     if degree is not None:
         return table, {**meta, "model": "poly", "degree": degree,
