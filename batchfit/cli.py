@@ -13,6 +13,7 @@ import sys
 import threading
 
 from . import __version__
+from .names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,7 +159,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MODEL_CHOICES = ["poly", "exp", "gauss", "logistic", "power"]  # models.FAMILIES, and poly
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,17 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--x-col", default="x", help="x column [x]")
     run.add_argument("--y-col", default="y", help="y column [y]")
     run.add_argument("--weight-col", help="weight column, >= 0 [weight, used when present]")
-    run.add_argument("--model", default="poly", choices=MODEL_CHOICES,
+    run.add_argument("--model", default="poly", choices=MODELS,
                      help="poly: the polynomial of --degree; exp: a*exp(-b*x)+c; gauss: "
                           "a*exp(-(x-mu)^2/(2*sigma^2))+c; logistic: L/(1+exp(-k*(x-x0)))+c; "
                           "power: a*x^b+c (x > 0) [poly]")
     run.add_argument("--degree", type=int, default=2, help="polynomial degree [2]")
     run.add_argument("--loss", default="mse",
-                     choices=["mse", "huber", "soft_l1", "cauchy", "arctan"], help="[mse]")
+                     choices=BUILTIN_LOSSES, help="[mse]")
     run.add_argument("--f-scale", type=float, default=1.0,
                      help="residual scale of the robust losses [1.0]")
     run.add_argument("--solver", default="auto",
-                     choices=["auto", "exact", "newton", "gd", "adam"],
+                     choices=SOLVERS,
                      help="[auto: exact for mse, newton otherwise]")
     run.add_argument("--lr", type=float, help="learning rate of gd/adam [1e-3]")
     run.add_argument("--epochs", type=int,
@@ -196,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tol", type=float,
                      help="relative excess-loss tolerance of the iterative solvers [1e-6; "
                           "1e-10 for nonlinear models in float64]")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="[auto]")
-    run.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+    run.add_argument("--device", default="auto", choices=DEVICES,
+                     help="[auto: the CPU for MSE polynomial jobs (an aggregation), CUDA when "
+                          "present for the others]")
+    run.add_argument("--dtype", default="float32", choices=DTYPES,
                      help="[float32]")
     run.add_argument("--no-compile", action="store_true", help="never use torch.compile")
     run.add_argument("--batch-size", type=_positive_int, default=100_000,
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--outliers", type=float, default=0.0,
                      help="fraction of points pushed 10-30 noise sds away [0]")
     gen.add_argument("--degree", type=int, default=2, help="[2]")
-    gen.add_argument("--model", default="poly", choices=MODEL_CHOICES,
+    gen.add_argument("--model", default="poly", choices=MODELS,
                      help="poly: around the seed's quadratic; a family: parameters and x "
                           "range from batchfit.generate.FAMILY_EXAMPLES [poly]")
     gen.set_defaults(handler=_generate)

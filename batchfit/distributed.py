@@ -29,7 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import __version__, io
-from .job import JobSummary, checked_options, fit_table, job_columns
+from .job import JobSummary, fit_table, job_columns
+from .options import resolve
 
 PARTITION_BYTES = 32 << 20  # decoded input per partition: far below Ray's 128 MiB blocks
 
@@ -63,7 +64,7 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if num_gpus_per_worker < 0:
         raise ValueError(f"--num-gpus-per-worker must be >= 0, got {num_gpus_per_worker}")
-    resolved = checked_options(fit_options)
+    resolved = resolve(**fit_options)
     local_output = _is_local(output_path)
     if local_output:
         io.check_writable(output_path.rstrip("/") or ".", directory_output=True)
@@ -98,7 +99,7 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
     if layout.format == "long":
         partitions = max(1, -(-n_rows * 8 * len(layout.columns) // PARTITION_BYTES))
         dataset = dataset.repartition(partitions, keys=[columns.series_id])
-    metadata = {"version": __version__, **resolved, "input": input_path,
+    metadata = {"version": __version__, **resolved.describe(), "input": input_path,
                 "format": layout.format, "engine": "ray",
                 "options": {k: v for k, v in fit_options.items() if not callable(v)}}
     schema = io.output_schema(layout.id_type, job_columns(resolved), metadata)

@@ -9,51 +9,57 @@ batch size and series length, and is reused across calls.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import os
+import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
+from . import aot, cache, native, stats
+from .native import usable_cpus
 from .diagnostics import PRECISION_LIMITED
+from .kernel import key_of
 from .losses import resolve_loss
 from .models import Model, resolve_model, with_param_count
 from .nonlinear import solve_model
 from .problem import (
     FitResult,
     History,
+    Inputs,
     Series,
+    checked_inputs,
     float32_overflows,
     float32_unsafe_rows,
     make_problem,
+    problem_of,
     used_points,
 )
+from .options import Options, resolve
 from .solvers import (
-    DEFAULT_EPOCHS,
-    SOLVERS,
+    EAGER_S_PER_POINT,
     SolverConfig,
+    eager_seconds,
     random_init,
     solve_descent,
+    refit_exact,
     solve_exact,
     solve_newton,
     solve_without_points,
 )
 
-MAX_DEGREE = 10
-# A compile costs about this much (warm inductor cache, 2 cores; a cold one 10-30 s): compile
+# An in-process compile (torch.compile) costs about this much (warm inductor cache, 2 cores; a cold one 10-30 s): compile
 # a kernel when its estimated eager time (solvers.eager_seconds) is larger. With
 # compile=True, every kernel above TRIVIAL_S is compiled (a handful of rows never is).
 COMPILE_COST_S = 5.0
 TRIVIAL_S = 0.05
-_VMAPPED: dict = {}
-# Inductor's own lowering code calls a deprecated torch helper; that is torch's business, not
-# the user's, so keep it off their terminal.
-warnings.filterwarnings("ignore", message="`torch._prims_common.check` is deprecated",
-                        category=FutureWarning)
-_COMPILED: dict = {}
 
 
 def resolve_device(device, *arrays) -> torch.device:
@@ -71,18 +77,6 @@ def resolve_device(device, *arrays) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
     return device
-
-
-def resolve_dtype(dtype, y) -> torch.dtype:
-    """Default float32 (the contract's), or float64 when y is already a float64 tensor."""
-    if dtype is None:
-        return torch.float64 if isinstance(y, torch.Tensor) and y.dtype == torch.float64 \
-            else torch.float32
-    names = {"float32": torch.float32, "float64": torch.float64}
-    resolved = names.get(dtype, dtype)
-    if resolved not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return resolved
 
 
 def _own_entry(batched: Callable) -> Callable:
@@ -106,7 +100,12 @@ def _in_dims(args):
 class _Vectorizer:
     """``vectorize(fn, *args, eager_s=0)``: run per-series ``fn`` over the batch.
 
-    ``eager_s`` estimates the kernel's uncompiled run time; see COMPILE_COST_S.
+    ``eager_s`` estimates the kernel's uncompiled run time. With ``compile="auto"`` a kernel
+    compiled ahead of time for this machine (``batchfit.aot``) is used when there is one, and
+    built (once, for every later process too) when ``eager_s`` reaches AOT_WORTH_S; kernels
+    of user callables, which cannot be kept, are compiled in-process past COMPILE_COST_S.
+    ``compile=True`` compiles every kernel above TRIVIAL_S in-process (unless one is kept
+    already); ``compile=False`` never compiles.
     """
 
     def __init__(self, compile, fullgraph: bool):
@@ -114,27 +113,239 @@ class _Vectorizer:
         self.fullgraph = fullgraph
 
     def __call__(self, fn: Callable, *args, eager_s: float = 0):
-        key = (fn, _in_dims(args))
+        in_dims = _in_dims(args)
+        if self.compile is not False:
+            ahead = _ahead_of_time(fn, in_dims, args, eager_s, build=self.compile == "auto")
+            if ahead is not None:
+                return ahead(*args)
         hot = eager_s >= TRIVIAL_S if self.compile is True else (
-            self.compile == "auto" and eager_s >= COMPILE_COST_S)
+            self.compile == "auto" and key_of(fn) is None and eager_s >= COMPILE_COST_S)
+        key = (fn, in_dims)
         if hot:
             batched = _COMPILED.get(key)
             if batched is None:
-                batched = torch.compile(_own_entry(vmap(fn, in_dims=key[1])), dynamic=True,
+                batched = torch.compile(_own_entry(vmap(fn, in_dims=in_dims)), dynamic=True,
                                         fullgraph=self.fullgraph)
-                _COMPILED[key] = batched
+                _COMPILED.put(key, batched)
+            with warnings.catch_warnings():
+                # inductor's own lowering calls a deprecated torch helper: not the user's business
+                warnings.filterwarnings("ignore", message="`torch._prims_common.check` is "
+                                        "deprecated", category=FutureWarning)
+                return batched(*args)
         else:
-            batched = _VMAPPED.setdefault(key, vmap(fn, in_dims=key[1]))
+            batched = _VMAPPED.get(key)
+            if batched is None:
+                batched = vmap(fn, in_dims=in_dims)
+                _VMAPPED.put(key, batched)
         return batched(*args)
 
 
-def _check_number(name, value, *, low=None, integer=False, strictly=False):
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if low is not None and (value <= low if strictly else value < low):
-        raise ValueError(f"{name} must be {'>' if strictly else '>='} {low}, got {value!r}")
-    return value
+class _Bounded(OrderedDict):
+    """A small LRU map (kernels keyed by user callables must not pile up)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+_VMAPPED = _Bounded(256)
+_COMPILED = _Bounded(64)
+# Building an ahead-of-time kernel takes ~30-90 s on 2 cores, once per machine: worth it when
+# the uncompiled call would take this long (``batchfit warmup`` builds the common ones).
+AOT_WORTH_S = 3.0
+_AHEAD: dict = {}  # name -> loaded kernel, or False (failed to build)
+_BUILD_ALL: list = []  # non-empty while ``warmup`` runs: build every keyed kernel
+
+
+def _source_digest() -> str:
+    if not _SOURCE:
+        package = os.path.dirname(os.path.abspath(__file__))
+        parts = []
+        for root, _, files in sorted(os.walk(package)):
+            for name in sorted(files):
+                if name.endswith((".py", ".c", ".h")):
+                    with open(os.path.join(root, name), "rb") as f:
+                        parts.append(f.read())
+        _SOURCE.append(cache.digest(*parts))
+    return _SOURCE[0]
+
+
+_SOURCE: list = []
+
+
+def _describe(key) -> str:
+    (module, name), args = key if len(key) == 2 and isinstance(key[0], tuple) else (key, ())
+    return f"{name}{args!r}" if args else name
+
+
+def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
+    """The kernel compiled ahead of time for these arguments' structure, dtypes and device:
+    loaded from the cache, or built now when worth it; None to run it another way."""
+    key = key_of(fn)
+    if key is None:
+        return None
+    tensors, constants, spec = aot.split(args)
+    sizes = [t.shape[d] for t in tensors for d in range(min(t.ndim, 2))]
+    if not tensors or min(sizes, default=aot.MIN_BATCH) < aot.MIN_BATCH:
+        return None
+    devices = {t.device.type for t in tensors}
+    name = cache.digest(key, in_dims, [(str(t.dtype), t.ndim) for t in tensors], constants,
+                        spec, sorted(devices), torch.__version__, sys.version_info[:2],
+                        _source_digest())
+    known = _AHEAD.get(name)
+    if known is not None:
+        return known or None
+    directory = cache.cache_dir("aot", f"torch-{torch.__version__}")
+    path = os.path.join(directory, f"{name}.pt2")
+    failed = path + ".failed"
+    if os.path.exists(path):
+        _AHEAD[name] = aot.load(path) or False
+        return _AHEAD[name] or None
+    if os.path.exists(failed):
+        _AHEAD[name] = False
+        return None
+    if not (_BUILD_ALL or (build and eager_s >= AOT_WORTH_S)):
+        return None
+    try:
+        seconds = aot.build(fn, in_dims, args, path)
+    except Exception as exc:  # export/compile failures of torch: run it uncompiled
+        with open(failed, "w") as f:
+            f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n")
+        cache.notice(f"could not compile {_describe(key)} ahead of time ({type(exc).__name__});"
+                     " it runs uncompiled")
+        _AHEAD[name] = False
+        return None
+    cache.notice(f"compiled {_describe(key)} for this machine in {seconds:.0f} s (once; kept "
+                 f"in {directory})")
+    _AHEAD[name] = aot.load(path) or False
+    return _AHEAD[name] or None
+
+
+_POOL: list = []
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """One pool of ``usable_cpus()`` threads for the work that releases the GIL (the native
+    kernel, Parquet decoding)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(usable_cpus(), thread_name_prefix="batchfit"))
+    return _POOL[0]
+
+
+def configure_threads():
+    """Size torch's thread pool to the CPUs this process may use (once)."""
+    if not _CONFIGURED:
+        torch.set_num_threads(usable_cpus())
+        _CONFIGURED.append(True)
+
+
+_CONFIGURED: list = []
+NATIVE_MIN_ROWS = 8192  # rows per thread of the native kernel, at least
+
+
+def _exact(inputs: Inputs, cfg: SolverConfig, vectorize) -> FitResult:
+    """The exact fit of dense inputs from their moment tables (``batchfit.moments``): on the
+    CPU gathered and solved by the native kernel (rows shared out over the threads), else
+    (CUDA, or no C compiler) by its torch twin on the inputs' device. Series whose sums lost
+    digits are fitted again on their points."""
+    def points(rows):
+        return problem_of(inputs.take(rows), dtype=torch.float64)
+
+    if inputs.y.device.type != "cpu" or native.library() is None:
+        table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
+        return solve_exact(table, weighted, cfg, vectorize, points)
+    table, weighted = _aggregate_native(inputs, cfg.degree)
+    record = native.solve(table, cfg.degree, weighted)
+    result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
+                                   model=cfg.model)
+    redo = torch.from_numpy(np.flatnonzero(~record["trusted"]))
+    return result.with_rows(redo, refit_exact(points(redo), cfg, vectorize)) \
+        if redo.numel() else result
+
+
+def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tensor, bool]:
+    problem = problem_of(inputs, dtype=torch.float64, centre_x=False)
+    weighted = problem.w is not None
+    rows = vectorize(stats.dense_kernel(degree, weighted), Series.of(problem),
+                     eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())
+    return torch.stack(rows, dim=1), weighted
+
+
+def _aggregate_native(inputs: Inputs, degree: int) -> tuple[np.ndarray, bool]:
+    x, y, w, lengths, mask = inputs
+    batch, n = y.shape
+    if lengths is not None or mask is not None:  # unused points become weight 0
+        keep = torch.ones((batch, n), dtype=torch.bool) if mask is None else mask
+        if lengths is not None:
+            keep = keep & (torch.arange(n) < lengths[:, None])
+        w = keep.to(torch.float64) if w is None else w * keep
+    single = all(v is None or v.dtype == torch.float32 for v in (x, y, w))
+    dtype = np.float32 if single else np.float64
+
+    def array(value):
+        return None if value is None else np.asarray(value.detach().numpy(), dtype=dtype)
+
+    xs = array(x[0] if inputs.shared_x else x)
+    ys, ws = array(y), array(w)
+    parts = max(1, min(usable_cpus(), batch // NATIVE_MIN_ROWS))
+    bounds = np.linspace(0, batch, parts + 1).astype(int)
+
+    def part(lo: int, hi: int) -> np.ndarray:
+        agg = native.Aggregator(degree, ws is not None, dtype == np.float64, rows=hi - lo)
+        agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
+                      None if ws is None else ws[lo:hi])
+        return agg.finish(hi - lo)
+
+    tables = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
+    return (np.concatenate(tables) if parts > 1 else tables[0]), ws is not None
+
+
+def aggregator(degree: int, weighted: bool, double: bool, device, rows: int = 1):
+    """Where a job's statistics are gathered: the native kernel on the CPU (when it can be
+    built here), else torch on ``device``."""
+    device = resolve_device(device)
+    if device.type == "cpu" and native.library() is not None:
+        return native.Aggregator(degree, weighted, double, rows)
+    return stats.TorchAggregator(degree, weighted, device, rows)
+
+
+def solve_moments(table, weighted: bool, step, opts: Options) -> dict:
+    """``native.solve``'s record, computed by the torch twin (``stats.solve_kernel``) on
+    ``opts``' device: for jobs that gather their tables with torch."""
+    degree, k = opts.degree, opts.degree + 1
+    device = resolve_device(opts.device)
+    table = torch.as_tensor(np.asarray(table), device=device)
+    if step is not None:
+        m = torch.as_tensor(np.asarray(step), device=device).T
+        step = (tuple(m[:k]), tuple(m[k:2 * k]), m[2 * k], tuple(m[2 * k + 1:3 * k + 1]),
+                m[3 * k + 1])
+    out = stats.solve(table, degree, weighted, vectorizer(opts), step)
+    record = {name: (torch.stack(value, 1) if isinstance(value, tuple) else value).cpu().numpy()
+              for name, value in out.items()}
+    record["n_points"] = record["n_points"].astype(np.int64)
+    record["iterations"] = np.isin(record["status"], (0, 4)).astype(np.int64)
+    return record
+
+
+def compile_for_job(opts: Options, n_points: int, n_series: int):
+    """A job fits in many calls, each of which may look too small to be worth a compile; the
+    job as a whole may be. The ``compile`` option its calls should get."""
+    if opts.compile != "auto":
+        return opts.compile
+    seconds = eager_seconds(opts.solver, opts.loss == "mse", n_series, n_points, opts.epochs)
+    return True if seconds >= COMPILE_COST_S else "auto"
 
 
 def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=None, p0=None,
@@ -177,42 +388,43 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         (the batch's quantiles) and for the ``track`` series (indices; default: 5 spread
         over the batch), see ``FitResult.history``.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    _check_number("degree", degree, low=0, integer=True)
-    if degree > MAX_DEGREE:
-        raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
-    model_spec = _resolved_model(model, degree, p0, param_names, bounds)
-    if model_spec.is_poly and p0 is not None:
-        init = p0
-    _check_number("f_scale", f_scale, low=0, strictly=True)
-    dtype = resolve_dtype(dtype, y)
-    if tol is None:  # nonlinear models converge linearly at the end: ask for more
-        tol = 1e-10 if not model_spec.is_poly and dtype == torch.float64 else 1e-6
-    _check_number("tol", tol, low=0)
-    _check_number("seed", seed, integer=True)
-    _check_number("history_every", history_every, low=0, integer=True)
-    _check_number("history_sample", history_sample, low=0, integer=True)
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    loss_spec = resolve_loss(loss)
-    if solver == "auto":
-        solver = "exact" if loss_spec.is_mse and model_spec.is_poly else "newton"
-    if solver == "exact" and not model_spec.is_poly:
-        raise ValueError(f"the exact solver fits polynomials; use newton (Levenberg-Marquardt)"
-                         f" for the {model_spec.name} model")
-    if lr is None:
-        lr = 1e-3
-    _check_number("lr", lr, low=0, strictly=True)
-    epochs = DEFAULT_EPOCHS.get(solver, 1) if epochs is None else epochs
-    _check_number("epochs", epochs, low=0, integer=True)
+    opts = resolve(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
+                   loss=loss, f_scale=f_scale, solver=solver, lr=lr, epochs=epochs, tol=tol,
+                   init=init, seed=seed, device=device, dtype=dtype, compile=compile,
+                   history_every=history_every, history_sample=history_sample, track=track,
+                   y=y)
+    return solve(x, y, weights, lengths, mask, opts)
 
-    device = resolve_device(device, x, y)
-    options = dict(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
-                   loss=loss, f_scale=f_scale, solver=solver, lr=lr,
-                   epochs=epochs, tol=tol, init=init, seed=seed, device=device,
-                   compile=compile, history_every=history_every,
-                   history_sample=history_sample, track=track)
+
+def config(opts: Options) -> SolverConfig:
+    """The solvers' configuration of resolved options: losses and models as torch objects
+    (user callables checked here: they need torch)."""
+    model = _resolved_model(opts.model, opts.degree, opts.p0, opts.param_names, opts.bounds)
+    return SolverConfig(degree=opts.degree, model=model, loss=resolve_loss(opts.loss),
+                        f_scale=opts.f_scale, lr=opts.lr, epochs=opts.epochs, tol=opts.tol,
+                        init=opts.init, seed=opts.seed, history_every=opts.history_every,
+                        history_sample=opts.history_sample, track=opts.track)
+
+
+def vectorizer(opts: Options) -> _Vectorizer:
+    """The kernel runner of these options (the compile policy lives here)."""
+    return _Vectorizer(opts.compile, fullgraph=not callable(opts.loss))
+
+
+def solve(x, y, weights, lengths, mask, opts: Options) -> FitResult:
+    """``fit`` on resolved options."""
+    configure_threads()
+    device = resolve_device(opts.device, x, y)
+    cfg, solver, dtype = config(opts), opts.solver, getattr(torch, opts.dtype)
+    model_spec, loss_spec, p0 = cfg.model, cfg.loss, opts.p0
+    vectorize = vectorizer(opts)
+    options = {**opts.kwargs(), "device": device}
+    options.pop("dtype")
+    if solver == "exact":  # float64 statistics whatever the dtype: one pass, then a solve
+        inputs = checked_inputs(x, y, weights, lengths, mask, device=device)
+        if inputs.y.numel() == 0:
+            return solve_without_points(inputs.y.shape[0], device, cfg, solver)
+        return _exact(inputs, cfg, vectorize)
     wide = None
     if dtype == torch.float32 and float32_overflows(y):  # huge |y| would cast to inf
         wide = float32_unsafe_rows(y)
@@ -220,21 +432,13 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
             return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
     problem = make_problem(x, y, weights, lengths, mask, dtype=dtype, device=device,
                            centre_x=model_spec.is_poly)
-    vectorize = _Vectorizer(compile, fullgraph=loss_spec.user is None)
     if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
                          "weighted or non-finite points; return per-point losses instead")
-    cfg = SolverConfig(degree=degree, model=model_spec, loss=loss_spec, f_scale=float(f_scale),
-                       lr=float(lr), epochs=int(epochs), tol=float(tol), init=init, seed=seed,
-                       history_every=history_every, history_sample=history_sample,
-                       track=None if track is None else tuple(int(i) for i in track))
-
     if problem.y.numel() == 0:
-        return solve_without_points(problem, cfg, solver)
+        return solve_without_points(problem.batch_size, problem.device, cfg, solver)
     if not model_spec.is_poly:
         result = solve_model(problem, cfg, vectorize, solver, p0)
-    elif solver == "exact":
-        result = solve_exact(problem, cfg, vectorize)
     elif solver == "newton":
         result = solve_newton(problem, cfg, vectorize)
     else:
@@ -284,7 +488,7 @@ def _needs_float64(result: FitResult, y) -> np.ndarray | None:
     return wide if wide.any() else None
 
 
-RESULT_FIELDS = ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status")
+RESULT_FIELDS = FitResult.RECORD
 
 
 def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np.ndarray,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .names import BUILTIN_LOSSES
+
 
 def _linear(z):
     return z
@@ -42,7 +44,6 @@ def _arctan(z):
 
 RHO = {"mse": _linear, "linear": _linear, "huber": _huber, "soft_l1": _soft_l1,
        "cauchy": _cauchy, "arctan": _arctan}
-BUILTIN_LOSSES = ("mse", "huber", "soft_l1", "cauchy", "arctan")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class Loss:
     rho: Callable | None = None
     user: Callable | None = None
     reduces: bool = False  # the user callable returns a scalar per series
+
+    @property
+    def stable_key(self):
+        """A name that means the same in every process (None for user callables)."""
+        return None if self.user is not None else ("loss", self.name)
 
     @property
     def is_mse(self) -> bool:

@@ -29,6 +29,7 @@ import torch
 from numpy.polynomial import chebyshev
 
 from .linalg import Mat, Vec, mat_mat
+from .names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns  # noqa: F401
 
 
 class Sums(NamedTuple):
@@ -78,7 +79,7 @@ def _cheb_to_mono_table(k: int) -> np.ndarray:
 
 
 # Plain nested tuples of floats, made once at import, so torch.compile sees constants.
-MAX_TERMS = 11
+MAX_TERMS = MAX_DEGREE + 1
 _CHEB_TO_MONO = {k: tuple(map(tuple, _cheb_to_mono_table(k).tolist()))
                  for k in range(1, MAX_TERMS + 1)}
 _MONO_TO_CHEB = {k: tuple(map(tuple, np.linalg.inv(_cheb_to_mono_table(k)).tolist()))
@@ -188,6 +189,17 @@ class Model:
         return len(self.param_names)
 
     @property
+    def stable_key(self):
+        """A name that means the same in every process: the polynomial and the built-in
+        families (with their bounds); None for a user's model."""
+        if self.is_poly:
+            return ("poly", self.degree)
+        family = FAMILIES.get(self.name)
+        if family is None or family.f is not self.f or family.start is not self.start:
+            return None
+        return ("model", self.name, self.param_names, self.lower, self.upper)
+
+    @property
     def is_poly(self) -> bool:
         return self.f is None
 
@@ -198,10 +210,7 @@ class Model:
 
 def polynomial(degree: int) -> Model:
     """``y = sum_i p_i x**i``: columns a, b, c for the quadratic, else p0 .. pD."""
-    if degree == 2:
-        columns = (("a", 2), ("b", 1), ("c", 0))
-    else:
-        columns = tuple((f"p{i}", i) for i in range(degree + 1))
+    columns = poly_columns(degree)
     names = tuple(name for name, _ in sorted(columns, key=lambda c: c[1]))
     return Model("poly", names, columns=columns, degree=degree)
 
@@ -290,16 +299,17 @@ def _positive(x):
     return x > 0
 
 
+def _sigma_positive(p):
+    return (p[0], p[1], p[2].abs(), p[3])
+
+
 FAMILIES = {
-    "exp": Model("exp", ("a", "b", "c"), _exp, _exp_start),
-    "gauss": Model("gauss", ("a", "mu", "sigma", "c"), _gauss, _gauss_start,
-                   canonical=lambda p: (p[0], p[1], p[2].abs(), p[3])),
-    "logistic": Model("logistic", ("L", "k", "x0", "c"), _logistic, _logistic_start),
-    "power": Model("power", ("a", "b", "c"), _power, _power_start, domain=_positive),
+    "exp": Model("exp", FAMILY_PARAMS["exp"], _exp, _exp_start),
+    "gauss": Model("gauss", FAMILY_PARAMS["gauss"], _gauss, _gauss_start,
+                   canonical=_sigma_positive),
+    "logistic": Model("logistic", FAMILY_PARAMS["logistic"], _logistic, _logistic_start),
+    "power": Model("power", FAMILY_PARAMS["power"], _power, _power_start, domain=_positive),
 }
-FORMULAS = {"poly": "sum_i p_i x^i", "exp": "a*exp(-b*x) + c",
-            "gauss": "a*exp(-(x-mu)^2/(2*sigma^2)) + c",
-            "logistic": "L/(1+exp(-k*(x-x0))) + c", "power": "a*x^b + c (x > 0)"}
 
 
 def resolve_model(model, degree: int, param_names=None, bounds=None) -> Model:

@@ -20,7 +20,6 @@ Huber's M-estimator form (robust losses); NaN for user losses.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -28,6 +27,7 @@ from torch.func import grad, jacrev
 
 from . import linalg
 from .diagnostics import finalize
+from .kernel import factory
 from .linalg import Mat, Vec
 from .losses import Loss
 from .models import Model
@@ -83,7 +83,7 @@ def _free(model: Model, p: Vec, gradient: Vec, matrix: Mat) -> tuple[Vec, Mat]:
     return gradient, matrix
 
 
-@cache
+@factory
 def setup_kernel(model: Model):
     """Per series: its points for the model, count, weighted total squares, mean y."""
     def kernel(series: Series, consts):
@@ -98,7 +98,7 @@ def setup_kernel(model: Model):
     return kernel
 
 
-@cache
+@factory
 def model_objective(model: Model, loss: Loss):
     def objective(p: Vec, data: ModelData, consts):
         pred = model.f(data.x, torch.stack(p))
@@ -106,7 +106,7 @@ def model_objective(model: Model, loss: Loss):
     return objective
 
 
-@cache
+@factory
 def gauss_newton(model: Model, loss: Loss):
     """Per series at ``p``: loss, gradient, Gauss-Newton curvature and Jacobian columns."""
     k = model.k
@@ -134,7 +134,7 @@ def _decrement_ok(matrix: Mat, gradient: Vec, value, floor, consts):
     return ok & (decrement2 / 2 <= consts.tol * (value.abs() + floor))
 
 
-@cache
+@factory
 def lm_step(model: Model, loss: Loss):
     """Per series: one Levenberg-Marquardt iteration (see the module docstring)."""
     evaluate = gauss_newton(model, loss)
@@ -161,7 +161,7 @@ def lm_step(model: Model, loss: Loss):
     return step
 
 
-@cache
+@factory
 def final_kernel(model: Model, loss: Loss, newton: bool):
     """Per series: last convergence check, diagnostics, standard errors, status."""
     evaluate = gauss_newton(model, loss)

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .models import Model, polynomial
+from .names import STATUS_LABELS, Status
 
 
-class Status(IntEnum):
-    """Per-series outcome. A failure is data, not an exception."""
 
-    OK = 0
-    TOO_FEW_POINTS = 1  # fewer usable points than coefficients
-    SINGULAR = 2  # x does not have enough distinct values for the degree
-    NOT_CONVERGED = 3  # an iterative solver stopped before meeting tol
-    DIVERGED = 4  # non-finite values, or the loss grew
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-STATUS_LABELS = np.array([s.label for s in Status])
 
 
 @dataclass(frozen=True)
@@ -154,6 +141,30 @@ class FitResult:
     def output_model(self) -> Model:
         return polynomial(self.degree) if self.model is None else self.model
 
+    RECORD = ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status")
+
+    @classmethod
+    def from_record(cls, record: dict, *, solver: str, loss_name: str, model=None,
+                    device=None) -> FitResult:
+        """A result from a record of numpy arrays (``native.solve``'s)."""
+        def tensor(value):
+            out = torch.from_numpy(np.ascontiguousarray(value))
+            return out if device is None else out.to(device)
+        return cls(**{name: tensor(record[name]) for name in cls.RECORD}, solver=solver,
+                   loss_name=loss_name, model=model)
+
+    def record(self) -> dict:
+        """The per-series fields as numpy arrays (what the output tables are made of)."""
+        return {name: getattr(self, name).cpu().numpy() for name in self.RECORD}
+
+    def with_rows(self, rows: torch.Tensor, part: FitResult) -> FitResult:
+        """This result with the series at ``rows`` taken from ``part`` (fitted apart)."""
+        rows = rows.to(self.status.device)
+        return dataclasses.replace(self, **{
+            name: getattr(self, name).index_put((rows,), getattr(part, name).to(
+                getattr(self, name).device, getattr(self, name).dtype))
+            for name in self.RECORD})
+
     def status_labels(self) -> np.ndarray:
         """Status names ('ok', 'singular', ...) as a numpy array of str."""
         return STATUS_LABELS[self.status.cpu().numpy()]
@@ -178,10 +189,9 @@ def _as_tensor(name: str, value, device) -> torch.Tensor:
         return torch.as_tensor(array, device=device)
 
 
-def _floating(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _real(name: str, value: torch.Tensor):
     if value.is_complex() or value.dtype == torch.bool:
         raise ValueError(f"{name} must be real numbers, got {value.dtype}")
-    return value.to(dtype)
 
 
 # Float32 sums of squares overflow above, and squared residuals underflow below, this band of
@@ -218,18 +228,40 @@ def float32_overflows(y) -> bool:
     return top > FLOAT32_SAFE_Y[1]
 
 
-def make_problem(x, y, weights=None, lengths=None, mask=None, *,
-                 dtype: torch.dtype, device: torch.device, centre_x: bool = True) -> Problem:
-    """Validate arrays or tensors and lay them out as a Problem.
+class Inputs(NamedTuple):
+    """``fit``'s arrays checked and as tensors on the device, not yet cast: ``y`` (B, N); ``x``
+    like y (a shared (N,) x expanded, stride 0, no copy); ``w`` like y or None; ``lengths``
+    (B,) int64 or None; ``mask`` (B, N) bool or None."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor | None
+    lengths: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    @property
+    def shared_x(self) -> bool:
+        return self.y.shape[0] > 1 and self.x.stride(0) == 0
+
+    def take(self, rows: torch.Tensor) -> Inputs:
+        """The series at ``rows``."""
+        def pick(value):
+            return None if value is None else value[rows.to(value.device)]
+        return Inputs(*(pick(v) for v in self))
+
+
+def checked_inputs(x, y, weights=None, lengths=None, mask=None, *, device) -> Inputs:
+    """Validate ``fit``'s arrays or tensors; one-line ValueErrors on bad input.
 
     ``y`` is (B, N) or (N,) for one series; ``x`` is the same shape, or (N,) shared by all
-    series (broadcast without a copy). Raises ValueError with a one-line message on bad input.
+    series (broadcast without a copy).
     """
     y_in = _as_tensor("y", y, device)
     if y_in.ndim == 1:
         y_in = y_in[None]
     if y_in.ndim != 2:
         raise ValueError(f"y must be 1-D or 2-D (batch, points), got shape {tuple(y_in.shape)}")
+    _real("y", y_in)
     batch, n = y_in.shape
     x_in = _as_tensor("x", x, device)
     if x_in.shape == (n,):
@@ -239,10 +271,11 @@ def make_problem(x, y, weights=None, lengths=None, mask=None, *,
     if x_in.shape != y_in.shape:
         raise ValueError(f"x has shape {tuple(x_in.shape)} but y has {tuple(y_in.shape)}; "
                          "x must match y or be 1-D with one value per point")
-
+    _real("x", x_in)
     w = None
     if weights is not None:
-        w = _floating("weights", _as_tensor("weights", weights, device), dtype)
+        w = _as_tensor("weights", weights, device)
+        _real("weights", w)
         if w.ndim == 1 and w.shape[0] == n:
             w = w.expand(batch, n)
         elif w.ndim == 1 and batch == 1:
@@ -262,7 +295,22 @@ def make_problem(x, y, weights=None, lengths=None, mask=None, *,
         mask = _as_tensor("mask", mask, device)
         if mask.dtype != torch.bool or mask.shape != y_in.shape:
             raise ValueError(f"mask must be a bool array of shape {tuple(y_in.shape)}")
+    return Inputs(x_in, y_in, w, lengths, mask)
 
+
+def make_problem(x, y, weights=None, lengths=None, mask=None, *,
+                 dtype: torch.dtype, device: torch.device, centre_x: bool = True) -> Problem:
+    """Validate arrays or tensors (``checked_inputs``) and lay them out as a Problem in
+    ``dtype``."""
+    inputs = x if isinstance(x, Inputs) else checked_inputs(x, y, weights, lengths, mask,
+                                                             device=device)
+    return problem_of(inputs, dtype=dtype, centre_x=centre_x)
+
+
+def problem_of(inputs: Inputs, *, dtype: torch.dtype, centre_x: bool = True) -> Problem:
+    x_in, y_in, w, lengths, mask = inputs
+    batch, n = y_in.shape
+    device = y_in.device
     x_offset = None
     if centre_x and x_in.is_floating_point() and \
             torch.finfo(x_in.dtype).bits > torch.finfo(dtype).bits:
@@ -277,7 +325,7 @@ def make_problem(x, y, weights=None, lengths=None, mask=None, *,
         mid = (lo + hi) / 2
         x_offset = torch.where(torch.isfinite(mid), mid, 0).to(torch.float64)
         x_in = x_in - x_offset[:, None].to(x_in.dtype)
-    return Problem(x=_floating("x", x_in, dtype), y=_floating("y", y_in, dtype), w=w,
+    return Problem(x=x_in.to(dtype), y=y_in.to(dtype), w=None if w is None else w.to(dtype),
                    mask=mask, lengths=lengths, x_offset=x_offset)
 
 

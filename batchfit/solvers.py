@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import NamedTuple
 
 import torch
 from torch.func import grad
 
-from . import linalg
-from .diagnostics import coefficient_errors, finalize, summarise
+from . import linalg, stats
+from .diagnostics import finalize, summarise
+from .kernel import factory
 from .linalg import Mat, Vec, mat_vec
 from .losses import Loss
 from .models import (
@@ -35,14 +35,12 @@ from .models import (
     chebyshev_eval,
     chebyshev_terms,
     from_raw_map,
-    gram_from_sums,
     prepare,
     to_raw_map,
     total_squares,
 )
 from .problem import FitResult, History, Problem, Series, Status, used_points
 
-SOLVERS = ("auto", "exact", "newton", "gd", "adam")
 
 # Eager cost model (seconds), measured on a 2-core Xeon with torch 2.13: what a kernel would
 # take uncompiled. The engine compiles when this exceeds the cost of a compile.
@@ -61,7 +59,6 @@ def eager_seconds(solver: str, mse: bool, n_series: int, n_points: int, epochs: 
     per_epoch = (EAGER_S_PER_MOMENT_EPOCH * n_series if mse
                  else EAGER_S_PER_POINT["descent"] * n_points)
     return (per_epoch + EAGER_S_PER_STEP) * epochs
-DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 
 
 @dataclass(frozen=True)
@@ -89,8 +86,6 @@ class Consts(NamedTuple):
     """Scalars shared by the whole batch, as 0-d tensors so changing them never recompiles."""
 
     pivot_tol: torch.Tensor
-    trust_pivot: torch.Tensor
-    cancellation_tol: torch.Tensor
     f_scale: torch.Tensor
     tol: torch.Tensor
     lr: torch.Tensor
@@ -129,8 +124,7 @@ def _consts(cfg: SolverConfig, problem: Problem) -> Consts:
         return torch.tensor(value, dtype=dtype, device=problem.device)
 
     eps = torch.finfo(problem.dtype).eps
-    return Consts(pivot_tol=scalar(100 * cfg.k * eps), trust_pivot=scalar(TRUST_PIVOT),
-                  cancellation_tol=scalar(CANCELLATION_MARGIN * eps), f_scale=scalar(cfg.f_scale),
+    return Consts(pivot_tol=scalar(100 * cfg.k * eps), f_scale=scalar(cfg.f_scale),
                   tol=scalar(cfg.tol), lr=scalar(cfg.lr), epochs=scalar(cfg.epochs, torch.int64))
 
 
@@ -169,7 +163,7 @@ def moment_hessian(q: Vec, data: MomentData, consts: Consts) -> Mat:
     return tuple(tuple(2 * g / data.wsum for g in row) for row in data.gram)
 
 
-@cache
+@factory
 def point_objective(loss: Loss) -> Callable:
     def objective(q: Vec, data: PointData, consts: Consts):
         return loss.series_loss(chebyshev_eval(data.t, q), data.y, data.w, consts.f_scale)
@@ -195,7 +189,7 @@ def hessian(objective: Callable, q: Vec, *args) -> Mat:
     return tuple(grad(gradient_entry(i))(q, *args) for i in range(len(q)))
 
 
-@cache
+@factory
 def convergence_check(objective: Callable) -> Callable:
     """Per series: ``(loss, converged)`` at q, by the Newton decrement test."""
     def check(q: Vec, data, floor, consts: Consts):
@@ -209,7 +203,7 @@ def convergence_check(objective: Callable) -> Callable:
 
 # ---------------------------------------------------------------- per-series kernels
 
-@cache
+@factory
 def prepare_kernel(degree: int) -> Callable:
     """Per series: frame, sums, spread of y, the exact MSE solution and whether it exists."""
     def kernel(series: Series, consts: Consts):
@@ -220,7 +214,7 @@ def prepare_kernel(degree: int) -> Callable:
     return kernel
 
 
-@cache
+@factory
 def points_kernel(degree: int) -> Callable:
     def kernel(series: Series, consts: Consts):
         w, x, y = used_points(series)
@@ -229,7 +223,7 @@ def points_kernel(degree: int) -> Callable:
     return kernel
 
 
-@cache
+@factory
 def final_kernel(loss: Loss, degree: int, newton: bool) -> Callable:
     """Per series, after an iterative solver: last convergence check, diagnostics, status.
     Newton's MSE steps use the sums only, so its answer gets the exact solver's refinement
@@ -261,7 +255,7 @@ def refine(t, y, w, gram: Mat, q: Vec, pivot_tol) -> Vec:
     return tuple(qj + dj for qj, dj in zip(q, delta))
 
 
-@cache
+@factory
 def exact_kernel(loss: Loss, degree: int) -> Callable:
     """The careful exact fit of one series: prepare, solve, refine, summarise."""
     def kernel(series: Series, consts: Consts):
@@ -272,66 +266,6 @@ def exact_kernel(loss: Loss, degree: int) -> Callable:
         summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
         return finalize(summary, sums.n, solvable, torch.ones_like(solvable),
                         torch.zeros_like(solvable), check_precision=True)
-    return kernel
-
-
-# The two-pass exact fit skips iterative refinement only where every relative Cholesky pivot
-# of the Gram matrix is at least this: x spread evenly (linspace, uniform draws) gives
-# 0.77-0.95 up to degree 6; clustered or log-spaced x (0.16 and below) lose digits that one
-# refinement step on the points wins back (tests/test_conditioning.py).
-TRUST_PIVOT = 0.25
-# A sums-based residual sum of squares is trusted only when it is at least this many float
-# epsilons of the (shifted) sum y^2; below, cancellation would cost more than ~4 digits.
-CANCELLATION_MARGIN = 1e4
-
-
-@cache
-def dense_exact_kernel(degree: int) -> Callable:
-    """The exact fit of a series with every point valid and unit weights: two passes.
-
-    One pass finds the x range, one gathers the sums, with y shifted by the mean of a spread
-    sample of its points so that sum y^2 stays close to the total sum of squares; the residual
-    sum of squares then follows from the sums, with no third pass. (A one-pass variant that
-    took the frame from a sample of x measured no faster: the sums pass is compute-bound.)
-    ``trusted`` is False where that shortcut is unsafe: a non-finite value in the data, a
-    degenerate or unevenly spread series (a relative Cholesky pivot below TRUST_PIVOT: the
-    careful kernel refines those), or a fit so close that the subtraction loses too many
-    digits. The caller refits those rows with the careful kernel.
-    """
-    k = degree + 1
-
-    def kernel(x, y, x_offset, consts: Consts):
-        n = torch.full((), x.shape[-1], dtype=torch.int64, device=x.device)
-        lo, hi = x.amin(), x.amax()
-        centre = (lo + hi) / 2
-        half = torch.where(hi > lo, (hi - lo) / 2, 1)
-        t = (x - centre) * (1 / half)  # one division per series, not per point
-        y_shift = y[:: max(1, y.shape[-1] // 8)].mean()
-        y = y - y_shift
-        terms = chebyshev_terms(t, 2 * degree)
-        cheb_sums = [n.to(y.dtype)] + [tm.sum() for tm in terms[1:]]  # T_0 = 1
-        rhs = tuple((y * tm).sum() for tm in terms[:k])
-        syy = (y * y).sum()
-        gram = gram_from_sums(cheb_sums, k)
-        q, solvable = linalg.solve(gram, rhs, consts.pivot_tol)
-        sse = syy - linalg.dot(q, rhs)
-        sst = syy - rhs[0] ** 2 / cheb_sums[0]
-        well_conditioned = linalg.cholesky(gram, consts.trust_pivot)[1]
-        trusted = (well_conditioned & (n >= k) & torch.isfinite(sse) & torch.isfinite(sst)
-                   & (sse >= consts.cancellation_tol * syy))
-        centre_raw = centre.to(torch.float64)
-        if x_offset is not None:
-            centre_raw = centre_raw + x_offset
-        sums = Sums(centre, half, centre_raw, gram, rhs, cheb_sums[0], n, rhs[0] / cheb_sums[0])
-        q = (q[0] + y_shift,) + tuple(q[1:])
-        mean_square = sse / cheb_sums[0]
-        level = torch.sqrt((sums.ybar + y_shift) ** 2 + sst / cheb_sums[0])
-        summary = {"loss": mean_square, "rmse": torch.sqrt(mean_square), "level": level,
-                   "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
-                   "params": _frame_to_raw(sums, q),
-                   "stderr": coefficient_errors(sums, gram, sse, consts.pivot_tol)}
-        return trusted, finalize(summary, n, solvable, torch.ones_like(solvable),
-                                 torch.zeros_like(solvable), check_precision=True)
     return kernel
 
 
@@ -389,7 +323,7 @@ def _keep_frozen(active, new, old):
     return torch.where(active, new, old)
 
 
-@cache
+@factory
 def descent_chunk(objective: Callable, optimizer_name: str, unroll: int, lower=None,
                   upper=None) -> Callable:
     """Per series: ``unroll`` epochs of GD/Adam on the raw coefficients, then a check.
@@ -426,7 +360,7 @@ def descent_chunk(objective: Callable, optimizer_name: str, unroll: int, lower=N
     return chunk
 
 
-@cache
+@factory
 def newton_step(objective: Callable) -> Callable:
     """Per series: one damped Newton (Levenberg-Marquardt) iteration in the frame.
 
@@ -577,40 +511,60 @@ def _fit_result(out: dict, iterations, cfg: SolverConfig, solver: str,
                      solver=solver, loss_name=cfg.loss.name, history=history)
 
 
-def solve_without_points(problem: Problem, cfg: SolverConfig, solver: str) -> FitResult:
+def solve_without_points(batch: int, device, cfg: SolverConfig, solver: str) -> FitResult:
     """An empty batch, or series of length 0 (vmap needs at least one of each)."""
-    batch = problem.batch_size
-    nan = torch.full((batch, cfg.k), torch.nan, dtype=torch.float64, device=problem.device)
-    zeros = _zeros(problem, torch.int64)
-    status = torch.full((batch,), int(Status.TOO_FEW_POINTS), dtype=torch.int8,
-                        device=problem.device)
+    nan = torch.full((batch, cfg.k), torch.nan, dtype=torch.float64, device=device)
+    zeros = torch.zeros(batch, dtype=torch.int64, device=device)
+    status = torch.full((batch,), int(Status.TOO_FEW_POINTS), dtype=torch.int8, device=device)
     return FitResult(params=nan, stderr=nan.clone(), model=cfg.model, loss=nan[:, 0].clone(),
                      rmse=nan[:, 0].clone(), r2=nan[:, 0].clone(),
                      n_points=zeros, iterations=zeros.clone(), status=status, solver=solver,
                      loss_name=cfg.loss.name)
 
 
-def solve_exact(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
-    """Weighted least squares per series, in one pass over the points (plus one for diagnostics)."""
-    if not cfg.loss.is_mse:
-        raise ValueError(f"the exact solver fits MSE only; use newton for loss {cfg.loss.name!r}")
-    consts = _consts(cfg, problem)
-    careful = exact_kernel(cfg.loss, cfg.degree)
-    if problem.w is None and problem.mask is None and problem.lengths is None:
-        batch, points = problem.y.shape
-        trusted, out = vectorize(dense_exact_kernel(cfg.degree), problem.x, problem.y,
-                                 problem.x_offset, consts,
-                                 eager_s=EAGER_S_PER_POINT["exact"] * batch * points)
-        redo = torch.nonzero(~trusted).squeeze(1)  # one host sync; usually empty
-        if redo.numel():
-            part = vectorize(careful, Series.of(problem.take(redo)), consts,
-                             eager_s=EAGER_S_PER_POINT["careful"] * redo.numel() * points)
-            out = _scatter(out, redo, part)
-    else:
-        out = vectorize(careful, Series.of(problem), consts,
-                        eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())
+class StatsFit(NamedTuple):
+    """The fits of a statistics table, per series: the output record (``exact_result``
+    makes a FitResult of it), which rows' sums lost digits (to be refined on their points),
+    and each row's Chebyshev coefficients of y - yref in its frame."""
+
+    out: dict
+    trusted: torch.Tensor
+    q: tuple
+
+
+def fit_from_stats(table: torch.Tensor, weighted: bool, cfg: SolverConfig, vectorize,
+                   step=None) -> StatsFit:
+    """Weighted least squares per series from its statistics (``batchfit.stats``), in its
+    frame, in float64. ``step``: the residual moments of one refinement step on the points
+    (see ``stats.solve_kernel``)."""
+    out = stats.solve(table, cfg.degree, weighted, vectorize, step)
+    q, trusted = out.pop("q"), out.pop("trusted")
+    return StatsFit(out, trusted, q)
+
+
+def exact_result(out: dict, cfg: SolverConfig) -> FitResult:
     solved = (out["status"] == int(Status.OK)) | (out["status"] == int(Status.DIVERGED))
     return _fit_result(out, solved.to(torch.int64), cfg, "exact")
+
+
+def refit_exact(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
+    """The careful exact fit on the points (a float64 problem of a few series whose sums lost
+    digits): a solve, then one step of iterative refinement with the residuals."""
+    out = vectorize(exact_kernel(cfg.loss, cfg.degree), Series.of(problem),
+                    _consts(cfg, problem),
+                    eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())
+    return exact_result(out, cfg)
+
+
+def solve_exact(table: torch.Tensor, weighted: bool, cfg: SolverConfig, vectorize,
+                points: Callable[[torch.Tensor], Problem]) -> FitResult:
+    """``fit_from_stats``, with the rows whose sums lose digits (uneven x, or a residual lost
+    in cancellation) fitted again on their points, ``points(rows)`` (``refit_exact``)."""
+    fitted = fit_from_stats(table, weighted, cfg, vectorize)
+    result = exact_result(fitted.out, cfg)
+    redo = torch.nonzero(~fitted.trusted).squeeze(1)  # one host sync; usually empty
+    return result.with_rows(redo, refit_exact(points(redo), cfg, vectorize)) \
+        if redo.numel() else result
 
 
 class _Setup(NamedTuple):

@@ -1,20 +1,27 @@
-"""End-to-end `batchfit run` on generated long-format data, next to the Parquet floor.
+"""`batchfit run` end to end next to its peers on the same files, each a fresh process.
 
-Run:  python benchmarks/bench_run.py [--sizes 1e5 1e6] [--points 100] [--big 2e6] [--dir D]
+    python benchmarks/bench_run.py [--sizes 1e6 2e6] [--points 100] [--dir D] [--repeats 2]
+                                   [--contended] [--json out.json]
 
-For each size: generate the data (not timed), then time in one process run
-  * the floor: pyarrow reading the input's columns plus writing a table of the output's size;
-  * `batchfit run` as a user runs it (a subprocess: start-up included), wall and peak RSS
-    (from the kernel's rusage of the child);
-  * the same input shuffled (rows in random order, 4 files), for the sorted/shuffled ratio.
-Plus `batchfit run` on a 10,000-series file (wall incl. start-up), and with --big N the
-peak RSS of one run over an N-series input.
+For each size, three layouts of the same data (written once, not timed): rows sorted by
+series (`batchfit generate`), the same rows shuffled over 4 files, and list format. On each,
+in one run and one after another: `batchfit run` (exact, the defaults), the DuckDB and
+Polars GROUP BY of power sums plus a numpy solve (benchmarks/peers.py), and pyarrow's
+read-plus-write floor; wall time (best of --repeats) and peak RSS by GNU time.
+
+Reported: steady-state throughput, the marginal rate between the two sizes (series/s), and
+fixed start-up, the intercept of time against size; batchfit's throughput as a multiple of
+each peer's; shuffled against sorted; accuracy of every method against float64
+numpy.polyfit (2,000 series), and correct digits on Unix-timestamp x against exact rational
+least squares. ``--contended``: batchfit again with one CPU-bound process running beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,85 +34,193 @@ import pyarrow.parquet as pq
 
 from batchfit.generate import generate
 
-
-def floor_seconds(path: str, n_series: int) -> float:
-    """pyarrow streaming the input's columns (faster here than read_table, which buffers the
-    whole table) plus writing a table of the output's size."""
-    start = time.perf_counter()
-    for _ in pq.ParquetFile(path, pre_buffer=False).iter_batches(
-            batch_size=1 << 20, columns=["series_id", "x", "y"]):
-        pass
-    out = pa.table({name: np.zeros(n_series) for name in
-                    ["a", "b", "c", "a_stderr", "b_stderr", "c_stderr", "loss", "rmse", "r2"]}
-                   | {"series_id": np.arange(n_series), "n_points": np.zeros(n_series, int),
-                      "iterations": np.zeros(n_series, int),
-                      "status": pa.array(["ok"] * n_series)})
-    with tempfile.NamedTemporaryFile(suffix=".parquet", dir=os.path.dirname(path)) as f:
-        pq.write_table(out, f.name)
-    return time.perf_counter() - start
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("batchfit", "duckdb", "polars", "floor")
+LAYOUTS = ("sorted", "shuffled", "list")
+ACCURACY_SERIES = 2000
 
 
-def run_cli(*args: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of `batchfit run ...` in a fresh process, measured by
-    GNU time (the process tree's own peak, not the largest child seen so far)."""
+def timed(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of a fresh process, by GNU time."""
     with tempfile.NamedTemporaryFile("r") as report:
         start = time.perf_counter()
-        subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M", sys.executable, "-m",
-                        "batchfit", "run", *args, "--no-progress"], check=True,
-                       capture_output=True)
+        done = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%M", *command],
+                              capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
+        if done.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
         return wall, int(report.read().split()[-1]) / 1024
 
 
-def shuffled_copy(path: str, directory: str, seed: int = 0) -> str:
-    table = pq.read_table(path)
-    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
-    os.makedirs(directory)
-    for i, rows in enumerate(np.array_split(np.arange(table.num_rows), 4)):
-        pq.write_table(table.take(rows), os.path.join(directory, f"part-{i}.parquet"))
-    return directory
+def command(method: str, path: str, out: str, layout: str, series: int) -> list[str]:
+    fmt = "list" if layout == "list" else "long"
+    if method == "batchfit":
+        return [sys.executable, "-m", "batchfit", "run", path, "-o", out, "--no-progress"]
+    extra = ["--series", str(series)] if method == "floor" else []
+    return [sys.executable, os.path.join(HERE, "peers.py"), method, path, out,
+            "--format", fmt, *extra]
+
+
+def make_layouts(directory: str, n: int, points: int) -> dict[str, str]:
+    paths = {"sorted": os.path.join(directory, f"sorted-{n}.parquet"),
+             "list": os.path.join(directory, f"list-{n}.parquet"),
+             "shuffled": os.path.join(directory, f"shuffled-{n}")}
+    if not os.path.exists(paths["sorted"]):
+        generate(paths["sorted"], series=n, points=points)
+    if not os.path.exists(paths["list"]):
+        generate(paths["list"], series=n, points=points, fmt="list")
+    if not os.path.exists(paths["shuffled"]):
+        table = pq.read_table(paths["sorted"])
+        table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+        os.makedirs(paths["shuffled"])
+        for i, rows in enumerate(np.array_split(np.arange(table.num_rows), 4)):
+            pq.write_table(table.take(rows), os.path.join(paths["shuffled"], f"part-{i}.parquet"))
+        del table
+    return paths
+
+
+def reference(path: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 numpy.polyfit of the first ``count`` series of a sorted file: ids, (count, 3)."""
+    rows = pq.read_table(path, filters=[("series_id", "<", count)])
+    ids, x, y = (rows[c].to_numpy() for c in ("series_id", "x", "y"))
+    order = np.argsort(ids, kind="stable")
+    ids, x, y = ids[order], x[order].astype(float), y[order].astype(float)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    coefs = np.array([np.polyfit(x[a:b], y[a:b], 2) for a, b in zip(starts, ends)])
+    return ids[starts], coefs
+
+
+def accuracy(out: str, ids: np.ndarray, want: np.ndarray) -> float:
+    """Max over the series of |coef - polyfit| / max |polyfit coef|."""
+    table = pq.read_table(out, columns=["series_id", "a", "b", "c"])
+    got_ids = table["series_id"].to_numpy()
+    pick = {sid: i for i, sid in enumerate(got_ids)}
+    rows = np.array([pick[i] for i in ids])
+    got = np.stack([table[c].to_numpy()[rows] for c in ("a", "b", "c")], 1)
+    return float(np.max(np.abs(got - want).max(1) / np.abs(want).max(1)))
+
+
+def timestamp_digits(directory: str) -> dict:
+    """Correct digits of the raw coefficients on x = Unix timestamps (a day of samples at
+    1.7e9 s, float64), against exact rational least squares, for batchfit and the peers."""
+    sys.path.insert(0, HERE)
+    from conditioning import coef_digits, oracle
+
+    rng = np.random.default_rng(3)
+    series, points = 20, 100
+    x = 1.7e9 + np.sort(rng.uniform(0, 86400, (series, points)), axis=1)
+    t = (x - 1.7e9) / 86400
+    y = 20 + 3 * t - 5 * t**2 + rng.normal(0, 0.1, x.shape)
+    path = os.path.join(directory, "timestamps.parquet")
+    pq.write_table(pa.table({"series_id": np.repeat(np.arange(series), points),
+                             "x": x.ravel(), "y": y.ravel()}), path)
+    exact = [oracle(x[i], y[i], 2).coef for i in range(series)]  # lowest power first
+    digits = {}
+    for method in ("batchfit", "duckdb", "polars"):
+        out = os.path.join(directory, f"timestamps-{method}.parquet")
+        subprocess.run(command(method, path, out, "sorted", series), check=True,
+                       capture_output=True)
+        table = pq.read_table(out).sort_by("series_id")
+        got = np.stack([table[c].to_numpy() for c in ("c", "b", "a")], 1)
+        digits[method] = min(coef_digits(got[i], exact[i]) for i in range(series))
+    return digits
+
+
+def busy():
+    """A CPU-bound competitor: one process spinning on pure Python arithmetic."""
+    return subprocess.Popen([sys.executable, "-c", "while True: sum(i * i for i in range(10000))"])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6])
+    parser.add_argument("--sizes", type=float, nargs=2, default=[1e6, 2e6])
     parser.add_argument("--points", type=int, default=100)
-    parser.add_argument("--big", type=float, default=0, help="also: peak RSS at this size")
     parser.add_argument("--dir", default=None, help="scratch directory [a temporary one]")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--contended", action="store_true")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     scratch = args.dir or tempfile.mkdtemp(prefix="batchfit-bench-")
+    os.makedirs(scratch, exist_ok=True)
+    sizes = [int(s) for s in args.sizes]
+    results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "sizes": sizes,
+               "points": args.points, "runs": {}}
     try:
-        small = os.path.join(scratch, "small.parquet")
-        generate(small, series=10_000, points=args.points)
-        run_cli(small, "-o", small + ".out")  # warm the OS caches and inductor's disk cache
-        wall, rss = run_cli(small, "-o", small + ".out")
-        print(f"10,000 series x {args.points}: batchfit run {wall:.2f} s wall incl. start-up, "
-              f"peak RSS {rss:.0f} MB")
-        print(f"\n{'series':>10} {'floor':>8} {'run':>8} {'run/floor':>10} {'series/s':>11} "
-              f"{'peak RSS':>9} {'shuffled':>9} {'shuf/sorted':>12}")
-        for size in args.sizes:
-            n = int(size)
-            path = os.path.join(scratch, f"d{n}.parquet")
-            generate(path, series=n, points=args.points)
-            floor = floor_seconds(path, n)
-            run_cli(path, "-o", path + ".out")  # first run may compile; report the next
-            wall, rss = run_cli(path, "-o", path + ".out")
-            shuffled = shuffled_copy(path, os.path.join(scratch, f"s{n}"))
-            shuffled_wall, _ = run_cli(shuffled, "-o", path + ".shuf.out")
-            same = pq.read_table(path + ".out").equals(pq.read_table(path + ".shuf.out"))
-            print(f"{n:>10,} {floor:>7.2f}s {wall:>7.2f}s {wall / floor:>10.1f} "
-                  f"{n / wall:>11,.0f} {rss:>7.0f}MB {shuffled_wall:>8.2f}s "
-                  f"{shuffled_wall / wall:>12.2f}{'' if same else '  OUTPUT DIFFERS'}")
-        if args.big:
-            n = int(args.big)
-            path = os.path.join(scratch, f"big{n}.parquet")
-            generate(path, series=n, points=args.points)
-            wall, rss = run_cli(path, "-o", path + ".out")
-            print(f"\n{n:,} series x {args.points}: {wall:.2f} s, peak RSS {rss:.0f} MB "
-                  f"(input {os.path.getsize(path) / 2**20:.0f} MB on disk)")
+        subprocess.run([sys.executable, "-m", "batchfit", "warmup", "--quiet"], check=True)
+        layouts = {n: make_layouts(scratch, n, args.points) for n in sizes}
+        ids, want = reference(layouts[sizes[0]]["sorted"], ACCURACY_SERIES)
+        for layout in LAYOUTS:
+            for n in sizes:
+                for method in METHODS:
+                    out = os.path.join(scratch, f"out-{method}-{layout}-{n}.parquet")
+                    best = None
+                    for _ in range(args.repeats):
+                        wall, rss = timed(command(method, layouts[n][layout], out, layout, n))
+                        best = (wall, rss) if best is None or wall < best[0] else best
+                    entry = {"wall_s": best[0], "rss_mb": best[1]}
+                    if method != "floor" and n == sizes[0]:
+                        entry["max_rel_error"] = accuracy(out, ids, want)
+                    results["runs"][f"{method}/{layout}/{n}"] = entry
+                    print(f"{method:9} {layout:9} {n:>10,}: {best[0]:6.2f} s, "
+                          f"{best[1]:6.0f} MB", file=sys.stderr)
+        if args.contended:
+            path = layouts[sizes[0]]["sorted"]
+            out = os.path.join(scratch, "contended.parquet")
+            quiet, _ = timed(command("batchfit", path, out, "sorted", sizes[0]))
+            competitor = busy()
+            try:
+                time.sleep(1)
+                loaded, _ = timed(command("batchfit", path, out, "sorted", sizes[0]))
+            finally:
+                competitor.kill()
+            results["contended"] = {"quiet_s": quiet, "contended_s": loaded,
+                                    "ratio": loaded / quiet}
+        results["timestamp_digits"] = timestamp_digits(scratch)
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
+    summarise(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def summarise(results: dict):
+    """Print the tables: per layout and method, times, marginal throughput and start-up."""
+    n1, n2 = results["sizes"]
+    runs = results["runs"]
+    print(f"\n| layout | method | {n1:,} s | {n2:,} s | steady series/s | start-up s | "
+          f"peak RSS MB | max rel err |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rates = {}
+    for layout in LAYOUTS:
+        for method in METHODS:
+            a, b = runs[f"{method}/{layout}/{n1}"], runs[f"{method}/{layout}/{n2}"]
+            rate = (n2 - n1) / max(b["wall_s"] - a["wall_s"], 1e-9)
+            start = a["wall_s"] - n1 / rate
+            rates[layout, method] = rate
+            err = a.get("max_rel_error")
+            print(f"| {layout} | {method} | {a['wall_s']:.2f} | {b['wall_s']:.2f} | "
+                  f"{rate:,.0f} | {start:.2f} | {max(a['rss_mb'], b['rss_mb']):.0f} | "
+                  f"{'' if err is None else f'{err:.1e}'} |")
+    print("\n| layout | batchfit / DuckDB | batchfit / Polars | batchfit wall / sorted "
+          "(1st size) |")
+    print("| --- | ---: | ---: | ---: |")
+    sorted_wall = runs[f"batchfit/sorted/{n1}"]["wall_s"]
+    for layout in LAYOUTS:
+        print(f"| {layout} | {rates[layout, 'batchfit'] / rates[layout, 'duckdb']:.2f}x | "
+              f"{rates[layout, 'batchfit'] / rates[layout, 'polars']:.2f}x | "
+              f"{runs[f'batchfit/{layout}/{n1}']['wall_s'] / sorted_wall:.2f} |")
+    print("\nshuffled / sorted, steady state: "
+          f"{rates['sorted', 'batchfit'] / rates['shuffled', 'batchfit']:.2f}")
+    if "contended" in results:
+        c = results["contended"]
+        print(f"\ncontended (one CPU-bound process beside it): {c['contended_s']:.2f} s vs "
+              f"{c['quiet_s']:.2f} s quiet = {c['ratio']:.2f}x")
+    if "timestamp_digits" in results:
+        print("\ncorrect digits on Unix-timestamp x (vs exact least squares): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in results["timestamp_digits"].items()))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,36 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# The row-order promise of MSE fits (README, "Row order never changes the numbers"): the same
+# series in the same order with the same counts and statuses, coefficients within REORDER_RTOL
+# of their series' largest, the other numbers within REORDER_RTOL of themselves (an exactly
+# fitted series' rmse and standard errors: within REORDER_RTOL of its largest coefficient,
+# its loss within the square of that: both are rounding noise then).
+REORDER_RTOL = 1e-12
+
+
+def assert_same_fits(a, b, rtol: float = REORDER_RTOL):
+    """Two output tables (pyarrow) that may differ only by float64 rounding in that sense."""
+    assert a.schema.equals(b.schema, check_metadata=False)
+    for name in ("series_id", "n_points", "iterations", "status"):
+        assert a[name].equals(b[name]), name
+    names = a.column_names
+    coefficients = [n for n in names[1:names.index("n_points")] if not n.endswith("_stderr")]
+
+    def values(table, column):
+        return table[column].to_numpy(zero_copy_only=False).astype(float)
+
+    pa_, pb = (np.stack([values(t, n) for n in coefficients], 1) for t in (a, b))
+    assert np.array_equal(np.isnan(pa_), np.isnan(pb))
+    scale = np.nanmax(np.abs(pa_), axis=1, keepdims=True)
+    assert np.all(np.nan_to_num(np.abs(pa_ - pb)) <= rtol * np.nan_to_num(scale) + 1e-300)
+    for name in [n for n in names if n.endswith("_stderr")] + ["loss", "rmse", "r2"]:
+        x, y = values(a, name), values(b, name)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        ok = ~np.isnan(x)
+        floor = (rtol * scale[:, 0]) ** (2 if name == "loss" else 1) if name != "r2" else 0
+        bound = np.maximum(rtol * np.abs(x), np.nan_to_num(floor))
+        worst = np.argmax(np.where(ok, np.abs(x - y) - bound, -np.inf))
+        assert np.all(np.abs(x - y)[ok] <= bound[ok]), (name, worst, x[worst], y[worst])

@@ -1,0 +1,101 @@
+"""Readers of batchfit's own artefacts: coefficient files, histories, metadata, and the
+points of chosen series (for plots). Nothing read is ever evaluated or unpickled: metadata
+is parsed as JSON and checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
+from .read import list_files, open_parquet, table_chunks
+from .schema import ColumnSpec, describe, first_line
+
+
+def read_metadata(path: str) -> dict:
+    """The ``batchfit`` metadata entry of an output file."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(b"batchfit", b"{}"))
+
+
+def read_history(path: str) -> tuple[pa.Table, dict]:
+    """A history file written by ``batchfit run --history``: its table and metadata."""
+    table = read_parquet(path)
+    metadata = (table.schema.metadata or {}).get(b"batchfit_history")
+    if metadata is None or "epoch" not in table.column_names:
+        raise ValueError(f"{path} is not a batchfit history file")
+    meta = _json_object(metadata)
+    tracked = meta.get("tracked", [])
+    if not isinstance(tracked, list) or not all(
+            isinstance(t, dict) and "series_id" in t and isinstance(t.get("column"), str)
+            and isinstance(t.get("initial"), dict)
+            and all(isinstance(v, int | float) for v in t["initial"].values()) for t in tracked):
+        raise ValueError(f"{path} has malformed batchfit_history metadata")
+    return table, meta
+
+
+def _json_object(text: bytes) -> dict:
+    """A JSON object from file metadata (only ever parsed as JSON, never run); {} otherwise."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
+    """A whole (small) Parquet file or directory as one table."""
+    tables = []
+    for file in list_files(path):
+        try:
+            tables.append(pq.read_table(file, columns=columns, filters=filters))
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def read_coefficients(path: str) -> tuple[pa.Table, dict]:
+    """An output file of ``batchfit run``: its table and ``batchfit`` metadata."""
+    table = read_parquet(path)
+    names = table.column_names
+    if "status" not in names or "series_id" not in names:
+        raise ValueError(f"{path} is not a batchfit coefficients file")
+    meta = _json_object((table.schema.metadata or {}).get(b"batchfit", b"{}"))
+    # The metadata may only name a built-in family; the columns must then be there.
+    family = meta.get("model") if meta.get("model") in FAMILY_PARAMS else None
+    if family is not None and all(name in names for name, _ in family_columns(family)):
+        return table, {**meta, "model": family, "degree": None,
+                       "columns": list(family_columns(family))}
+    degree = next((d for d in range(MAX_DEGREE, -1, -1)
+                   if all(name in names for name, _ in poly_columns(d))), None)
+    if degree is not None:
+        return table, {**meta, "model": "poly", "degree": degree,
+                       "columns": list(poly_columns(degree))}
+    stated = meta.get("param_columns")  # a custom model: its columns, if really there
+    if isinstance(stated, list) and stated and all(
+            isinstance(name, str) and name in names for name in stated):
+        return table, {**meta, "model": None, "degree": None,
+                       "columns": [(name, i) for i, name in enumerate(stated)]}
+    raise ValueError(f"{path} has no coefficient columns")
+
+
+def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:
+    """The points of the given series of a dataset, as {id: (x, y)} float64 arrays in
+    canonical order (reads only row groups that can hold them)."""
+    if not ids:
+        return {}
+    first = open_parquet(list_files(path)[0])
+    layout = describe(first.schema_arrow, spec, path)
+    table = read_parquet(path, columns=layout.columns[:3],
+                        filters=[(spec.series_id, "in", list(ids))])
+    found = {}
+    for chunk in table_chunks(table, ColumnSpec(spec.series_id, spec.x, spec.y,
+                                                format=layout.format)):
+        for i, series_id in enumerate(chunk.ids.to_pylist()):
+            lo, hi = chunk.offsets[i], chunk.offsets[i + 1]
+            found[series_id] = (chunk.x[lo:hi].astype(np.float64),
+                                chunk.y[lo:hi].astype(np.float64))
+    return found

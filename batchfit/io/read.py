@@ -1,0 +1,743 @@
+"""Reading series datasets: a Parquet file or directory as a stream of decoded batches.
+
+Two ways to read, for two kinds of solver:
+
+* ``Dataset.batches`` (the aggregation path of MSE polynomial fits): row groups decoded in
+  parallel threads (pyarrow releases the GIL), handed over in input order as flat numpy
+  arrays with each point's series code (``SeriesCodes``). Nothing is sorted or gathered: a
+  series may be spread anywhere.
+* ``Dataset.chunks`` (solvers that need each series' points together: robust losses,
+  nonlinear models, GD/Adam): whole series back to back, in a canonical point order, so that
+  a series' fit never depends on how the input was laid out.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .schema import (
+    ColumnSpec,
+    Layout,
+    cast_to,
+    describe,
+    first_line,
+    has_types,
+    is_list_type,
+    single,
+    to_float,
+    unified,
+)
+
+MIN_FREE_MEMORY_FACTOR = 4  # sorting an unsorted input needs about this many copies of it
+BATCH_ROWS = 1 << 20  # points per decoded batch (a row group is cut into pieces about this big)
+DENSE_ROW_BYTES = 256  # memory per code of the aggregation (statistics, buffers, flags)
+
+@dataclass(frozen=True)
+class Chunk:
+    """Whole series, back to back: series i owns ``x[offsets[i]:offsets[i + 1]]``."""
+
+    ids: pa.Array  # one per series, the input's id type
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray | None
+    offsets: np.ndarray  # int64, len(ids) + 1
+
+    @property
+    def n_series(self) -> int:
+        return len(self.ids)
+
+    def split(self, max_series: int) -> Iterator[Chunk]:
+        """Pieces of at most ``max_series`` series (views, no copies)."""
+        for start in range(0, self.n_series, max_series):
+            stop = min(start + max_series, self.n_series)
+            lo, hi = self.offsets[start], self.offsets[stop]
+            yield Chunk(self.ids[start:stop], self.x[lo:hi], self.y[lo:hi],
+                        None if self.w is None else self.w[lo:hi],
+                        self.offsets[start:stop + 1] - lo)
+
+
+def list_files(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise ValueError(f"input not found: {path}")
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if name.lower().endswith(".parquet") and name[0] not in "._"
+                       and os.path.isfile(os.path.join(path, name)))
+        if not files:
+            raise ValueError(f"no Parquet files (*.parquet) in directory {path}")
+        return files
+    return [path]
+
+
+def open_parquet(file: str) -> pq.ParquetFile:
+    try:
+        # pre_buffer would read every requested row group up front; stream instead. Pages
+        # written with checksums (Spark's default, and batchfit's) are verified as read.
+        return pq.ParquetFile(file, pre_buffer=False, page_checksum_verification=True)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
+
+
+
+class Dataset:
+    """A validated Parquet dataset of series, read as a stream of whole-series chunks."""
+
+    def __init__(self, path: str, spec: ColumnSpec):
+        self.path = path
+        self.files = [(file, open_parquet(file)) for file in list_files(path)]
+        # A file without rows holds no series: it is not read, and its schema is not held
+        # against the others (an empty pandas frame writes null-typed columns, say).
+        self._read = [(file, handle) for file, handle in self.files
+                      if handle.metadata.num_rows]
+        if not self._read:
+            raise ValueError(f"empty input: {path} has no rows")
+        self.layout = unified([describe(handle.schema_arrow, spec, file)
+                                for file, handle in self._read],
+                               [file for file, _ in self._read])
+        self.num_rows = sum(handle.metadata.num_rows for _, handle in self._read)
+        self._scanned = None
+
+    def _scan(self):
+        """One pass over the ids (for ``chunks``): are the series contiguous, how many are
+        there, and their distinct ids, sorted, when they are not contiguous."""
+        if self._scanned is None:
+            self._scanned = _scan_ids(self._batches([self.layout.spec.series_id], 1 << 20),
+                                      self.layout)
+        return self._scanned
+
+    @property
+    def contiguous(self) -> bool:
+        return self._scan()[0]
+
+    @property
+    def n_series(self) -> int:
+        return self._scan()[1]
+
+    @property
+    def _sorted_ids(self):
+        return self._scan()[2]
+
+    @property
+    def format(self) -> str:
+        return self.layout.format
+
+    @property
+    def point_dtype(self):
+        """The dtype decoded points come in: float32 when x, y (and w) are all float32."""
+        values = [value_type.value_type if is_list_type(value_type) else value_type
+                  for value_type in self.layout.types[1:]]
+        return np.float32 if all(pa.types.is_float32(v) for v in values) else np.float64
+
+    def stamp(self) -> list:
+        """What identifies this input's contents cheaply: each file's path, size and
+        modification time (a checkpoint is only resumed on the same input)."""
+        stats = [(os.path.abspath(file), os.stat(file)) for file, _ in self.files]
+        return [[path, stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+
+    def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        """Batches of ``columns`` in the read types, file after file (a file whose types
+        differ is cast, so that batches of different files concatenate)."""
+        schema = self.layout.schema(columns)
+        for file, handle in self._read:
+            try:
+                for batch in handle.iter_batches(batch_size=rows, columns=columns):
+                    if not has_types(batch, schema):
+                        batch = cast_to(batch, schema, self.layout.spec.series_id)
+                    yield batch
+            except (pa.ArrowException, OSError) as exc:
+                raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+
+    # ------------------------------------------------------------ decoded batches
+
+    def series_codes(self, unique_rows: bool = False) -> SeriesCodes:
+        """Codes for this dataset's series ids: the ids themselves (offset) when the files'
+        statistics show integer ids spread over few enough values, else a hash table."""
+        if pa.types.is_integer(self.layout.id_type):
+            bounds = _id_bounds([handle for _, handle in self._read], self.layout.spec.series_id)
+            memory = _available_memory() or (8 << 30)
+            if bounds is not None:
+                span = bounds[1] - bounds[0] + 1  # at most one code per row of the input
+                if span <= self.num_rows and span * DENSE_ROW_BYTES <= memory // 4:
+                    return DenseCodes(bounds[0], bounds[1], self.layout.id_type, unique_rows)
+        return HashedCodes(self.layout.id_type, unique_rows)
+
+    def batches(self, codes: SeriesCodes, *, workers: int = 1, rows: int = BATCH_ROWS,
+                start: int = 0) -> Iterator[Batch]:
+        """The input's points in input order, ``rows`` at a time (or so): row groups are
+        decoded ``workers`` at a time in threads, handed over in order, and coded by ``codes``
+        in this thread. ``start``: skip the first ``start`` batches (without decoding)."""
+        tasks, first = [], 0
+        for file, handle in self._read:
+            for group in range(handle.metadata.num_row_groups):
+                meta = handle.metadata.row_group(group)
+                # a piece holds about ``rows`` points (in list format far fewer rows)
+                points = _leaf_values(meta, self.layout.spec.x) if self.format == "list" \
+                    else meta.num_rows
+                parts = _parts(points, rows)
+                if first + parts > start:
+                    tasks.append((first, file, handle, group, -(-meta.num_rows // parts),
+                                  max(0, start - first)))
+                first += parts
+        layout = self.layout
+        for index, ids, x, y, w, file in _ordered_streams(
+                tasks, lambda task: _decode(task, layout, codes), workers):
+            points, series = codes.encode(ids)  # (after the ids' own errors: weights')
+            if w is not None and bool((w < 0).any()):  # (NaN: a point to skip)
+                raise ValueError(f"weights must be >= 0 (a weight multiplies a squared "
+                                 f"residual): column {layout.spec.weight!r} of {file} has "
+                                 "negative values")
+            yield Batch(index, points, x, y, w, codes.offset, series)
+
+    def chunks(self, rows_per_read: int = 1 << 20) -> Iterator[Chunk]:
+        """Whole-series chunks in a canonical point order (see module docstring)."""
+        batches = self._batches(self.layout.columns, rows_per_read)
+        if self.format == "long" and not self.contiguous:
+            batches = self._gathered(batches, rows_per_read)
+        yield from _chunks(batches, self.layout)
+
+    def _gathered(self, batches, rows_per_read: int) -> Iterator[pa.Table]:
+        """Series scattered over the input, gathered without one big sort: each batch is
+        split by ranges of the (sorted) series ids into partitions of about
+        ``rows_per_read`` rows, kept in memory; each partition, holding whole series, is
+        then sorted on its own (small sorts stay in cache). Refused when memory is short."""
+        need = MIN_FREE_MEMORY_FACTOR * sum(
+            handle.metadata.num_rows * _row_bytes(handle.schema_arrow, self.layout.columns)
+            for _, handle in self._read)
+        free = _available_memory()
+        if free is not None and need > free:
+            raise ValueError(
+                f"the series in {self.path} are not grouped by "
+                f"{self.layout.spec.series_id!r}; gathering them needs about "
+                f"{need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB is available: "
+                "sort the input by series id first")
+        parts = max(1, min(len(self._sorted_ids), -(-self.num_rows // rows_per_read), 65535))
+        per_part = -(-len(self._sorted_ids) // parts)
+        pieces: list[list[pa.Table]] = [[] for _ in range(parts)]
+        id_column = self.layout.spec.series_id
+        numeric_ids = pa.types.is_integer(self.layout.id_type)
+        if numeric_ids:  # partition by id ranges: a search among `parts` bounds stays in cache
+            sorted_ids = self._sorted_ids.to_numpy()
+            bounds_ids = sorted_ids[per_part::per_part]
+            low, span = int(sorted_ids[0]), int(sorted_ids[-1]) - int(sorted_ids[0]) + 1
+            dense = span <= 16 * len(sorted_ids)  # then plain arithmetic splits ids evenly
+        for batch in batches:
+            ids = batch.column(id_column)
+            if numeric_ids and dense:
+                part = (ids.to_numpy().astype(np.int64) - low) * parts // span
+            elif numeric_ids:
+                part = np.searchsorted(bounds_ids, ids.to_numpy(), side="right")
+            else:
+                part = pc.index_in(ids, value_set=self._sorted_ids).to_numpy() // per_part
+            part = part.astype(np.uint16)  # small keys: numpy sorts them by radix
+            order = np.argsort(part, kind="stable")
+            bounds = np.searchsorted(part[order], np.arange(parts + 1))
+            table = pa.Table.from_batches([batch]).take(pa.array(order))
+            for p in np.flatnonzero(np.diff(bounds)):
+                pieces[p].append(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+        for p in range(parts):
+            if pieces[p]:
+                table = pa.concat_tables(pieces[p]).combine_chunks()
+                pieces[p] = []  # free as we go
+                yield table.take(_canonical_order(table, self.layout.spec))
+
+
+# ---------------------------------------------------------------- decoded batches
+
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Decoded points of a piece of the input: point i belongs to series ``codes[i]``."""
+
+    index: int  # the piece's position in the input (for --resume)
+    codes: np.ndarray  # int64: point i belongs to series ``codes[i] - offset``
+    x: np.ndarray  # float32 or float64, all three of one type
+    y: np.ndarray
+    w: np.ndarray | None
+    offset: int = 0
+    series: np.ndarray | None = None  # list format: each row's code (+ offset), in order
+
+
+def _parts(rows: int, per: int) -> int:
+    return max(1, -(-rows // per))
+
+
+def _leaf_values(meta, column: str) -> int:
+    """Values in a row group's column (for a list column: its elements), from metadata."""
+    for i in range(meta.num_columns):
+        path = meta.column(i).path_in_schema
+        if path == column or path.startswith(column + "."):
+            return meta.column(i).num_values
+    return meta.num_rows
+
+
+def _ordered_streams(tasks: list, stream, workers: int, depth: int = 2) -> Iterator:
+    """The items of ``stream(task)`` (an iterator) for every task, in task order, from
+    ``workers`` threads with up to ``2 * workers + 1`` tasks under way, each at most
+    ``depth`` items ahead of the consumer (bounded memory, however big a task)."""
+    if workers <= 1:
+        for task in tasks:
+            yield from stream(task)
+        return
+    done = object()
+    stop = threading.Event()
+
+    def run(task, out: queue.Queue):
+        try:
+            for item in stream(task):
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            out.put(exc)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="batchfit-read")
+    try:
+        outs = deque()
+        for task in tasks[:2 * workers + 1]:
+            outs.append(queue.Queue(depth))
+            pool.submit(run, task, outs[-1])
+        started = len(outs)
+        while outs:
+            item = outs[0].get()
+            if item is done:
+                outs.popleft()
+                if started < len(tasks):
+                    outs.append(queue.Queue(depth))
+                    pool.submit(run, tasks[started], outs[-1])
+                    started += 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode(task, layout: Layout, codes) -> Iterator[tuple]:
+    """The pieces of one row group, decoded in turn: (index, ids, x, y, w) with x, y, w flat
+    float arrays of one dtype and ids per point (long format) or per series (list)."""
+    first, file, handle, group, rows, skip = task
+    try:
+        reader = pq.ParquetFile(file, metadata=handle.metadata, pre_buffer=False,
+                                page_checksum_verification=True)
+        if handle.metadata.row_group(group).num_rows <= rows:
+            pieces = iter([reader.read_row_group(group, columns=layout.columns,
+                                                 use_threads=False)])
+        else:  # a big row group: streamed, a piece at a time
+            pieces = reader.iter_batches(batch_size=rows, row_groups=[group],
+                                         columns=layout.columns, use_threads=False)
+        for part, piece in enumerate(pieces):
+            if part >= skip:
+                yield (first + part, *_piece(piece, layout, codes, file))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+
+
+def _piece(piece, layout: Layout, codes, file: str) -> tuple:
+    table = piece if isinstance(piece, pa.Table) else pa.Table.from_batches([piece])
+    schema = layout.schema()
+    if not has_types(table, schema):
+        table = cast_to(table, schema, layout.spec.series_id)
+    ids = single(table.column(layout.spec.series_id))
+    if ids.null_count:
+        raise ValueError(f"column {layout.spec.series_id!r} has null ids (in {file})")
+    if layout.format == "list":
+        if not table.num_rows:
+            return codes.prepare(ids, np.zeros(0, np.int64)), *_flat(
+                layout, np.zeros(0), np.zeros(0), np.zeros(0) if layout.has_weight else None)
+        chunk = _list_chunk(table.combine_chunks().to_batches()[0], layout)
+        lengths = np.diff(chunk.offsets)
+        return codes.prepare(ids, lengths), *_flat(layout, chunk.x, chunk.y, chunk.w, file)
+    x, y = to_float(table.column(layout.spec.x)), to_float(table.column(layout.spec.y))
+    w = to_float(table.column(layout.spec.weight)) if layout.has_weight else None
+    return codes.prepare(ids), *_flat(layout, x, y, w, file)
+
+
+def _flat(layout: Layout, x, y, w, file: str = ""):
+    """x, y, w of one float dtype (float32 only when all three are), and where they come
+    from (for errors found later)."""
+    values = [v for v in (x, y, w) if v is not None]
+    if any(v.dtype != np.float32 for v in values):
+        x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
+        w = None if w is None else w.astype(np.float64, copy=False)
+    return x, y, w, file
+
+
+def _id_bounds(handles: list, column: str) -> tuple[int, int] | None:
+    """The smallest and largest id over every row group's statistics; None if some row
+    group has none."""
+    lo, hi = None, None
+    for handle in handles:
+        meta = handle.metadata
+        index = handle.schema_arrow.get_field_index(column)
+        if index < 0:
+            return None
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(index).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            if not isinstance(stats.min, int) or not isinstance(stats.max, int):
+                return None
+            lo = stats.min if lo is None else min(lo, stats.min)
+            hi = stats.max if hi is None else max(hi, stats.max)
+    return None if lo is None else (lo, hi)
+
+
+class SeriesCodes:
+    """Dense codes 0, 1, 2, ... for series ids. ``prepare`` (thread-safe, in the decoding
+    threads) turns a batch's ids into what ``encode`` (in input order, in one thread) needs.
+    List format (``unique_rows``): ids are one per series; ``encode`` then returns each
+    point's code and refuses an id seen before."""
+
+    offset = 0  # encode gives codes + offset (DenseCodes: the ids themselves)
+
+    def __init__(self, id_type: pa.DataType, unique_rows: bool):
+        self.id_type, self.unique_rows = id_type, unique_rows
+
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
+        raise NotImplementedError
+
+    def encode(self, prepared) -> np.ndarray:
+        raise NotImplementedError
+
+    def ids(self, codes: np.ndarray) -> pa.Array:
+        """The ids of ``codes``."""
+        raise NotImplementedError
+
+    def sorted_by_id(self, codes: np.ndarray) -> np.ndarray:
+        """``codes`` ordered by their ids."""
+        return codes[np.asarray(pc.sort_indices(self.ids(codes)))]
+
+    def _duplicate(self, value):
+        raise ValueError(f"series ids repeat in list format (id {value!r}): each row must be "
+                         "its own series")
+
+
+class DenseCodes(SeriesCodes):
+    """Integer ids in [lo, hi] (from the files' statistics): code = id - lo, no hashing."""
+
+    def __init__(self, lo: int, hi: int, id_type, unique_rows: bool):
+        super().__init__(id_type, unique_rows)
+        self.lo, self.hi = lo, hi
+        self.offset = lo
+        self.size = hi - lo + 1
+        self.taken = np.zeros(self.size, dtype=bool) if unique_rows else None
+
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
+        # int64 ids pass as they are (no copy); the kernel subtracts the offset and checks
+        # the range (statistics that lie are an error, not a wrong row)
+        values = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return values, lengths
+
+    def encode(self, prepared) -> tuple:
+        values, lengths = prepared
+        if lengths is None:  # long format: the ids are the codes (+ offset)
+            return values, None
+        codes = values - self.lo  # list format: one id per series
+        if len(codes) and (codes.min() < 0 or codes.max() >= self.size):
+            raise ValueError("series ids outside the range the files' statistics give; the "
+                             "files' metadata is wrong")
+        self._check_unique(codes)
+        return np.repeat(values, lengths), values
+
+    def _check_unique(self, codes):
+        if self.unique_rows:
+            first = np.unique(codes, return_counts=True)
+            if (first[1] > 1).any() or self.taken[codes].any():
+                repeated = codes[np.flatnonzero(self.taken[codes])[:1]] if \
+                    self.taken[codes].any() else first[0][first[1] > 1][:1]
+                self._duplicate(int(repeated[0]) + self.lo)
+            self.taken[codes] = True
+
+    def ids(self, codes: np.ndarray) -> pa.Array:
+        return pa.array(codes + self.lo).cast(self.id_type)
+
+    def sorted_by_id(self, codes: np.ndarray) -> np.ndarray:
+        return np.sort(codes)  # codes are ids, offset
+
+    def state(self) -> dict:
+        return {} if self.taken is None else {"taken": self.taken}
+
+    def load_state(self, state: dict):
+        if self.taken is not None:
+            self.taken[:] = state["taken"]
+
+
+class HashedCodes(SeriesCodes):
+    """Any ids: codes in order of first appearance, through a hash table. A batch's runs of
+    equal ids are looked up once per run (grouped input: once per series)."""
+
+    def __init__(self, id_type, unique_rows: bool):
+        super().__init__(id_type, unique_rows)
+        self.table: dict = {}
+        self.values: list = []
+
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
+        if lengths is None and len(ids):
+            starts = _run_starts(ids)
+            runs = ids.take(pa.array(starts))
+            repeat = np.diff(np.append(starts, len(ids)))
+        elif lengths is None:
+            runs, repeat = ids, np.zeros(0, np.int64)
+        else:
+            runs, repeat = ids, lengths
+        encoded = pc.dictionary_encode(runs)
+        return (encoded.indices.to_numpy(zero_copy_only=False),
+                encoded.dictionary.to_pylist(), repeat, lengths is not None)
+
+    def encode(self, prepared) -> tuple:
+        indices, distinct, repeat, rows = prepared
+        table, values = self.table, self.values
+        if self.unique_rows and (len(distinct) < len(indices)
+                                 or any(v in table for v in distinct)):
+            seen = [v for v in distinct if v in table]
+            self._duplicate(seen[0] if seen else distinct[np.bincount(indices).argmax()])
+        local = np.empty(len(distinct), dtype=np.int64)
+        for i, value in enumerate(distinct):
+            code = table.get(value)
+            if code is None:
+                code = table[value] = len(values)
+                values.append(value)
+            local[i] = code
+        codes = local[indices]
+        return np.repeat(codes, repeat), (codes if rows else None)
+
+    def ids(self, codes: np.ndarray) -> pa.Array:
+        return pa.array(self.values, type=self.id_type).take(pa.array(codes))
+
+    def state(self) -> dict:
+        return {"values": pa.array(self.values, type=self.id_type)}
+
+    def load_state(self, state: dict):
+        self.values = state["values"].to_pylist()
+        self.table = {value: code for code, value in enumerate(self.values)}
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+
+def table_chunks(table: pa.Table, spec: ColumnSpec) -> Iterator[Chunk]:
+    """The chunks of an in-memory table (long or list format), as ``Dataset.chunks``."""
+    layout = describe(table.schema, spec, "the table")
+    table = table.select(layout.columns)
+    if not has_types(table, layout.schema()):  # dictionaries decoded, null columns float64
+        table = cast_to(table, layout.schema(), spec.series_id)
+    contiguous, _, _ = _scan_ids(table.select([spec.series_id]).to_batches(), layout)
+    if layout.format == "long" and not contiguous:
+        table = table.take(_canonical_order(table, spec))
+    yield from _chunks(table.to_batches(), layout)
+
+
+def _scan_ids(batches: Iterator[pa.RecordBatch], layout: Layout):
+    """One pass over the ids: are the series contiguous, how many are there, and (when they
+    are not contiguous) their distinct ids, sorted."""
+    run_ids, last = [], None
+    for batch in batches:
+        ids = batch.column(0)
+        if ids.null_count:
+            raise ValueError(f"column {layout.spec.series_id!r} has null ids")
+        if layout.format == "list":
+            run_ids.append(ids)
+            continue
+        starts = _run_starts(ids)
+        if last is not None and len(ids) and ids[0] == last:
+            starts = starts[1:]  # the previous batch's last series goes on
+        run_ids.append(ids.take(pa.array(starts, pa.int64())))
+        if len(ids):
+            last = ids[-1]
+    runs = pa.chunked_array(run_ids, type=layout.id_type)
+    if pa.types.is_integer(layout.id_type):
+        # An in-place numpy sort needs ~8 bytes per series; Arrow's hash-based distinct
+        # count took ~15x that (1.5 GB for 1e7 series).
+        values = np.concatenate([chunk.to_numpy() for chunk in runs.chunks]) \
+            if runs.num_chunks else np.zeros(0, np.int64)
+        values.sort()
+        first = np.ones(len(values), dtype=bool)
+        np.not_equal(values[1:], values[:-1], out=first[1:])
+        distinct = int(np.count_nonzero(first))
+        unique = None if distinct == len(runs) else pa.array(values[first], layout.id_type)
+    else:
+        distinct = pc.count_distinct(runs).as_py() if len(runs) else 0
+        unique = None if distinct == len(runs) else pc.unique(runs)
+        unique = unique if unique is None else unique.take(pc.sort_indices(unique))
+    if layout.format == "list" and distinct != len(runs):
+        raise ValueError(f"series ids repeat in list format ({len(runs) - distinct} "
+                         "duplicates): each row must be its own series")
+    return unique is None, distinct, unique
+
+
+def _chunks(batches, layout: Layout) -> Iterator[Chunk]:
+    if layout.format == "list":
+        for batch in batches:
+            if batch.num_rows:
+                yield _list_chunk(batch, layout)
+    else:
+        yield from _long_chunks(batches, layout)
+
+
+def _row_bytes(schema: pa.Schema, columns: list[str]) -> int:
+    """Decoded bytes per row of ``columns`` (strings counted as 16)."""
+    total = 0
+    for column in columns:
+        try:
+            total += max(1, schema.field(column).type.bit_width // 8)
+        except ValueError:  # variable width
+            total += 16
+    return total
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _run_starts(ids: pa.Array) -> np.ndarray:
+    """Indices where a new series id begins (0 included)."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    changes = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(changes) + 1]).astype(np.int64)
+
+
+def _canonical_order(table: pa.Table, spec: ColumnSpec) -> pa.Array:
+    """Sort by (series id, x, y): equal inputs in any row order give equal sums."""
+    return pc.sort_indices(table, sort_keys=[(spec.series_id, "ascending"),
+                                             (spec.x, "ascending"), (spec.y, "ascending")])
+
+
+def _is_canonical(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> bool:
+    """Are the points of every series already sorted by (x, y)?"""
+    if len(x) < 2:
+        return True
+    new_series = np.zeros(len(x) - 1, dtype=bool)
+    new_series[starts[1:] - 1] = True
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN: "not sorted" (only costs a sort)
+        dx = np.diff(x)
+        rising = (dx > 0) | new_series
+        if rising.all():  # the common case (x increasing within each series): y is not read
+            return True
+        dy = np.diff(y)
+    return bool(np.all(rising | ((dx == 0) & (dy >= 0))))
+
+
+def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
+    """Contiguous long-format batches (or tables) -> whole-series chunks; a series cut by a
+    batch boundary is carried into the next batch, and the last series joins the last chunk
+    (a chunk of one series would be fitted alone, and slowly)."""
+    spec = layout.spec
+    # carry: the pieces of the last series so far, joined only once it ends (joining them at
+    # every batch copied a series of millions of points once per batch: quadratic time)
+    carry, pending = [], None
+    for batch in batches:
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        if not table.num_rows:
+            continue
+        table = table.combine_chunks()
+        ids = table.column(spec.series_id).chunk(0)
+        starts = _run_starts(ids)
+        if carry:
+            if ids[0] == carry[0].column(spec.series_id)[0]:
+                starts = starts[1:]  # the carried series goes on in this batch
+            if not len(starts):  # ... and fills it
+                carry.append(table)
+                continue
+            starts = np.concatenate([[0], starts + sum(piece.num_rows for piece in carry)])
+            table = pa.concat_tables([*carry, table]).combine_chunks()
+        cut = int(starts[-1])  # the last series may go on in the next batch
+        carry = [table.slice(cut)]
+        if cut:
+            if pending is not None:
+                yield _long_chunk(*pending, layout)
+            pending = (table.slice(0, cut), starts[:-1])
+    if carry:
+        if pending is not None:
+            carry = [pending[0], *carry]
+        table = pa.concat_tables(carry).combine_chunks()
+        pending = (table, _run_starts(table.column(spec.series_id).chunk(0)))
+    if pending is not None:
+        yield _long_chunk(*pending, layout)
+
+
+def _long_chunk(table: pa.Table, starts: np.ndarray, layout: Layout) -> Chunk:
+    spec = layout.spec
+    ids = table.column(spec.series_id).combine_chunks()
+    x, y = to_float(table.column(spec.x)), to_float(table.column(spec.y))
+    w = to_float(table.column(spec.weight)) if layout.has_weight else None
+    offsets = np.append(starts, len(ids)).astype(np.int64)
+    if not _is_canonical(x, y, starts):
+        # Sort the points of each series by (x, y) and leave the series where they are:
+        # sorting by id would reorder series whose ids are not ascending (grouped input
+        # need not be sorted), and ``starts`` would then cut the wrong series.
+        run = np.repeat(np.arange(len(starts)), np.diff(offsets))
+        order = pc.sort_indices(pa.table({"run": run, "x": x, "y": y}),
+                                sort_keys=[("run", "ascending"), ("x", "ascending"),
+                                           ("y", "ascending")]).to_numpy()
+        x, y, w = x[order], y[order], None if w is None else w[order]
+    return Chunk(ids.take(pa.array(starts, pa.int64())), x, y, w, offsets)
+
+
+def _list_chunk(batch: pa.RecordBatch, layout: Layout) -> Chunk:
+    spec = layout.spec
+    ids = batch.column(spec.series_id)
+    columns = layout.columns[1:]
+    lists = [batch.column(c) for c in columns]
+    if any(values.null_count for values in lists):
+        # A null list is a series whose every point is null: its row has no points (not a
+        # length mismatch with the other lists of the row).
+        valid = pc.and_(*[pc.is_valid(values) for values in lists[:2]])
+        for values in lists[2:]:
+            valid = pc.and_(valid, pc.is_valid(values))
+        lists = [pc.if_else(valid, values, pa.scalar(None, values.type)) for values in lists]
+    lengths = [pc.fill_null(pc.list_value_length(values), 0).to_numpy() for values in lists]
+    for name, other in zip(columns[1:], lengths[1:]):
+        bad = np.flatnonzero(other != lengths[0])
+        if len(bad):
+            row = int(bad[0])
+            raise ValueError(f"series {ids[row].as_py()!r}: {spec.x!r} has {lengths[0][row]} "
+                             f"values but {name!r} has {other[row]}")
+    values = [to_float(pc.list_flatten(values)) for values in lists]
+    offsets = np.concatenate([[0], np.cumsum(lengths[0])]).astype(np.int64)
+    return Chunk(ids, values[0], values[1], values[2] if layout.has_weight else None, offsets)
+
+
+def ids_of_type(values, id_type: pa.DataType, what: str) -> pa.Array:
+    """Series ids given by a user (``--track-ids``) in the dataset's id type."""
+    try:
+        return pa.array(list(values)).cast(id_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise ValueError(f"{what} must be {id_type} series ids") from None
+
+
+def positions_in(ids: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """Positions of ``ids`` that are in ``value_set``."""
+    return np.flatnonzero(pc.is_in(ids, value_set=value_set).to_numpy(zero_copy_only=False))
+
+
+def indices(positions: np.ndarray) -> pa.Array:
+    return pa.array(positions, pa.int64())

@@ -1,0 +1,249 @@
+"""Writing batchfit's outputs: the coefficients table, atomically (a temporary file beside
+the target, renamed into place only on success), and training histories."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..names import STATUS_LABELS
+
+
+def output_schema(id_type: pa.DataType, columns, metadata: dict) -> pa.Schema:
+    """The contract's output columns, in order, with the ``batchfit`` metadata entry.
+    ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``)."""
+    names = [name for name, _ in columns]
+    metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns]}
+    fields = [pa.field("series_id", id_type)]
+    fields += [pa.field(name, pa.float64()) for name in names]
+    fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
+    fields += [pa.field("n_points", pa.int64()), pa.field("loss", pa.float64()),
+               pa.field("rmse", pa.float64()), pa.field("r2", pa.float64()),
+               pa.field("iterations", pa.int64()), pa.field("status", pa.string())]
+    return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
+                                                                 default=str)})
+
+
+def count_statuses(codes: np.ndarray) -> dict[str, int]:
+    """Series per status label, from Status codes."""
+    counts = np.bincount(np.asarray(codes, np.int64), minlength=len(STATUS_LABELS))
+    return {label: int(n) for label, n in zip(STATUS_LABELS, counts) if n}
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """Series per status in an output table, in the order of ``Status``."""
+    counts = {entry["values"]: entry["counts"]
+              for entry in pc.value_counts(table["status"]).to_pylist()}
+    return {label: counts[label] for label in STATUS_LABELS if label in counts}
+
+
+def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
+    """One output row per series of a record of numpy arrays (``FitResult.record()``,
+    ``native.solve``): params, stderr, loss, rmse, r2, n_points, iterations, status. The
+    coefficient columns are the schema's (see ``output_schema``); undefined numbers (NaN)
+    become nulls."""
+    params, stderr = record["params"], record["stderr"]
+
+    def floats(values):
+        return pa.array(np.asarray(values, dtype=np.float64), from_pandas=True)
+
+    columns = {"series_id": ids}
+    for name, index in coefficient_columns(schema):
+        columns[name] = floats(params[:, index])
+        columns[f"{name}_stderr"] = floats(stderr[:, index])
+    columns.update(n_points=pa.array(np.asarray(record["n_points"], np.int64)),
+                   loss=floats(record["loss"]), rmse=floats(record["rmse"]),
+                   r2=floats(record["r2"]),
+                   iterations=pa.array(np.asarray(record["iterations"], np.int64)),
+                   status=pa.array(STATUS_LABELS[record["status"]], pa.string()))
+    return pa.table([columns[field.name] for field in schema], schema=schema)
+
+
+def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:
+    """(column, parameter index) of an output schema, from its metadata."""
+    meta = json.loads(schema.metadata[b"batchfit"])
+    return [tuple(pair) for pair in meta["coefficient_columns"]]
+
+
+def check_writable(path: str, directory_output: bool = False):
+    """Fail before any work if ``path`` (a file, or with ``directory_output`` a directory of
+    files that will replace any existing one) cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) and not directory_output:
+        raise ValueError(f"output {path} is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise ValueError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"output directory is not writable: {directory}")
+
+
+def _default_permissions() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temp_beside(path: str) -> str:
+    """A new hidden temporary file ``.NAME.PID.XXXX.tmp`` beside ``path``, after removing the
+    ones a killed run (a PID no longer alive on this machine) left behind."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix):].split(".")[0]
+        if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit() \
+                and not _alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:  # gone already, or not ours to remove
+                pass
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return temp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class AtomicParquetWriter:
+    """Write a Parquet file table by table; it appears at ``path`` only on ``commit``.
+
+    The data goes to a hidden temporary file in the target directory (so the final rename is
+    atomic); on any failure, or if never committed, the temporary file is removed and an older
+    file at ``path`` is left untouched. Small tables are buffered into row groups of about
+    ``ROW_GROUP`` rows (a row group per small write would make writing, and later reading,
+    slow). Use as a context manager.
+    """
+
+    ROW_GROUP = 1 << 17
+
+    def __init__(self, path: str, schema: pa.Schema, use_dictionary=True,
+                 background: bool = False):
+        check_writable(path)
+        self.path = path
+        self.temp = _temp_beside(path)
+        try:
+            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary,
+                                           write_page_checksum=True)
+        except BaseException:
+            os.unlink(self.temp)
+            raise
+        self.rows = 0
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        # background: row groups are encoded and written by a thread of their own (pyarrow
+        # releases the GIL), while the caller prepares the next ones; one at a time, in order.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="batchfit-write") \
+            if background else None
+        self.inflight = None
+
+    def write(self, table: pa.Table):
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= self.ROW_GROUP:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        self.pending, self.pending_rows = [], 0
+        if self.pool is None:
+            self._write(table)
+            return
+        self._wait()
+        self.inflight = self.pool.submit(self._write, table)
+
+    def _write(self, table: pa.Table):
+        self.writer.write_table(table, row_group_size=1 << 20)
+
+    def _wait(self):
+        if self.inflight is not None:
+            inflight, self.inflight = self.inflight, None
+            inflight.result()
+
+    def commit(self):
+        try:
+            self._flush()
+            self._wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+        self.writer.close()
+        os.chmod(self.temp, _default_permissions())
+        os.replace(self.temp, self.path)
+
+    def abort(self):
+        try:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            self.writer.close()
+        finally:
+            if os.path.exists(self.temp):
+                os.unlink(self.temp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def write_table_atomically(path: str, table: pa.Table):
+    with AtomicParquetWriter(path, table.schema) as writer:
+        writer.write(table)
+
+
+# ---------------------------------------------------------------- training history
+
+HISTORY_QUANTILE_COLUMNS = ["loss_p05", "loss_p25", "loss_median", "loss_p75", "loss_p95"]
+
+
+def history_table(history, tracked_ids: list, coefficients: list[tuple[str, int]],
+                  metadata: dict) -> pa.Table:
+    """A history as one wide table: ``epoch``, the batch's loss quantiles, and a
+    ``loss_series_<id>`` column per tracked series; tracked series' initial parameters and
+    the run's options go in the ``batchfit_history`` metadata entry."""
+    quantiles = history.loss_quantiles.numpy()
+    columns = {"epoch": pa.array(history.epochs.numpy(), pa.int64())}
+    for j, name in enumerate(HISTORY_QUANTILE_COLUMNS):
+        columns[name] = pa.array(quantiles[:, j], from_pandas=True)
+    tracked = []
+    initial = history.tracked_initial_params.numpy()
+    for j, series_id in enumerate(tracked_ids):
+        column = f"loss_series_{series_id}"
+        columns[column] = pa.array(history.tracked_loss[:, j].numpy().astype(np.float64),
+                                   from_pandas=True)
+        tracked.append({"series_id": series_id, "column": column,
+                        "initial": {name: float(initial[j, power])
+                                    for name, power in coefficients}})
+    entry = {**metadata, "tracked": tracked, "sampled_series": int(history.sample_loss.shape[1])}
+    schema = pa.table(columns).schema.with_metadata(
+        {"batchfit_history": json.dumps(entry, sort_keys=True, default=str)})
+    return pa.table(columns, schema=schema)
+
+
+def column_sum(table: pa.Table, name: str) -> int:
+    return int(pc.sum(table[name]).as_py() or 0)
+
+
+def concat_tables(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables)

@@ -1,0 +1,57 @@
+"""The names every layer shares, defined once: solvers, losses, models and their parameter
+and column names, statuses. Importing this (like ``options`` and ``io``) never imports torch,
+so the MSE job (``job``'s aggregation path) starts without it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+SOLVERS = ("auto", "exact", "newton", "gd", "adam")
+BUILTIN_LOSSES = ("mse", "huber", "soft_l1", "cauchy", "arctan")
+LOSS_ALIASES = {"linear": "mse"}  # scipy's name of the plain squared error
+MAX_DEGREE = 10
+# The built-in nonlinear families and their parameters, in order (models.FAMILIES has their
+# functions and starting values).
+FAMILY_PARAMS = {
+    "exp": ("a", "b", "c"),
+    "gauss": ("a", "mu", "sigma", "c"),
+    "logistic": ("L", "k", "x0", "c"),
+    "power": ("a", "b", "c"),
+}
+MODELS = ("poly", *FAMILY_PARAMS)
+FORMULAS = {"poly": "sum_i p_i x^i", "exp": "a*exp(-b*x) + c",
+            "gauss": "a*exp(-(x-mu)^2/(2*sigma^2)) + c",
+            "logistic": "L/(1+exp(-k*(x-x0))) + c", "power": "a*x^b + c (x > 0)"}
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def poly_columns(degree: int) -> tuple[tuple[str, int], ...]:
+    """(output column, power of x) of the polynomial of ``degree``: a, b, c for the
+    quadratic, else p0 .. pD."""
+    if degree == 2:
+        return (("a", 2), ("b", 1), ("c", 0))
+    return tuple((f"p{i}", i) for i in range(degree + 1))
+
+
+def family_columns(name: str) -> tuple[tuple[str, int], ...]:
+    return tuple((param, i) for i, param in enumerate(FAMILY_PARAMS[name]))
+
+
+class Status(IntEnum):
+    """Per-series outcome. A failure is data, not an exception."""
+
+    OK = 0
+    TOO_FEW_POINTS = 1  # fewer usable points than coefficients
+    SINGULAR = 2  # x does not have enough distinct values for the degree
+    NOT_CONVERGED = 3  # an iterative solver stopped before meeting tol
+    DIVERGED = 4  # non-finite values, or the loss grew
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+STATUS_LABELS = np.array([s.label for s in Status])

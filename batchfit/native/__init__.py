@@ -1,0 +1,339 @@
+"""The native aggregation kernel (aggregate.c): built once per machine, loaded through ctypes.
+
+``library()`` compiles aggregate.c with the system C compiler (``$CC``, else cc/gcc/clang:
+the compiler torch.compile needs on the CPU anyway) into the cache directory the first time,
+says so on stderr with the time it took (about 7 s), and loads it; later processes only load
+it (milliseconds). Without a working compiler it returns None and batchfit aggregates with
+torch instead (``batchfit.stats.TorchAggregator``: same numbers to rounding, slower).
+
+``Aggregator`` owns a table of per-series statistics (layout in ``batchfit.stats``) and adds
+batches of points to it. Its calls release the GIL, so other threads decode meanwhile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+from .. import cache, moments
+
+SOURCES = ("aggregate.c", "sums.h", "sums_all.h")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+# Widened frames get this much room to grow, so scattered series are reframed fewer times.
+# Mapping sums from a wider frame onto the exact one at the end costs about slack**(2D)
+# rounding errors, so high degrees reframe exactly instead.
+SLACK = 1.25
+SLACK_MAX_DEGREE = 3
+
+_lock = threading.Lock()
+_library: list = []  # [ctypes.CDLL or None], once looked for
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _source_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def _build(compiler: str) -> str | None:
+    """The path of the compiled library for this source, compiler and CPU (built if needed)."""
+    sources = []
+    for name in SOURCES:
+        with open(os.path.join(_source_dir(), name), "rb") as f:
+            sources.append(f.read())
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = cache.digest(*sources, compiler, version, FLAGS, cache.cpu_signature())
+    directory = cache.cache_dir("native")
+    path = os.path.join(directory, f"libbatchfit-{key}.so")
+    if os.path.exists(path):
+        return path
+    start = time.perf_counter()
+    temp = cache.temp_path(directory, ".so")
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", temp,
+                               os.path.join(_source_dir(), "aggregate.c")],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            return None
+        os.replace(temp, path)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    cache.notice(f"compiled the native aggregation kernel for this machine in "
+                 f"{time.perf_counter() - start:.1f} s (once; kept in {directory})")
+    return path
+
+
+def _declare(lib):
+    V, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bf_width.restype, lib.bf_width.argtypes = I, [C, C]
+    lib.bf_new.restype, lib.bf_new.argtypes = V, [C, C, C, ctypes.c_double]
+    lib.bf_free.restype, lib.bf_free.argtypes = None, [V]
+    lib.bf_set_table.restype, lib.bf_set_table.argtypes = C, [V, V, V, I]
+    for name in ("f32", "f64"):
+        fn = getattr(lib, f"bf_add_{name}")
+        fn.restype, fn.argtypes = C, [V, I, V, I, V, V, V, C]
+        fn = getattr(lib, f"bf_add_dense_{name}")
+        fn.restype, fn.argtypes = C, [V, I, I, I, V, I, V, V]
+        fn = getattr(lib, f"bf_residual_{name}")
+        fn.restype, fn.argtypes = C, [C, C, V, I, I, V, I, V, V, V, V, V, V]
+    lib.bf_flush.restype, lib.bf_flush.argtypes = None, [V]
+    lib.bf_note.restype, lib.bf_note.argtypes = C, [V, I, V, I]
+    lib.bf_finish.restype, lib.bf_finish.argtypes = None, [V, I]
+    lib.bf_runs.restype, lib.bf_runs.argtypes = I, [V, V]
+    lib.bf_reframes.restype, lib.bf_reframes.argtypes = I, [V]
+    lib.bf_merge.restype, lib.bf_merge.argtypes = None, [C, C, V, V, I]
+    lib.bf_get_state.restype, lib.bf_get_state.argtypes = None, [V, V]
+    lib.bf_solve.restype = None
+    lib.bf_solve.argtypes = [C, C, V, I, V] + [V] * 9
+    lib.bf_set_state.restype, lib.bf_set_state.argtypes = C, [V, I, I, V]
+    return lib
+
+
+def library():
+    """The loaded native library, or None when it cannot be built here."""
+    with _lock:
+        if not _library:
+            lib = None
+            if os.environ.get("BATCHFIT_NATIVE", "1") != "0":
+                compiler = _compiler()
+                path = _build(compiler) if compiler else None
+                if path is not None:
+                    try:
+                        lib = _declare(ctypes.CDLL(path))
+                    except OSError:
+                        lib = None
+            _library.append(lib)
+        return _library[0]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
+    (containers), at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read()
+            if parse is not None:
+                quota, period = parse(text)
+            else:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    quota, period = text.strip(), f.read().strip()
+            if quota not in ("max", "-1"):
+                count = min(count, max(1, math.ceil(int(quota) / int(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(1, count)
+
+
+def _pointer(array: np.ndarray | None):
+    return None if array is None else array.ctypes.data
+
+
+def _check(code: int, what: str):
+    if code == -1:
+        raise ValueError(f"{what}: a series code is outside the table (a bug in batchfit)")
+    if code == -2:
+        raise MemoryError(f"{what}: out of memory in the native aggregation kernel")
+    if code == -3:
+        raise ValueError(f"{what}: inputs do not match the aggregator (a bug in batchfit)")
+
+
+class Aggregator:
+    """Per-series statistics of degree-``degree`` polynomial MSE fits, in one pass over points
+    in any order (see aggregate.c). ``double``: the inputs are float64 (else float32)."""
+
+    def __init__(self, degree: int, weighted: bool, double: bool, rows: int = 0):
+        self.lib = library()
+        if self.lib is None:
+            raise RuntimeError("the native aggregation kernel is not available")
+        self.degree, self.weighted, self.double = degree, weighted, double
+        self.dtype = np.float64 if double else np.float32
+        slack = SLACK if degree <= SLACK_MAX_DEGREE else 1.0
+        self.handle = self.lib.bf_new(degree, int(weighted), int(double), slack)
+        if not self.handle:
+            raise MemoryError("cannot create the native aggregator")
+        self.table = moments.new_table(0, degree, weighted)
+        self.seen = np.zeros(0, np.uint8)
+        self.reserve(max(rows, 1))
+
+    def __del__(self):
+        handle = getattr(self, "handle", None)
+        if handle:
+            self.lib.bf_free(handle)
+            self.handle = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.seen)
+
+    def reserve(self, rows: int):
+        """Room for series codes 0 .. rows - 1 (grows by doubling, keeping what is there)."""
+        if rows <= self.rows:
+            return
+        rows = max(rows, 2 * self.rows)
+        table, seen = moments.new_table(rows, self.degree, self.weighted), np.zeros(rows, np.uint8)
+        self.lib.bf_flush(self.handle)  # buffered points go into the old table, copied next
+        table[: self.rows], seen[: self.rows] = self.table, self.seen
+        self.table, self.seen = table, seen
+        _check(self.lib.bf_set_table(self.handle, _pointer(table), _pointer(seen), rows),
+               "reserve")
+
+    def _values(self, values, name):
+        array = np.ascontiguousarray(values, dtype=self.dtype)
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be 1-D")
+        return array
+
+    def add(self, codes: np.ndarray, x, y, w=None, offset: int = 0, series=None):
+        """Points ``(x, y, w)`` of the series in rows ``codes - offset`` (< ``rows``).
+        ``series``: the rows of a list-format batch, one per series (with or without
+        points), in order; they are the batch's runs."""
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        x, y = self._values(x, "x"), self._values(y, "y")
+        w = None if w is None else self._values(w, "w")
+        if (w is None) == self.weighted:
+            raise ValueError("weights given to an unweighted aggregator, or missing")
+        if series is not None:
+            series = np.ascontiguousarray(series, dtype=np.int64)
+            _check(self.lib.bf_note(self.handle, len(series), _pointer(series), offset), "add")
+        add = self.lib.bf_add_f64 if self.double else self.lib.bf_add_f32
+        _check(add(self.handle, len(codes), _pointer(codes), offset, _pointer(x), _pointer(y),
+                   _pointer(w), int(series is None)), "add")
+
+    def add_dense(self, first: int, x, y, w=None):
+        """Rows of ``y`` ((rows, n), C order) as series ``first``, ``first + 1``, ...; ``x`` is
+        (n,) shared by all rows or like ``y``; ``w`` None or like ``y``. Rows here are whole
+        series: nothing else may add to them."""
+        y = np.ascontiguousarray(y, dtype=self.dtype)
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        rows, n = y.shape
+        stride = 0 if x.ndim == 1 else n
+        if x.shape not in ((n,), (rows, n)) or (w is not None and np.shape(w) != y.shape):
+            raise ValueError("x, y and w shapes do not match (a bug in batchfit)")
+        w = None if w is None else np.ascontiguousarray(w, dtype=self.dtype)
+        if (w is None) == self.weighted:
+            raise ValueError("weights given to an unweighted aggregator, or missing")
+        add = self.lib.bf_add_dense_f64 if self.double else self.lib.bf_add_dense_f32
+        _check(add(self.handle, first, rows, n, _pointer(x), stride, _pointer(y), _pointer(w)),
+               "add_dense")
+
+    def flush(self):
+        self.lib.bf_flush(self.handle)
+
+    def finish(self, rows: int | None = None) -> np.ndarray:
+        """Sum everything buffered, put every series in its exact frame; the table's first
+        ``rows`` rows (default: all), shared with the aggregator."""
+        rows = self.rows if rows is None else rows
+        self.lib.bf_finish(self.handle, rows)
+        return self.table[:rows]
+
+    def runs(self) -> np.ndarray | None:
+        """The codes in the order their runs began, or None when some series came back
+        after another one (scattered input: then there are more runs than series)."""
+        count = self.lib.bf_runs(self.handle, None)
+        if count < 0:
+            return None
+        out = np.empty(count, np.int64)
+        self.lib.bf_runs(self.handle, _pointer(out))
+        return out
+
+    def seen_codes(self) -> np.ndarray:
+        return np.flatnonzero(self.seen)
+
+    def state(self) -> dict:
+        """Everything needed to continue later (``load_state``), as numpy arrays. Buffered
+        points must have been flushed."""
+        head = np.zeros(3, np.int64)
+        self.lib.bf_get_state(self.handle, _pointer(head))
+        runs = self.runs()
+        return {"table": self.table, "seen": self.seen, "last": head[0], "nruns": head[1],
+                "runlist": np.zeros(0, np.int64) if runs is None else runs,
+                "scattered": runs is None}
+
+    def load_state(self, state: dict):
+        self.reserve(len(state["seen"]))
+        rows = len(state["seen"])
+        self.table[:rows], self.seen[:rows] = state["table"], state["seen"]
+        runlist = None if bool(state["scattered"]) else np.ascontiguousarray(
+            state["runlist"], np.int64)
+        _check(self.lib.bf_set_state(self.handle, int(state["last"]), int(state["nruns"]),
+                                     _pointer(runlist)), "load_state")
+
+    @property
+    def reframes(self) -> int:
+        return self.lib.bf_reframes(self.handle)
+
+    def residual(self, codes, x, y, w, flagged: np.ndarray, q: np.ndarray,
+                 out: np.ndarray, offset: int = 0):
+        """Add the residual moments of the flagged rows' points to ``out`` (see aggregate.c)."""
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        x, y = self._values(x, "x"), self._values(y, "y")
+        w = None if w is None else self._values(w, "w")
+        fn = self.lib.bf_residual_f64 if self.double else self.lib.bf_residual_f32
+        _check(fn(self.degree, int(self.weighted), _pointer(self.table), self.rows, len(codes),
+                  _pointer(codes), offset, _pointer(x), _pointer(y), _pointer(w),
+                  _pointer(flagged), _pointer(q), _pointer(out)), "residual")
+
+
+def merge(dst: np.ndarray, src: np.ndarray, degree: int, weighted: bool):
+    """``dst += src`` row by row for two statistics tables of one layout (any frames)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native aggregation kernel is not available")
+    if dst.shape != src.shape or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+        raise ValueError("merge needs two contiguous tables of one shape")
+    lib.bf_merge(degree, int(weighted), _pointer(dst), _pointer(src), len(dst))
+
+
+def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | None = None
+          ) -> dict:
+    """Every row's fit (see ``bf_solve`` in aggregate.c): a record of numpy arrays, params
+    and stderr (rows, k) in raw units (column i multiplies x**i), loss, rmse, r2, n_points,
+    status (Status codes), trusted (the sums kept their digits; else refine on the points),
+    q (rows, k) (Chebyshev coefficients of y - yref in the frame). ``step``: a refinement
+    step's moments per row, (rows, 3k + 2): q0, sum w r T_j, sum w r^2, and the same
+    unweighted."""
+    lib = library()
+    table = np.ascontiguousarray(table, dtype=np.float64)
+    rows, k = len(table), degree + 1
+    if table.shape[1:] != (moments.width(degree, weighted),):
+        raise ValueError("the table does not have this degree's layout (a bug in batchfit)")
+    if step is not None:
+        step = np.ascontiguousarray(step, dtype=np.float64)
+        if step.shape != (rows, 3 * k + 2):
+            raise ValueError("the refinement step has the wrong shape (a bug in batchfit)")
+    out = {"params": np.empty((rows, k)), "stderr": np.empty((rows, k)),
+           "loss": np.empty(rows), "rmse": np.empty(rows), "r2": np.empty(rows),
+           "n_points": np.empty(rows, np.int64), "status": np.empty(rows, np.int8),
+           "trusted": np.empty(rows, np.uint8), "q": np.empty((rows, k))}
+    lib.bf_solve(degree, int(weighted), _pointer(table), rows, _pointer(step),
+                 *(_pointer(out[name]) for name in ("params", "stderr", "loss", "rmse", "r2",
+                                                    "n_points", "status", "trusted", "q")))
+    out["trusted"] = out["trusted"].astype(bool)
+    out["iterations"] = (out["status"] == 0).astype(np.int64) | (out["status"] == 4)
+    return out

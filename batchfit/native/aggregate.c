@@ -1,0 +1,684 @@
+/* batchfit's aggregation kernel: per-series sufficient statistics of a polynomial MSE fit,
+ * accumulated in one pass over points that arrive in any order.
+ *
+ * Compiled once per machine by batchfit/native/__init__.py (with the system C compiler, the
+ * one torch.compile uses) and called through ctypes, which releases the GIL: the caller
+ * decodes the next Parquet batch in other threads while this runs.
+ *
+ * A series' statistics live in one row of a float64 table that the caller owns:
+ *   CENTRE, HALF, INVH   its frame: t = (x - CENTRE) / HALF; every accumulated point has
+ *                        |t| <= 1 (HALF = 0: all of them sit at CENTRE, and t = 0)
+ *   YREF                 a fixed shift of y (the series' first used y), so that sums of y
+ *                        stay small next to their spread
+ *   LO, HI, NPTS         range of x and count of the used points
+ *   S[m] = sum w T_m(t)              m = 0 .. 2D     (T_m: Chebyshev polynomials)
+ *   R[j] = sum w (y - YREF) T_j(t)   j = 0 .. D
+ *   Y2   = sum w (y - YREF)^2
+ *   and, in weighted tables, the same three again with w = 1 (the unweighted rmse needs them).
+ * The frame always contains the accumulated points, so every T_m(t) lies in [-1, 1] and the
+ * sums keep float64's digits for any offset of x (timestamps). Before points outside the
+ * frame are added, the sums are mapped exactly onto a wider frame (reframe): T_m(a t + b) is a
+ * combination of T_0 .. T_m whose coefficients lie in [-2, 2] when the old interval lies inside
+ * the new one. At the end every series is mapped onto its exact frame [LO, HI].
+ *
+ * Points come in batches of (code, x, y, w), code being the series' row. Runs of one code
+ * (grouped input) are summed in place, LANES points at a time. Shorter runs (scattered input)
+ * are buffered per block of BUCKET_ROWS rows and summed when the buffer fills, so that their
+ * writes land in a block of the table that stays in cache.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#define MAX_DEGREE 10
+#define MAX_M (2 * MAX_DEGREE + 1)
+#define LANES 8
+#define RUN_MIN 8
+#define BUCKET_SHIFT 14
+#define BUCKET_ROWS (1 << BUCKET_SHIFT)
+#define BUCKET_MAX_POINTS 65536
+#define BUCKET_MIN_POINTS 1024
+#define BUCKET_BUDGET (256L << 20) /* bytes of buffered points, all buckets together */
+
+enum { CENTRE, HALF, INVH, YREF, LO, HI, NPTS, HEADER };
+
+/* a buffered point: x, y, w and the row's offset inside its bucket */
+typedef struct { float x, y, w; uint32_t r; } pt_f32;
+typedef struct { double x, y, w; uint32_t r, pad; } pt_f64;
+
+typedef struct {
+  int degree, weighted, dbl;
+  int64_t width;
+  double slack;
+  double *table;
+  uint8_t *seen;
+  int64_t rows;
+  int64_t nbuckets, bucket_points, entry, stride;
+  char **bucket, *region; /* the buckets' buffers, carved from one region of huge pages */
+  size_t region_bytes;
+  int32_t *fill;
+  char *scratch;
+  int32_t *count;
+  double *xs, *ys, *ws;
+  int64_t last, nruns, runcap;
+  int64_t *runlist;
+  int64_t reframes;
+} agg;
+
+static inline int nm_of(int degree) { return 2 * degree + 1; }
+static inline int block_of(int degree) { return nm_of(degree) + degree + 2; }
+
+int64_t bf_width(int degree, int weighted) {
+  return HEADER + (int64_t)block_of(degree) * (weighted ? 2 : 1);
+}
+
+/* used: x, y and w finite, w > 0 (branch-free, so that loops vectorise; NaN fails each test) */
+static inline int valid(double x, double y, double w) {
+  return (fabs(x) <= DBL_MAX) & (fabs(y) <= DBL_MAX) & (w <= DBL_MAX) & (w > 0);
+}
+
+/* ---------------------------------------------------------------- frames */
+
+/* M[m][j]: T_m(a t + b) = sum_j M[m][j] T_j(t), for m, j < nm. */
+static void cheb_map(double a, double b, int nm, double *M) {
+  memset(M, 0, sizeof(double) * nm * nm);
+  M[0] = 1;
+  if (nm == 1) return;
+  M[nm] = b;
+  M[nm + 1] = a;
+  for (int m = 1; m + 1 < nm; m++) {
+    const double *P = M + m * nm, *Q = M + (m - 1) * nm;
+    double *N = M + (m + 1) * nm, tp[MAX_M + 1];
+    memset(tp, 0, sizeof tp);
+    tp[1] = P[0]; /* t T_0 = T_1; t T_i = (T_{i+1} + T_{i-1}) / 2 */
+    for (int i = 1; i <= m; i++) {
+      tp[i + 1] += 0.5 * P[i];
+      tp[i - 1] += 0.5 * P[i];
+    }
+    for (int j = 0; j <= m + 1; j++) N[j] = 2 * (a * tp[j] + b * P[j]) - Q[j];
+  }
+}
+
+static void map_block(const double *M, int nm, int k, double *S) {
+  double tmp[MAX_M], *R = S + nm;
+  for (int m = 0; m < nm; m++) {
+    double s = 0;
+    for (int j = 0; j <= m; j++) s += M[m * nm + j] * S[j];
+    tmp[m] = s;
+  }
+  memcpy(S, tmp, sizeof(double) * nm);
+  for (int m = 0; m < k; m++) {
+    double s = 0;
+    for (int j = 0; j <= m; j++) s += M[m * nm + j] * R[j];
+    tmp[m] = s;
+  }
+  memcpy(R, tmp, sizeof(double) * k);
+}
+
+static void set_frame(double *row, double centre, double half) {
+  row[CENTRE] = centre;
+  row[HALF] = half;
+  row[INVH] = half > 0 ? 1 / half : 0;
+}
+
+/* Map a row's sums onto the frame (centre, half), which must contain its points. */
+static void reframe(double *row, int degree, int weighted, double centre, double half) {
+  int nm = nm_of(degree), k = degree + 1;
+  double a = half > 0 ? row[HALF] / half : 0, b = half > 0 ? (row[CENTRE] - centre) / half : 0;
+  double M[MAX_M * MAX_M];
+  cheb_map(a, b, nm, M);
+  map_block(M, nm, k, row + HEADER);
+  if (weighted) map_block(M, nm, k, row + HEADER + block_of(degree));
+  set_frame(row, centre, half);
+}
+
+/* Make room in the row's frame for used points spanning [lo, hi]. */
+static void widen(agg *a, double *row, double lo, double hi, double first_y) {
+  if (row[NPTS] == 0) { /* the first points: their own exact frame */
+    row[LO] = lo;
+    row[HI] = hi;
+    row[YREF] = first_y;
+    set_frame(row, 0.5 * (lo + hi), 0.5 * (hi - lo));
+    return;
+  }
+  if (lo < row[LO]) row[LO] = lo;
+  if (hi > row[HI]) row[HI] = hi;
+  if (row[LO] < row[CENTRE] - row[HALF] || row[HI] > row[CENTRE] + row[HALF]) {
+    /* slack > 1 leaves room for more growth (fewer reframes of scattered series) */
+    double centre = 0.5 * (row[LO] + row[HI]), half = 0.5 * (row[HI] - row[LO]) * a->slack;
+    if (centre - half > row[LO] || centre + half < row[HI]) /* (whatever rounding did) */
+      half = fmax(centre - row[LO], row[HI] - centre);
+    reframe(row, a->degree, a->weighted, centre, half);
+    a->reframes++;
+  }
+}
+
+/* ---------------------------------------------------------------- sums */
+
+/* LANES-wide vectors (GCC/Clang vector extensions: AVX-512, AVX2 or NEON, whatever is there) */
+typedef double vd __attribute__((vector_size(LANES * 8)));
+typedef int64_t vi __attribute__((vector_size(LANES * 8)));
+typedef float vf __attribute__((vector_size(LANES * 4)));
+#define VD(v) ((vd){0} + (double)(v))
+#define VI(v) ((vi){0} + (int64_t)(v))
+static inline vd load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vd); }
+static inline vd load_f64(const double *p) { vd v; memcpy(&v, p, sizeof v); return v; }
+/* finite: the exponent bits are not all ones (they are for NaN and inf) */
+static inline vi finite_v(vd v) { return ((vi)v & 0x7fffffffffffffffLL) < 0x7ff0000000000000LL; }
+static inline vi usable(vd x, vd y, vd w) { return finite_v(x) & finite_v(y) & finite_v(w) & (w > 0); }
+static inline vd keep(vd v, vi m) { return (vd)((vi)v & m); }
+static inline vd blend(vi m, vd a, vd b) { return (vd)(((vi)a & m) | ((vi)b & ~m)); }
+
+#define CAT(a, b) a##b
+#define XCAT(a, b) CAT(a, b)
+typedef void (*run_f32_fn)(agg *, double *, int64_t, const float *, const float *, const float *);
+typedef void (*run_f64_fn)(agg *, double *, int64_t, const double *, const double *, const double *);
+typedef void (*points_fn)(agg *, double *, int64_t, const double *, const double *, const double *);
+
+#include "sums_all.h"
+
+/* ---------------------------------------------------------------- runs and buffers */
+
+/* A new run of ``code`` begins (unless the previous batch's last run goes on). The input is
+ * grouped when every series is one run; the runs, in order, are then the series' order. */
+static int note_run(agg *a, int64_t code) {
+  if (code == a->last) return 0;
+  a->last = code;
+  a->nruns++;
+  if (!a->runlist && a->nruns > 1) return 0; /* scattered already: no list kept */
+  if (a->nruns > a->rows) { /* more runs than series: scattered */
+    free(a->runlist);
+    a->runlist = NULL;
+    a->runcap = 0;
+    return 0;
+  }
+  if (a->nruns > a->runcap) {
+    int64_t cap = a->runcap ? 2 * a->runcap : 1 << 16;
+    int64_t *list = realloc(a->runlist, sizeof(int64_t) * cap);
+    if (!list) return -2;
+    a->runlist = list;
+    a->runcap = cap;
+  }
+  a->runlist[a->nruns - 1] = code;
+  return 0;
+}
+
+#define DEFINE_BATCH(T, TN, PT)                                                             \
+  static void flush_##TN(agg *a, int64_t b) {                                              \
+    int32_t m = a->fill[b];                                                                \
+    if (!m) return;                                                                        \
+    const PT *in = (const PT *)a->bucket[b];                                               \
+    PT *out = (PT *)a->scratch;                                                            \
+    int32_t *count = a->count;                                                             \
+    memset(count, 0, sizeof(int32_t) * (BUCKET_ROWS + 1));                                 \
+    for (int32_t i = 0; i < m; i++) count[in[i].r + 1]++;                                  \
+    for (int32_t r = 0; r < BUCKET_ROWS; r++) count[r + 1] += count[r];                    \
+    for (int32_t i = 0; i < m; i++) out[count[in[i].r]++] = in[i];                         \
+    points_fn sum = (a->weighted ? POINTS_W1 : POINTS_W0)[a->degree];                      \
+    int64_t base = b << BUCKET_SHIFT;                                                      \
+    int32_t i = 0;                                                                         \
+    while (i < m) {                                                                        \
+      int32_t j = i;                                                                       \
+      for (; j < m && out[j].r == out[i].r; j++) {                                         \
+        a->xs[j - i] = out[j].x;                                                           \
+        a->ys[j - i] = out[j].y;                                                           \
+        a->ws[j - i] = out[j].w;                                                           \
+      }                                                                                    \
+      int64_t row = base + out[i].r;                                                       \
+      a->seen[row] = 1;                                                                    \
+      sum(a, a->table + row * a->width, j - i, a->xs, a->ys, a->ws);                       \
+      i = j;                                                                               \
+    }                                                                                      \
+    a->fill[b] = 0;                                                                        \
+  }                                                                                        \
+                                                                                           \
+  int bf_add_##TN(agg *a, int64_t n, const int64_t *codes, int64_t offset, const T *x,     \
+                  const T *y, const T *w, int note) {                                      \
+    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return -3;                       \
+    run_##TN##_fn run = (w ? RUN_##TN##_W1 : RUN_##TN##_W0)[a->degree];                    \
+    int64_t i = 0;                                                                         \
+    while (i < n) {                                                                        \
+      int64_t raw = codes[i], code = raw - offset, j = i + 1;                              \
+      if (code < 0 || code >= a->rows) return -1;                                          \
+      while (j < n && codes[j] == raw) j++;                                                \
+      if (note && note_run(a, code)) return -2;                                            \
+      if (j - i >= RUN_MIN) {                                                              \
+        a->seen[code] = 1;                                                                 \
+        run(a, a->table + code * a->width, j - i, x + i, y + i, w ? w + i : NULL);         \
+      } else {                                                                             \
+        int64_t b = code >> BUCKET_SHIFT;                                                  \
+        if (!a->bucket[b]) a->bucket[b] = a->region + b * a->stride;                        \
+        PT *buffer = (PT *)a->bucket[b];                                                   \
+        for (int64_t p = i; p < j; p++) {                                                  \
+          PT *e = buffer + a->fill[b];                                                     \
+          e->x = x[p];                                                                     \
+          e->y = y[p];                                                                     \
+          e->w = w ? w[p] : 1;                                                             \
+          e->r = (uint32_t)(code & (BUCKET_ROWS - 1));                                     \
+          if (++a->fill[b] == a->bucket_points) flush_##TN(a, b);                          \
+        }                                                                                  \
+      }                                                                                    \
+      i = j;                                                                               \
+    }                                                                                      \
+    return 0;                                                                              \
+  }
+DEFINE_BATCH(float, f32, pt_f32)
+DEFINE_BATCH(double, f64, pt_f64)
+
+/* Dense rows (the Python API's (B, N) arrays): row r of y is series ``first + r``; x is
+ * shared (x_stride 0) or one row per series (x_stride n); w is NULL or like y. */
+#define DEFINE_DENSE(T, TN)                                                                 \
+  int bf_add_dense_##TN(agg *a, int64_t first, int64_t rows, int64_t n, const T *x,       \
+                        int64_t x_stride, const T *y, const T *w) {                        \
+    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return -3;                       \
+    if (first < 0 || first + rows > a->rows) return -1;                                    \
+    run_##TN##_fn run = (w ? RUN_##TN##_W1 : RUN_##TN##_W0)[a->degree];                    \
+    for (int64_t r = 0; r < rows; r++) {                                                   \
+      int64_t code = first + r;                                                            \
+      a->seen[code] = 1;                                                                   \
+      run(a, a->table + code * a->width, n, x + r * x_stride, y + r * n, w ? w + r * n : NULL); \
+    }                                                                                      \
+    return 0;                                                                              \
+  }
+DEFINE_DENSE(float, f32)
+DEFINE_DENSE(double, f64)
+
+/* Series seen in this order, one run each, whether they have points or not (list format:
+ * a row is a series; its points are then added with note = 0). */
+int bf_note(agg *a, int64_t n, const int64_t *codes, int64_t offset) {
+  for (int64_t i = 0; i < n; i++) {
+    int64_t code = codes[i] - offset;
+    if (code < 0 || code >= a->rows) return -1;
+    if (note_run(a, code)) return -2;
+    a->seen[code] = 1;
+  }
+  return 0;
+}
+
+void bf_flush(agg *a) {
+  for (int64_t b = 0; b < a->nbuckets; b++) {
+    if (!a->bucket[b]) continue;
+    if (a->dbl) flush_f64(a, b); else flush_f32(a, b);
+  }
+}
+
+/* ---------------------------------------------------------------- the front door */
+
+void bf_free(agg *a) {
+  if (!a) return;
+  if (a->region) munmap(a->region, a->region_bytes);
+  free(a->bucket);
+  free(a->fill);
+  free(a->scratch);
+  free(a->count);
+  free(a->runlist);
+  free(a->xs);
+  free(a->ys);
+  free(a->ws);
+  free(a);
+}
+
+/* An aggregator for one degree, weighted or not, float64 (dbl) or float32 inputs; slack: how
+ * much wider than the points a widened frame is made (1: exactly as wide). */
+agg *bf_new(int degree, int weighted, int dbl, double slack) {
+  if (degree < 0 || degree > MAX_DEGREE) return NULL;
+  agg *a = calloc(1, sizeof(agg));
+  if (!a) return NULL;
+  a->degree = degree;
+  a->weighted = weighted;
+  a->dbl = dbl;
+  a->width = bf_width(degree, weighted);
+  a->slack = slack;
+  a->last = -1;
+  a->entry = dbl ? sizeof(pt_f64) : sizeof(pt_f32);
+  a->bucket_points = BUCKET_MAX_POINTS;
+  a->scratch = malloc(sizeof(pt_f64) * BUCKET_MAX_POINTS);
+  a->count = malloc(sizeof(int32_t) * (BUCKET_ROWS + 1));
+  a->xs = malloc(sizeof(double) * BUCKET_MAX_POINTS);
+  a->ys = malloc(sizeof(double) * BUCKET_MAX_POINTS);
+  a->ws = malloc(sizeof(double) * BUCKET_MAX_POINTS);
+  if (!a->scratch || !a->count || !a->xs || !a->ys || !a->ws) {
+    bf_free(a);
+    return NULL;
+  }
+  return a;
+}
+
+/* Point the aggregator at a (new, larger) table and its ``seen`` bytes; buffered points are
+ * summed into the old table first (the caller copies it into the new one afterwards). */
+int bf_set_table(agg *a, double *table, uint8_t *seen, int64_t rows) {
+  int64_t nb = (rows >> BUCKET_SHIFT) + 1;
+  if (nb > a->nbuckets) {
+    bf_flush(a);
+    if (a->region) munmap(a->region, a->region_bytes);
+    free(a->bucket);
+    free(a->fill);
+    a->bucket = calloc(nb, sizeof(char *));
+    a->fill = calloc(nb, sizeof(int32_t));
+    if (!a->bucket || !a->fill) return -2;
+    a->nbuckets = nb;
+    int64_t points = BUCKET_BUDGET / (nb * a->entry);
+    a->bucket_points = points > BUCKET_MAX_POINTS ? BUCKET_MAX_POINTS
+                       : points < BUCKET_MIN_POINTS ? BUCKET_MIN_POINTS : points;
+    /* reserved, not committed: only the buckets that scattered points reach are touched;
+     * huge pages keep the writes to a few hundred buffers from missing the TLB each time */
+    /* (buffers a power of two apart would all fall into the same cache sets: stagger them) */
+    a->stride = a->entry * a->bucket_points + 4160;
+    a->region_bytes = (size_t)(nb * a->stride);
+    a->region = mmap(NULL, a->region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (a->region == MAP_FAILED) {
+      a->region = NULL;
+      return -2;
+    }
+#ifdef MADV_HUGEPAGE
+    madvise(a->region, a->region_bytes, MADV_HUGEPAGE);
+#endif
+  }
+  a->table = table;
+  a->seen = seen;
+  a->rows = rows;
+  return 0;
+}
+
+/* Sum everything buffered and map every series onto its exact frame [LO, HI]. */
+void bf_finish(agg *a, int64_t rows) {
+  bf_flush(a);
+  for (int64_t r = 0; r < rows; r++) {
+    double *row = a->table + r * a->width;
+    if (row[NPTS] == 0) continue;
+    double centre = 0.5 * (row[LO] + row[HI]), half = 0.5 * (row[HI] - row[LO]);
+    if (centre != row[CENTRE] || half != row[HALF]) reframe(row, a->degree, a->weighted, centre, half);
+  }
+}
+
+int64_t bf_reframes(agg *a) { return a->reframes; }
+
+/* The number of runs so far; with out, the runs' codes in order (when every series was one
+ * run: the input was grouped). -1: more runs than rows, so scattered. */
+int64_t bf_runs(agg *a, int64_t *out) {
+  if (!a->runlist && a->nruns > 1) return -1;
+  if (out && a->nruns) memcpy(out, a->runlist, sizeof(int64_t) * a->nruns);
+  return a->nruns;
+}
+
+
+/* ---------------------------------------------------------------- the fit of each series */
+
+enum { OK, TOO_FEW_POINTS, SINGULAR, NOT_CONVERGED, DIVERGED }; /* = batchfit.Status */
+#define TRUST_PIVOT 0.25          /* below: refine on the points (uneven x) */
+#define CANCELLATION_MARGIN 4398046511104.0 /* 2^42: sse below this many eps of Y2: refine */
+
+/* Lower Cholesky factor of the k x k matrix A (row-major) in L; returns 1 when every pivot
+ * is above rel_tol times its diagonal entry (else the pivot is replaced by 1 and it returns
+ * 0); *smallest: the smallest relative pivot. */
+static int cholesky(const double *A, int k, double rel_tol, double *L, double *smallest) {
+  int ok = 1;
+  double least = INFINITY;
+  memset(L, 0, sizeof(double) * k * k);
+  for (int j = 0; j < k; j++) {
+    double pivot = A[j * k + j];
+    for (int m = 0; m < j; m++) pivot -= L[j * k + m] * L[j * k + m];
+    int good = pivot > rel_tol * fabs(A[j * k + j]);
+    double relative = pivot / fabs(A[j * k + j]);
+    least = relative < least ? relative : least;
+    ok &= good;
+    double root = sqrt(good ? pivot : 1);
+    L[j * k + j] = root;
+    for (int i = j + 1; i < k; i++) {
+      double v = A[i * k + j];
+      for (int m = 0; m < j; m++) v -= L[i * k + m] * L[j * k + m];
+      L[i * k + j] = v / root;
+    }
+  }
+  *smallest = least;
+  return ok;
+}
+
+static void chol_solve(const double *L, int k, const double *b, double *x) {
+  double z[MAX_DEGREE + 1];
+  for (int i = 0; i < k; i++) {
+    double v = b[i];
+    for (int m = 0; m < i; m++) v -= L[i * k + m] * z[m];
+    z[i] = v / L[i * k + i];
+  }
+  for (int i = k - 1; i >= 0; i--) {
+    double v = z[i];
+    for (int m = i + 1; m < k; m++) v -= L[m * k + i] * x[m];
+    x[i] = v / L[i * k + i];
+  }
+}
+
+static double dot(const double *a, const double *b, int k) {
+  double s = 0;
+  for (int i = 0; i < k; i++) s += a[i] * b[i];
+  return s;
+}
+
+static double quad(const double *G, const double *v, int k) {
+  double s = 0;
+  for (int i = 0; i < k; i++) s += v[i] * dot(G + i * k, v, k);
+  return s;
+}
+
+static void gram(const double *S, int k, double *G) {
+  for (int i = 0; i < k; i++)
+    for (int j = 0; j < k; j++) G[i * k + j] = 0.5 * (S[i + j] + S[abs(i - j)]);
+}
+
+/* C2M (k x k): column j holds the monomial coefficients of T_j (small integers). */
+static void cheb_to_mono(int k, double *C2M) {
+  memset(C2M, 0, sizeof(double) * k * k);
+  C2M[0] = 1;
+  if (k > 1) C2M[1 * k + 1] = 1;
+  for (int j = 2; j < k; j++)
+    for (int i = 0; i < k; i++)
+      C2M[i * k + j] = (i ? 2 * C2M[(i - 1) * k + j - 1] : 0) - C2M[i * k + j - 2];
+}
+
+/* M (k x k): raw coefficients p = M q of the polynomial sum_j q_j T_j((x - c) / h), p_i
+ * multiplying x^i: T_j in powers of t (C2M), then t^j = ((x - c) / h)^j in powers of x. */
+static void to_raw(double c, double h, int k, const double *C2M, const double *binom,
+                   double *M) {
+  double shift[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)], negc[MAX_DEGREE + 1], invh[MAX_DEGREE + 1];
+  negc[0] = invh[0] = 1;
+  for (int j = 1; j < k; j++) {
+    negc[j] = negc[j - 1] * -c;
+    invh[j] = invh[j - 1] / h;
+  }
+  for (int i = 0; i < k; i++) /* shift[i][j] = C(j, i) (-c)^(j-i) / h^j */
+    for (int j = 0; j < k; j++)
+      shift[i * k + j] = j < i ? 0 : binom[j * k + i] * negc[j - i] * invh[j];
+  for (int i = 0; i < k; i++)
+    for (int j = 0; j < k; j++) {
+      double v = 0;
+      for (int m = i; m < k; m++) v += shift[i * k + m] * C2M[m * k + j];
+      M[i * k + j] = v;
+    }
+}
+
+/* Fit every row of a statistics table (n rows): MSE in the frame, float64. step: NULL, or a
+ * refinement step's moments per row (q0[k], c[k], rss, cu[k], rssu) laid out as 3k+2 values.
+ * Outputs per row: params[k] and stderr[k] (raw units), loss, rmse, r2, count, status,
+ * trusted (the sums kept their digits), q[k] (Chebyshev coefficients of y - YREF). */
+void bf_solve(int degree, int weighted, const double *table, int64_t n, const double *step,
+              double *params, double *stderr_, double *loss, double *rmse, double *r2,
+              int64_t *count, int8_t *status, uint8_t *trusted, double *qout) {
+  int64_t width = bf_width(degree, weighted);
+  int k = degree + 1, nm = nm_of(degree), blk = block_of(degree);
+  double eps = DBL_EPSILON, pivot_tol = 100 * k * eps;
+  double C2M[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)], binom[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)];
+  cheb_to_mono(k, C2M);
+  for (int j = 0; j < k; j++) /* binom[j][i] = C(j, i) */
+    for (int i = 0; i < k; i++) binom[j * k + i] = i > j ? 0 : i == 0 || i == j ? 1
+                                                   : binom[(j - 1) * k + i - 1] + binom[(j - 1) * k + i];
+  for (int64_t r = 0; r < n; r++) {
+    const double *row = table + r * width, *S = row + HEADER, *R = S + nm;
+    double y2 = S[nm + k], points = row[NPTS];
+    double G[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)], L[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)];
+    double Gu[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)], q[MAX_DEGREE + 1];
+    gram(S, k, G);
+    double least;
+    int solvable = cholesky(G, k, pivot_tol, L, &least);
+    chol_solve(L, k, R, q);
+    double sse = y2 - dot(q, R, k), sse_u = sse, y2u = y2;
+    const double *U = S + blk, *RU = U + nm;
+    if (weighted) {
+      gram(U, k, Gu);
+      y2u = U[nm + k];
+    }
+    int trust;
+    if (step) {
+      const double *q0 = step + r * (3 * k + 2), *c = q0 + k, *cu = c + k + 1;
+      double rss = c[k], rssu = cu[k], delta[MAX_DEGREE + 1];
+      chol_solve(L, k, c, delta);
+      for (int j = 0; j < k; j++) q[j] = q0[j] + delta[j];
+      sse = rss - dot(c, delta, k);
+      sse_u = weighted ? rssu - 2 * dot(delta, cu, k) + quad(Gu, delta, k) : sse;
+      trust = 1;
+    } else {
+      if (weighted) sse_u = y2u - 2 * dot(q, RU, k) + quad(Gu, q, k);
+      int well = least > TRUST_PIVOT;
+      double tol = CANCELLATION_MARGIN * eps;
+      int kept = sse >= tol * y2 && sse_u >= tol * y2u;
+      trust = well && (points <= k || kept) && isfinite(sse);
+    }
+    if (points <= k) sse = sse_u = 0; /* as many points as coefficients: it interpolates */
+    sse = sse > 0 ? sse : 0;
+    sse_u = sse_u > 0 ? sse_u : 0;
+    double wsum = S[0], sst = y2 - R[0] * R[0] / wsum;
+    double qf[MAX_DEGREE + 1], M[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)];
+    memcpy(qf, q, sizeof(double) * k);
+    qf[0] += row[YREF];
+    to_raw(row[CENTRE], row[HALF], k, C2M, binom, M);
+    double *p = params + r * k, *se = stderr_ + r * k;
+    for (int i = 0; i < k; i++) p[i] = dot(M + i * k, qf, k);
+    /* standard errors: cov = s^2 M G^-1 M^T, s^2 = sse / (n - k) */
+    double dof = points - k, sigma2 = sse / (dof > 1 ? dof : 1), inv[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)];
+    for (int j = 0; j < k; j++) {
+      double e[MAX_DEGREE + 1] = {0}, col[MAX_DEGREE + 1];
+      e[j] = 1;
+      chol_solve(L, k, e, col);
+      for (int i = 0; i < k; i++) inv[i * k + j] = col[i];
+    }
+    for (int i = 0; i < k; i++) {
+      double v = 0;
+      for (int a = 0; a < k; a++) v += M[i * k + a] * dot(inv + a * k, M + i * k, k);
+      se[i] = solvable && dof > 0 ? sqrt(fmax(v * sigma2, 0)) : NAN;
+    }
+    loss[r] = sse / wsum;
+    rmse[r] = sqrt(sse_u / points);
+    r2[r] = sst > 0 ? 1 - sse / sst : NAN;
+    int finite = isfinite(loss[r]);
+    for (int i = 0; i < k; i++) finite &= isfinite(p[i]);
+    int code = finite ? OK : DIVERGED;
+    if (!solvable) code = SINGULAR;
+    if (points < k) code = TOO_FEW_POINTS;
+    if (points < k || !solvable) { /* not identified: no numbers */
+      for (int i = 0; i < k; i++) p[i] = se[i] = NAN;
+      loss[r] = rmse[r] = r2[r] = NAN;
+    }
+    count[r] = (int64_t)points;
+    status[r] = (int8_t)code;
+    trusted[r] = (uint8_t)trust;
+    memcpy(qout + r * k, q, sizeof(double) * k);
+  }
+}
+
+/* Run bookkeeping, for checkpoints: (last code, runs so far, whether the list is kept). */
+void bf_get_state(agg *a, int64_t *out) {
+  out[0] = a->last;
+  out[1] = a->nruns;
+  out[2] = a->runlist != NULL || a->nruns <= 1;
+}
+
+int bf_set_state(agg *a, int64_t last, int64_t nruns, const int64_t *runlist) {
+  free(a->runlist);
+  a->runlist = NULL;
+  a->runcap = 0;
+  a->last = last;
+  a->nruns = nruns;
+  if (runlist && nruns) {
+    a->runlist = malloc(sizeof(int64_t) * nruns);
+    if (!a->runlist) return -2;
+    memcpy(a->runlist, runlist, sizeof(int64_t) * nruns);
+    a->runcap = nruns;
+  }
+  return 0;
+}
+
+/* ---------------------------------------------------------------- merging and refinement */
+
+static void shift_y(double *blk, int nm, int k, double d) {
+  /* sums about YREF_src re-expressed about YREF_dst, with d = YREF_src - YREF_dst */
+  double *S = blk, *R = blk + nm, r0 = R[0];
+  for (int j = 0; j < k; j++) R[j] += d * S[j];
+  blk[nm + k] += 2 * d * r0 + d * d * S[0];
+}
+
+/* dst[i] += src[i] for n rows of two tables of one layout, each row in any frame; merged rows
+ * end in their exact frame. */
+void bf_merge(int degree, int weighted, double *dst, const double *src, int64_t n) {
+  int64_t width = bf_width(degree, weighted);
+  int nm = nm_of(degree), k = degree + 1, blk = block_of(degree);
+  double tmp[HEADER + 2 * (MAX_M + MAX_DEGREE + 2)];
+  for (int64_t i = 0; i < n; i++) {
+    double *d = dst + i * width;
+    const double *s = src + i * width;
+    if (s[NPTS] == 0) continue;
+    if (d[NPTS] == 0) {
+      memcpy(d, s, sizeof(double) * width);
+      continue;
+    }
+    double lo = fmin(d[LO], s[LO]), hi = fmax(d[HI], s[HI]);
+    double centre = 0.5 * (lo + hi), half = 0.5 * (hi - lo);
+    memcpy(tmp, s, sizeof(double) * width);
+    reframe(tmp, degree, weighted, centre, half);
+    reframe(d, degree, weighted, centre, half);
+    shift_y(tmp + HEADER, nm, k, tmp[YREF] - d[YREF]);
+    if (weighted) shift_y(tmp + HEADER + blk, nm, k, tmp[YREF] - d[YREF]);
+    for (int j = HEADER; j < width; j++) d[j] += tmp[j];
+    d[NPTS] += s[NPTS];
+    d[LO] = lo;
+    d[HI] = hi;
+  }
+}
+
+/* Residual moments for one step of iterative refinement, for the rows whose ``flagged`` byte
+ * is set: with q (rows x (D+1)) a row's Chebyshev coefficients of y - YREF in its (exact)
+ * frame and r = y - YREF - sum_j q_j T_j(t), out (rows x (D+2), twice for weighted tables)
+ * receives sum w r T_j and sum w r^2 (then the same with unit weights). */
+#define DEFINE_RESIDUAL(T, TN)                                                              \
+  int bf_residual_##TN(int degree, int weighted, const double *table, int64_t rows,        \
+                       int64_t n, const int64_t *codes, int64_t offset, const T *x,        \
+                       const T *y, const T *w, const uint8_t *flagged, const double *q,    \
+                       double *out) {                                                      \
+    int64_t width = bf_width(degree, weighted);                                            \
+    int k = degree + 1, ow = (k + 1) * (weighted ? 2 : 1);                                 \
+    for (int64_t i = 0; i < n; i++) {                                                      \
+      int64_t code = codes[i] - offset;                                                    \
+      if (code < 0 || code >= rows) return -1;                                             \
+      if (!flagged[code]) continue;                                                        \
+      double xv = x[i], yv = y[i], wv = w ? (double)w[i] : 1.0;                           \
+      if (!valid(xv, yv, wv)) continue;                                                    \
+      const double *row = table + code * width, *qc = q + code * k;                        \
+      double t = (xv - row[CENTRE]) * row[INVH], tm[MAX_DEGREE + 1];                       \
+      tm[0] = 1;                                                                           \
+      if (k > 1) tm[1] = t;                                                                \
+      for (int j = 2; j < k; j++) tm[j] = 2 * t * tm[j - 1] - tm[j - 2];                  \
+      double r = yv - row[YREF];                                                           \
+      for (int j = 0; j < k; j++) r -= qc[j] * tm[j];                                      \
+      double *o = out + code * ow;                                                         \
+      for (int j = 0; j < k; j++) o[j] += wv * r * tm[j];                                  \
+      o[k] += wv * r * r;                                                                  \
+      if (weighted) {                                                                      \
+        for (int j = 0; j < k; j++) o[k + 1 + j] += r * tm[j];                             \
+        o[2 * k + 1] += r * r;                                                             \
+      }                                                                                    \
+    }                                                                                      \
+    return 0;                                                                              \
+  }
+DEFINE_RESIDUAL(float, f32)
+DEFINE_RESIDUAL(double, f64)
