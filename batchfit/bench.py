@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from .engine import fit
+from .engine.core import fit
 
 SEED_EPOCHS = 15_000
 ACCURACY_SERIES = 200  # series checked against the float64 reference

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, io, native
+from . import __version__, engine, io
 from .options import Options, resolve
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
@@ -92,10 +92,8 @@ def run_job(input_path: str, output_path: str | None = None, *,
             raise ValueError("--resume cannot be combined with --history (the training "
                              "history is not checkpointed)")
     dataset = io.Dataset(input_path, columns)
-    backend = _Moments.choose(opts) if opts.aggregates else None
-    if not opts.aggregates or backend.uses_torch:
-        from . import engine  # the torch side (here: checks a device, a custom model or loss)
-
+    backend = engine.moments(opts) if opts.aggregates else None
+    if not opts.aggregates or backend.uses_torch:  # (checks a device, custom model or loss)
         engine.config(opts)
         engine.resolve_device(opts.device)
     device = backend.device if backend else str(engine.resolve_device(opts.device))
@@ -127,39 +125,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
 
 # ---------------------------------------------------------------- MSE: an aggregation
 
-class _Moments:
-    """Where a job's moment tables are gathered and solved: the native kernel (the CPU, no
-    torch at all), or torch (``--device cuda``, or no C compiler here)."""
-
-    def __init__(self, opts: Options, uses_torch: bool):
-        self.opts, self.uses_torch = opts, uses_torch
-        self.device = "cpu"
-        if uses_torch:
-            from . import engine
-
-            self.device = str(engine.resolve_device(opts.device))
-
-    @classmethod
-    def choose(cls, opts: Options) -> _Moments:
-        on_cpu = opts.device == "auto" or str(opts.device).startswith("cpu")
-        return cls(opts, uses_torch=not (on_cpu and native.library() is not None))
-
-    def aggregator(self, weighted: bool, double: bool, rows: int):
-        if not self.uses_torch:
-            return native.Aggregator(self.opts.degree, weighted, double, rows)
-        from .stats import TorchAggregator
-
-        return TorchAggregator(self.opts.degree, weighted, self.device, rows)
-
-    def solve(self, table, weighted: bool, step=None) -> dict:
-        if not self.uses_torch:
-            return native.solve(table, self.opts.degree, weighted, step)
-        from . import engine
-
-        return engine.solve_moments(table, weighted, step, self.opts)
-
-
-def _statistics_job(dataset: io.Dataset, opts: Options, backend: _Moments, schema, writer,
+def _statistics_job(dataset: io.Dataset, opts: Options, backend, schema, writer,
                     batch_size: int, checkpoint, progress):
     """Read once (in parallel, in input order), gather every series' statistics wherever
     its points are, then solve and write the series in output order."""
@@ -170,7 +136,7 @@ def _statistics_job(dataset: io.Dataset, opts: Options, backend: _Moments, schem
     done = 0
     if checkpoint is not None:
         done = checkpoint.restore_statistics(agg, codes)
-    workers = native.usable_cpus()
+    workers = engine.usable_cpus()
     for batch in dataset.batches(codes, workers=workers, start=done):
         agg.reserve(codes.size)
         agg.add(batch.codes, batch.x, batch.y, batch.w, batch.offset, batch.series)
@@ -230,9 +196,7 @@ def _refine(dataset, codes, agg, backend, table, chunks, records, weighted, work
 # ---------------------------------------------------------------- the other solvers
 
 def _fit_chunk(chunk: io.Chunk, fit_options: dict):
-    from .engine import fit_ragged
-
-    return fit_ragged(chunk.x, chunk.y, chunk.offsets, chunk.w, **fit_options)
+    return engine.fit_ragged(chunk.x, chunk.y, chunk.offsets, chunk.w, **fit_options)
 
 
 class _HistoryCollector:
@@ -296,8 +260,6 @@ def _position_options(fit_options: dict, history, piece: io.Chunk, first: int,
 def _points_job(dataset: io.Dataset, opts: Options, fit_options: dict, schema, writer,
                 batch_size: int, checkpoint, progress, history_path, metadata, track,
                 track_ids):
-    from . import engine
-
     history = None if history_path is None else _HistoryCollector(
         dataset.n_series, dataset.layout.id_type, track, track_ids)
     fit_options = {**fit_options, "compile": engine.compile_for_job(

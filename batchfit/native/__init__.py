@@ -13,7 +13,6 @@ batches of points to it. Its calls release the GIL, so other threads decode mean
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import shutil
 import subprocess
@@ -123,31 +122,6 @@ def library():
                         lib = None
             _library.append(lib)
         return _library[0]
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
-    (containers), at least 1."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        count = os.cpu_count() or 1
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
-        try:
-            with open(path) as f:
-                text = f.read()
-            if parse is not None:
-                quota, period = parse(text)
-            else:
-                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-                    quota, period = text.strip(), f.read().strip()
-            if quota not in ("max", "-1"):
-                count = min(count, max(1, math.ceil(int(quota) / int(period))))
-            break
-        except (OSError, ValueError):
-            continue
-    return max(1, count)
 
 
 def _pointer(array: np.ndarray | None):

@@ -1,4 +1,4 @@
-"""The front door ``fit``: the one place that picks devices, vmaps and compiles.
+"""The engine's torch side: the front door ``fit``, devices, vmap and compilation.
 
 Solvers hand per-series functions to ``_Vectorizer``, which vmaps them over the batch (inputs
 with a leading batch axis are mapped, scalars are shared) and, for the hot kernels and when it
@@ -23,14 +23,14 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from . import aot, cache, native, stats
-from .native import usable_cpus
-from .diagnostics import PRECISION_LIMITED
-from .kernel import key_of
-from .losses import resolve_loss
-from .models import Model, resolve_model, with_param_count
-from .nonlinear import solve_model
-from .problem import (
+from .. import aot, cache, native, stats
+from . import usable_cpus
+from ..diagnostics import PRECISION_LIMITED
+from ..kernel import key_of
+from ..losses import resolve_loss
+from ..models import Model, resolve_model, with_param_count
+from ..nonlinear import solve_model
+from ..problem import (
     FitResult,
     History,
     Inputs,
@@ -42,8 +42,8 @@ from .problem import (
     problem_of,
     used_points,
 )
-from .options import Options, resolve
-from .solvers import (
+from ..options import Options, resolve
+from ..solvers import (
     EAGER_S_PER_POINT,
     SolverConfig,
     eager_seconds,

@@ -1,0 +1,86 @@
+"""The engine: the one place that decides where and how the work runs.
+
+This module is torch-free: the CPUs this process may use, and where a job's moment tables
+(``batchfit.moments``) are gathered and solved, the native kernel or torch (``Moments``).
+The torch side (the front door ``fit``, devices, vmap, the compile policy: ``engine.core``)
+loads on first use of one of its names, so the MSE job runs without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from .. import native
+from ..options import Options
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
+    (containers), at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read()
+            if parse is not None:
+                quota, period = parse(text)
+            else:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    quota, period = text.strip(), f.read().strip()
+            if quota not in ("max", "-1"):
+                count = min(count, max(1, math.ceil(int(quota) / int(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(1, count)
+
+
+class Moments:
+    """Where a job's moment tables are gathered and solved: the native kernel (the CPU, no
+    torch at all), or torch (``--device cuda``, or no C compiler here)."""
+
+    def __init__(self, opts: Options, uses_torch: bool):
+        self.opts, self.uses_torch = opts, uses_torch
+        self.device = "cpu"
+        if uses_torch:
+            from .core import resolve_device
+
+            self.device = str(resolve_device(opts.device))
+
+    @classmethod
+    def choose(cls, opts: Options) -> Moments:
+        on_cpu = opts.device == "auto" or str(opts.device).startswith("cpu")
+        return cls(opts, uses_torch=not (on_cpu and native.library() is not None))
+
+    def aggregator(self, weighted: bool, double: bool, rows: int):
+        if not self.uses_torch:
+            return native.Aggregator(self.opts.degree, weighted, double, rows)
+        from ..stats import TorchAggregator
+
+        return TorchAggregator(self.opts.degree, weighted, self.device, rows)
+
+    def solve(self, table, weighted: bool, step=None) -> dict:
+        if not self.uses_torch:
+            return native.solve(table, self.opts.degree, weighted, step)
+        from .core import solve_moments
+
+        return solve_moments(table, weighted, step, self.opts)
+
+
+def moments(opts: Options) -> Moments:
+    """Where an MSE polynomial job's moment tables are gathered and solved."""
+    return Moments.choose(opts)
+
+
+def __getattr__(name):
+    """The torch side's names (``fit``, ``fit_ragged``, ``resolve_device``, ...)."""
+    if name == "core" or name.startswith("__"):  # (the import machinery asks for these)
+        raise AttributeError(name)
+    from . import core
+
+    return getattr(core, name)
