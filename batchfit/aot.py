@@ -1,16 +1,21 @@
 """Kernels compiled ahead of time: AOTInductor packages, built once per machine and loaded in
 milliseconds by every later process (no Dynamo tracing, no recompiling).
 
-``build(fn, in_dims, args, path)`` exports ``vmap(fn, in_dims)`` with a dynamic batch size
-(and number of points) through ``torch.export`` and compiles it with AOTInductor into a
-``.pt2`` package at ``path``; ``load(path)`` maps it back into a callable. The engine decides
-when to use them (``batchfit.engine``); the cache's location and keys are ``batchfit.cache``'s.
+``build(fn, in_dims, args, path)`` traces ``vmap(fn, in_dims)`` into a graph of aten
+operations with symbolic sizes (``make_fx``: the torch.func transforms, grad of grad
+included, are applied while tracing, which torch.export cannot do with them inside), exports
+that graph with a dynamic batch size and number of points, and compiles it with AOTInductor
+into a ``.pt2`` package at ``path``. ``Loaded(path)`` runs it. The engine decides when
+(``batchfit.engine.core``); the cache's location and keys are ``batchfit.cache``'s.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
+from collections import namedtuple
 from collections.abc import Callable
 
 import torch
@@ -20,11 +25,22 @@ from torch.utils import _pytree as pytree
 MIN_BATCH = 2  # export specialises sizes 0 and 1: smaller calls run eagerly
 
 
+class _Slot:
+    """Where a tensor input goes among a tree's leaves."""
+
+    def __repr__(self):  # (part of a kernel's cache key: the same in every process)
+        return "tensor"
+
+
+TENSOR = _Slot()
+
+
 def split(args) -> tuple[list, list, object]:
-    """``args`` -> (tensor leaves, the other leaves (constants), the tree's spec)."""
+    """``args`` -> (tensor leaves, every leaf with TENSOR in the tensors' places, the tree's
+    spec)."""
     leaves, spec = pytree.tree_flatten(args)
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    constants = [TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
     return tensors, constants, spec
 
 
@@ -37,7 +53,7 @@ class _Batched(torch.nn.Module):
 
     def forward(self, *tensors):
         feed = iter(tensors)
-        leaves = [next(feed) if c is None else c for c in self.constants]
+        leaves = [next(feed) if c is TENSOR else c for c in self.constants]
         return vmap(self.fn, in_dims=self.in_dims)(*pytree.tree_unflatten(leaves, self.spec))
 
 
@@ -50,36 +66,91 @@ def _dynamic_shapes(tensors: list) -> tuple:
 
 def build(fn: Callable, in_dims, args, path: str) -> float:
     """Compile ``vmap(fn, in_dims)(*args)`` into an AOTInductor package at ``path``; returns
-    the seconds it took. Raises whatever export or compilation raises."""
+    the seconds it took. Raises whatever tracing, export or compilation raises."""
     import torch._inductor  # (the compiler: imported only when building)
     from torch._inductor import config
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     start = time.perf_counter()
     tensors, constants, spec = split(args)
     tensors = [t.contiguous() for t in tensors]
     module = _Batched(fn, in_dims, constants, spec)
-    exported = torch.export.export(module, tuple(tensors),
-                                   dynamic_shapes=(_dynamic_shapes(tensors),), strict=False)
+
+    def flat(*inputs):
+        return pytree.tree_leaves(module(*inputs))
+
+    graph = make_fx(flat, tracing_mode="symbolic")(*tensors)
+    with torch.no_grad():  # (the structure of the outputs, kept beside the package)
+        few = [t[:MIN_BATCH] if t.ndim else t for t in tensors]
+        structure = describe_tree(pytree.tree_structure(module(*few)))
+    exported = torch.export.export(graph, tuple(tensors),
+                                   dynamic_shapes=_dynamic_shapes(tensors), strict=False)
     directory = os.path.dirname(path)
     temp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
     # threads chosen when the kernel runs (torch.get_num_threads), not when it was built
     with config.patch({"cpp.dynamic_threads": True}):
         torch._inductor.aoti_compile_and_package(exported, package_path=temp)
+    with open(temp + ".json", "w") as f:
+        json.dump(structure, f)
+    os.replace(temp + ".json", path + ".json")
     os.replace(temp, path)
     return time.perf_counter() - start
 
 
+def describe_tree(spec) -> object:
+    """A JSON description of an output tree's structure: leaves, tuples, lists, dicts and
+    batchfit's named tuples (by name)."""
+    kind = spec.type
+    children = [describe_tree(child) for child in spec.children()] if spec.children() else []
+    if spec.is_leaf():
+        return "leaf"
+    if kind is tuple:
+        return {"tuple": children}
+    if kind is list:
+        return {"list": children}
+    if kind is dict:
+        return {"dict": children, "keys": list(spec.context)}
+    cls = spec.context if kind is namedtuple else kind  # (how torch's pytree keeps them)
+    if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields") \
+            and cls.__module__.startswith("batchfit."):
+        return {"namedtuple": children, "class": [cls.__module__, cls.__qualname__]}
+    raise TypeError(f"kernel outputs of type {kind} cannot be kept")
+
+
+def rebuild(structure, leaves):
+    """The tree ``describe_tree`` describes, with ``leaves`` (an iterator) in it. Named
+    tuples are looked up among batchfit's loaded modules: nothing is imported or run."""
+    if structure == "leaf":
+        return next(leaves)
+    (kind, children), = [(k, v) for k, v in structure.items() if k not in ("keys", "class")]
+    values = [rebuild(child, leaves) for child in children]
+    if kind == "tuple":
+        return tuple(values)
+    if kind == "list":
+        return values
+    if kind == "dict":
+        return dict(zip(structure["keys"], values))
+    module, name = structure["class"]
+    cls = getattr(sys.modules.get(module), name, None) if module.startswith("batchfit.") \
+        else None
+    if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+        raise ValueError(f"unknown kernel output type {module}.{name}")
+    return cls(*values)
+
+
 class Loaded:
-    """A package, callable on the same arguments as the function it was built from."""
+    """A package, called like ``vmap(fn, in_dims)`` on arguments of the structure it was
+    built for (its outputs rebuilt from the structure kept beside it)."""
 
     def __init__(self, path: str):
         self.loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-        self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
+        with open(path + ".json") as f:
+            self.structure = json.load(f)
 
     def __call__(self, *args):
         tensors, _, _ = split(args)
         flat = self.loader.boxed_run([t.contiguous() for t in tensors])
-        return pytree.tree_unflatten(flat, self.out_spec)
+        return rebuild(self.structure, iter(flat))
 
 
 def load(path: str) -> Loaded | None:

@@ -134,6 +134,15 @@ def _bench(args) -> int:
     return 0
 
 
+def _warmup(args) -> int:
+    from .engine import warmup
+
+    for line in warmup(losses=args.loss, dtypes=args.dtype, degree=args.degree):
+        if not args.quiet:
+            _say(line)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -290,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results (and the machine) as JSON here")
     bench.add_argument("--plot", help="write a throughput-vs-batch-size PNG here")
     bench.set_defaults(handler=_bench)
+
+    warm = commands.add_parser(
+        "warmup", help="compile batchfit's kernels for this machine, once (an installer step)",
+        description="Build the native aggregation kernel and the ahead-of-time kernels of "
+                    "robust polynomial fits, kept in the cache directory ($BATCHFIT_CACHE_DIR, "
+                    "else ~/.cache/batchfit) for every later process. Without it, the first run "
+                    "that needs a kernel builds it (and says so). Example: batchfit warmup")
+    warm.add_argument("--loss", nargs="+", default=["huber"],
+                      choices=[name for name in BUILTIN_LOSSES if name != "mse"],
+                      help="robust losses to build for [huber]")
+    warm.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES,
+                      help="working precisions to build for [float32]")
+    warm.add_argument("--degree", type=int, default=2, help="[2]")
+    warm.add_argument("--quiet", action="store_true", help="print nothing")
+    warm.set_defaults(handler=_warmup)
 
     demo = commands.add_parser(
         "demo", help="generate -> run (exact and the seed's GD) -> plot, with a summary",

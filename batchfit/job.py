@@ -262,9 +262,25 @@ def _points_job(dataset: io.Dataset, opts: Options, fit_options: dict, schema, w
                 track_ids):
     history = None if history_path is None else _HistoryCollector(
         dataset.n_series, dataset.layout.id_type, track, track_ids)
-    fit_options = {**fit_options, "compile": engine.compile_for_job(
-        opts, dataset.num_rows, dataset.n_series)}
     counts, n_series, n_points = Counter(), 0, 0
+    calls = max(-(-dataset.n_series // batch_size), -(-dataset.num_rows // io.BATCH_ROWS))
+    with engine.many_calls(calls):
+        for piece, table in _fitted_pieces(dataset, fit_options, schema, batch_size,
+                                           checkpoint, history, opts):
+            writer.write(table)
+            counts.update(io.status_counts(table))
+            n_series += piece.n_series
+            n_points += io.column_sum(table, "n_points")
+            if progress:
+                progress(n_series, dataset.n_series)
+    if history is not None:
+        io.write_table_atomically(history_path, history.table(job_columns(opts), metadata))
+    return counts, n_series, n_points, dataset.contiguous
+
+
+def _fitted_pieces(dataset, fit_options, schema, batch_size, checkpoint, history, opts):
+    """Each piece of at most ``batch_size`` whole series, with its output table."""
+    n_series = 0
     for chunk in dataset.chunks():
         for piece in chunk.split(batch_size):
             if checkpoint is not None and checkpoint.has(n_series, piece.n_series):
@@ -277,15 +293,8 @@ def _points_job(dataset: io.Dataset, opts: Options, fit_options: dict, schema, w
                 table = io.result_table(piece.ids, result.record(), schema)
                 if checkpoint is not None:
                     checkpoint.save(n_series, piece.n_series, table)
-            writer.write(table)
-            counts.update(io.status_counts(table))
+            yield piece, table
             n_series += piece.n_series
-            n_points += io.column_sum(table, "n_points")
-            if progress:
-                progress(n_series, dataset.n_series)
-    if history is not None:
-        io.write_table_atomically(history_path, history.table(job_columns(opts), metadata))
-    return counts, n_series, n_points, dataset.contiguous
 
 
 def fit_table(table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS, **fit_options):

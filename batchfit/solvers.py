@@ -44,7 +44,7 @@ from .problem import FitResult, History, Problem, Series, Status, used_points
 
 # Eager cost model (seconds), measured on a 2-core Xeon with torch 2.13: what a kernel would
 # take uncompiled. The engine compiles when this exceeds the cost of a compile.
-EAGER_S_PER_POINT = {"exact": 2e-8, "careful": 4e-8, "newton": 5e-8, "descent": 6e-8}
+EAGER_S_PER_POINT = {"exact": 2e-8, "careful": 4e-8, "newton": 4e-7, "descent": 6e-8}
 EAGER_S_PER_MOMENT_EPOCH = 2e-7  # one GD/Adam epoch of one MSE series (sums, not points)
 EAGER_S_PER_STEP = 1e-3  # fixed cost of one eager epoch or Newton step, however small the batch
 

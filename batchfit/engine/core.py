@@ -8,8 +8,10 @@ batch size and series length, and is reused across calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import time
 import numbers
 import os
 import sys
@@ -114,12 +116,13 @@ class _Vectorizer:
 
     def __call__(self, fn: Callable, *args, eager_s: float = 0):
         in_dims = _in_dims(args)
+        weight = eager_s * _SCALE[0]  # (a job's many calls: see many_calls)
         if self.compile is not False:
-            ahead = _ahead_of_time(fn, in_dims, args, eager_s, build=self.compile == "auto")
+            ahead = _ahead_of_time(fn, in_dims, args, weight, build=self.compile == "auto")
             if ahead is not None:
                 return ahead(*args)
         hot = eager_s >= TRIVIAL_S if self.compile is True else (
-            self.compile == "auto" and key_of(fn) is None and eager_s >= COMPILE_COST_S)
+            self.compile == "auto" and key_of(fn) is None and weight >= COMPILE_COST_S)
         key = (fn, in_dims)
         if hot:
             batched = _COMPILED.get(key)
@@ -164,8 +167,9 @@ _VMAPPED = _Bounded(256)
 _COMPILED = _Bounded(64)
 # Building an ahead-of-time kernel takes ~30-90 s on 2 cores, once per machine: worth it when
 # the uncompiled call would take this long (``batchfit warmup`` builds the common ones).
-AOT_WORTH_S = 3.0
+AOT_WORTH_S = 1.0
 _AHEAD: dict = {}  # name -> loaded kernel, or False (failed to build)
+_BY_SIGNATURE = _Bounded(256)  # the loaded kernels by (fn, argument structure)
 _BUILD_ALL: list = []  # non-empty while ``warmup`` runs: build every keyed kernel
 
 
@@ -197,6 +201,11 @@ def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
     if key is None:
         return None
     tensors, constants, spec = aot.split(args)
+    signature = (fn, repr(in_dims), tuple((t.dtype, t.ndim, t.device.type) for t in tensors),
+                 repr(constants), spec)
+    known = _BY_SIGNATURE.get(signature)  # (this process has looked it up already)
+    if known is not None:
+        return known
     sizes = [t.shape[d] for t in tensors for d in range(min(t.ndim, 2))]
     if not tensors or min(sizes, default=aot.MIN_BATCH) < aot.MIN_BATCH:
         return None
@@ -206,20 +215,28 @@ def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
                         _source_digest())
     known = _AHEAD.get(name)
     if known is not None:
+        if known:
+            _BY_SIGNATURE.put(signature, known)
         return known or None
     directory = cache.cache_dir("aot", f"torch-{torch.__version__}")
     path = os.path.join(directory, f"{name}.pt2")
     failed = path + ".failed"
-    if os.path.exists(path):
+    if os.path.exists(path) and os.path.exists(path + ".json"):
         _AHEAD[name] = aot.load(path) or False
+        if _AHEAD[name]:
+            _BY_SIGNATURE.put(signature, _AHEAD[name])
         return _AHEAD[name] or None
     if os.path.exists(failed):
         _AHEAD[name] = False
         return None
     if not (_BUILD_ALL or (build and eager_s >= AOT_WORTH_S)):
         return None
+    if _SCALE[0] > 1:  # a big job: build all its kernels now (each is needed many times)
+        _BUILD_ALL.append(True)
     try:
-        seconds = aot.build(fn, in_dims, args, path)
+        with warnings.catch_warnings():  # (torch's internals warn about their own APIs)
+            warnings.simplefilter("ignore", FutureWarning)
+            seconds = aot.build(fn, in_dims, args, path)
     except Exception as exc:  # export/compile failures of torch: run it uncompiled
         with open(failed, "w") as f:
             f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n")
@@ -339,13 +356,21 @@ def solve_moments(table, weighted: bool, step, opts: Options) -> dict:
     return record
 
 
-def compile_for_job(opts: Options, n_points: int, n_series: int):
-    """A job fits in many calls, each of which may look too small to be worth a compile; the
-    job as a whole may be. The ``compile`` option its calls should get."""
-    if opts.compile != "auto":
-        return opts.compile
-    seconds = eager_seconds(opts.solver, opts.loss == "mse", n_series, n_points, opts.epochs)
-    return True if seconds >= COMPILE_COST_S else "auto"
+@contextlib.contextmanager
+def many_calls(count: int):
+    """A job fits in ``count`` calls of about the same size, each of which may look too small
+    to be worth a compile when the job as a whole is: within this block the compile policy
+    weighs each kernel's eager time times ``count``."""
+    previous, building = _SCALE[0], len(_BUILD_ALL)
+    _SCALE[0] = max(1, count) * previous
+    try:
+        yield
+    finally:
+        _SCALE[0] = previous
+        del _BUILD_ALL[building:]
+
+
+_SCALE = [1]
 
 
 def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=None, p0=None,
@@ -595,3 +620,35 @@ def _take_rows(value, rows: np.ndarray, per_series_ndim: int):
         return value
     return value[torch.from_numpy(rows)] if isinstance(value, torch.Tensor) else \
         np.asarray(value)[rows]
+
+
+def warmup(losses=("huber",), dtypes=("float32",), degree: int = 2) -> list[str]:
+    """Build, once for this machine, what batchfit compiles: the native kernel, and the
+    ahead-of-time kernels of robust polynomial fits for ``losses`` in ``dtypes`` (shaped as
+    ``batchfit run`` and ``fit`` call them) and of the exact solver's refinement step. What
+    is built already is only loaded. Returns what was done, a line each."""
+    done = []
+    start = time.perf_counter()
+    if native.library() is None:
+        done.append("native kernel: not available (no working C compiler); torch is used")
+    else:
+        done.append(f"native kernel: ready ({time.perf_counter() - start:.1f} s)")
+    rng = np.random.default_rng(0)
+    x = np.linspace(0.0, 1.0, 64)
+    y = 20 * x**2 + 5 * x - 3 + rng.normal(0, 1, (256, 64))
+    _BUILD_ALL.append(True)
+    try:
+        for loss in losses:
+            for dtype in dtypes:
+                begun = time.perf_counter()
+                for xs in (np.tile(x, (256, 1)).astype(dtype), x):  # a job's, numpy's
+                    fit(xs, y.astype(dtype), loss=loss, degree=degree, dtype=dtype)
+                done.append(f"{loss} ({dtype}): ready ({time.perf_counter() - begun:.0f} s)")
+        begun = time.perf_counter()
+        cfg = config(resolve(degree=degree))
+        problem = make_problem(x, y, dtype=torch.float64, device=torch.device("cpu"))
+        refit_exact(problem, cfg, _Vectorizer("auto", fullgraph=True))
+        done.append(f"exact refinement: ready ({time.perf_counter() - begun:.0f} s)")
+    finally:
+        _BUILD_ALL.clear()
+    return done

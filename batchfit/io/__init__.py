@@ -7,7 +7,7 @@ of batchfit's own files.
 
 from .artefacts import read_coefficients, read_history, read_metadata, read_parquet, read_series
 from .checkpoint import Checkpoint
-from .read import Batch, Chunk, Dataset, ids_of_type, indices, list_files, positions_in, table_chunks
+from .read import BATCH_ROWS, Batch, Chunk, Dataset, ids_of_type, indices, list_files, positions_in, table_chunks
 from .schema import FORMATS, ColumnSpec, describe, first_line
 from .write import (
     AtomicParquetWriter,
@@ -22,7 +22,7 @@ from .write import (
     write_table_atomically,
 )
 
-__all__ = ["FORMATS", "AtomicParquetWriter", "Batch", "Checkpoint", "Chunk", "ColumnSpec",
+__all__ = ["BATCH_ROWS", "FORMATS", "AtomicParquetWriter", "Batch", "Checkpoint", "Chunk", "ColumnSpec",
            "Dataset", "check_writable", "describe", "column_sum", "count_statuses", "concat_tables", "first_line",
            "history_table", "ids_of_type", "indices", "list_files", "output_schema",
            "positions_in",
