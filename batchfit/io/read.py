@@ -342,9 +342,10 @@ def _decode(task, layout: Layout, codes) -> Iterator[tuple]:
         if handle.metadata.row_group(group).num_rows <= rows:
             pieces = iter([reader.read_row_group(group, columns=layout.columns,
                                                  use_threads=False)])
-        else:  # a big row group: streamed, a piece at a time
+        else:  # a big row group: streamed, a piece at a time, its columns decoded in
+            # parallel by pyarrow (the pieces of one row group come one after another)
             pieces = reader.iter_batches(batch_size=rows, row_groups=[group],
-                                         columns=layout.columns, use_threads=False)
+                                         columns=layout.columns, use_threads=True)
         for part, piece in enumerate(pieces):
             if part >= skip:
                 yield (first + part, *_piece(piece, layout, codes, file))

@@ -39,7 +39,7 @@
 #define RUN_MIN 8
 #define BUCKET_SHIFT 14
 #define BUCKET_ROWS (1 << BUCKET_SHIFT)
-#define BUCKET_MAX_POINTS 65536
+#define BUCKET_MAX_POINTS 262144
 #define BUCKET_MIN_POINTS 1024
 #define BUCKET_BUDGET (256L << 20) /* bytes of buffered points, all buckets together */
 
