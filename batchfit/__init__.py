@@ -13,8 +13,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from .job import JobSummary, fit_table, run_job  # noqa: E402
-from .names import BUILTIN_LOSSES, SOLVERS, Status  # noqa: E402
+from .job import JobSummary, fit_table, run_job
+from .names import BUILTIN_LOSSES, SOLVERS, Status
+
 
 def __getattr__(name):
     """The torch-based names, imported on first use."""

@@ -9,6 +9,7 @@ Slow peers run on a subset (or for fewer epochs) and are extrapolated, marked ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
+from . import peers
 from .engine.core import fit
 
 SEED_EPOCHS = 15_000
@@ -175,11 +177,8 @@ def run(sizes=(1_000, 10_000, 100_000, 1_000_000), points=100, long_series=1_000
                 y = torch.as_tensor(y_np, dtype=tdtype, device=device)
                 bench.case("floor: read x and y once", device, dtype, series, n,
                            lambda x=x, y=y: _read_once(x, y))
-                for compiled in (False, True):
-                    tag = f"compile={compiled}"
-                    bench.case(f"batchfit exact, {tag}", device, dtype, series, n,
-                               lambda x=x, y=y, c=compiled: fit(x, y, compile=c).params,
-                               ref=ref)
+                bench.case("batchfit exact (moments)", device, dtype, series, n,
+                           lambda x=x, y=y: fit(x, y).params, ref=ref)
                 bench.case("torch.linalg.lstsq (Vandermonde)", device, dtype, series, n,
                            lambda x=x, y=y: _lstsq(x, y), ref=ref)
                 if series > iterative_max:
@@ -215,15 +214,38 @@ def run(sizes=(1_000, 10_000, 100_000, 1_000_000), points=100, long_series=1_000
     return {"machine": machine(), "rows": [asdict(r) for r in bench.rows]}
 
 
+def _long_table(x: np.ndarray, y: np.ndarray):
+    """The batch as long-format rows (series_id, x, y), as a Parquet file would hold them."""
+    import pyarrow as pa
+
+    series, n = y.shape
+    return pa.table({"series_id": np.repeat(np.arange(series), n),
+                     "x": np.tile(x, series), "y": y.ravel()})
+
+
+def _in_order(ids: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """A GROUP BY's rows (any order) as (series, 3) coefficients c, b, a by series id."""
+    out = np.empty_like(coef)
+    out[ids] = coef[:, ::-1]
+    return out
+
+
 def _lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     design = torch.stack([torch.ones_like(x), x, x * x], dim=-1)
     return torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
 
 
 def _peers(bench: Bench, x, y, ref, series, n, subset):
-    """numpy/scipy peers, on the CPU in float64 (what they compute in)."""
+    """numpy/scipy peers, and the DuckDB and Polars GROUP BY of power sums on the points as
+    an in-memory Arrow table (where installed), on the CPU in float64 (what they compute in)."""
     rows = min(subset, series)
     scale = series / rows
+    points = _long_table(x, y)
+    for tool in peers.TOOLS:
+        if importlib.util.find_spec(tool) is None:
+            continue  # the bench extra is not installed
+        bench.case(f"{tool} GROUP BY power sums + numpy solve", "cpu", "float64", series, n,
+                   lambda tool=tool: _in_order(*peers.fit(tool, points)), ref=ref)
     bench.case("numpy.polyfit loop", "cpu", "float64", series, n,
                lambda: np.array([np.polyfit(x, y[i], 2)[::-1] for i in range(rows)]),
                ref=ref, scale=scale, repeats=1, note=f"timed on {rows:,} series")

@@ -15,9 +15,6 @@ from .models import Model, polynomial
 from .names import STATUS_LABELS, Status
 
 
-
-
-
 @dataclass(frozen=True)
 class Problem:
     """B series padded to N points, on one device in one floating dtype.

@@ -41,7 +41,6 @@ from .models import (
 )
 from .problem import FitResult, History, Problem, Series, Status, used_points
 
-
 # Eager cost model (seconds), measured on a 2-core Xeon with torch 2.13: what a kernel would
 # take uncompiled. The engine compiles when this exceeds the cost of a compile.
 EAGER_S_PER_POINT = {"exact": 2e-8, "careful": 4e-8, "newton": 4e-7, "descent": 6e-8}
@@ -443,7 +442,7 @@ def _tracked(cfg: SolverConfig, batch: int, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
-COMPACT_BELOW = 0.25  # active fraction under which the loop continues on the active rows
+COMPACT_BELOW = 0.5  # active fraction under which the loop continues on the active rows
 
 
 def _take(tree, rows: torch.Tensor, batch: int):

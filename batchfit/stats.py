@@ -19,9 +19,8 @@ from . import linalg
 from .diagnostics import coefficient_errors, finalize
 from .kernel import factory
 from .models import Sums, gram_from_sums, to_raw_map
-from .problem import used_points
-
 from .moments import (
+    CANCELLATION_MARGIN,
     CENTRE,
     HALF,
     HEADER,
@@ -30,12 +29,11 @@ from .moments import (
     LO,
     NPTS,
     TRUST_PIVOT,
-    CANCELLATION_MARGIN,
     YREF,
     block_size,
     new_table,
 )
-
+from .problem import used_points
 
 # ---------------------------------------------------------------- frames, in torch
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -119,8 +118,13 @@ def timestamp_digits(directory: str) -> dict:
     digits = {}
     for method in ("batchfit", "duckdb", "polars"):
         out = os.path.join(directory, f"timestamps-{method}.parquet")
-        subprocess.run(command(method, path, out, "sorted", series), check=True,
-                       capture_output=True)
+        done = subprocess.run(command(method, path, out, "sorted", series),
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:  # (numpy's solve refuses a Gram matrix lost to rounding)
+            digits[method] = 0.0
+            print(f"{method} failed on timestamps: {done.stderr.strip().splitlines()[-1]}",
+                  file=sys.stderr)
+            continue
         table = pq.read_table(out).sort_by("series_id")
         got = np.stack([table[c].to_numpy() for c in ("c", "b", "a")], 1)
         digits[method] = min(coef_digits(got[i], exact[i]) for i in range(series))

@@ -12,14 +12,17 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
                  "--plot", str(tmp_path / "b.png")]) == 0
     out = capsys.readouterr().out
     for method in ["numpy.polyfit loop", "numpy.polyfit, 2-D y", "torch.linalg.lstsq",
-                   "batchfit exact, compile=True", "batchfit newton huber",
+                   "batchfit exact (moments)", "batchfit newton huber",
                    "naive vmap(grad) GD loop", "floor: read x and y once",
-                   "scipy least_squares huber loop"]:
+                   "scipy least_squares huber loop",
+                   "duckdb GROUP BY power sums + numpy solve",
+                   "polars GROUP BY power sums + numpy solve"]:
         assert method in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["rows"]
     verdicts = {r["method"]: r["verdict"] for r in result["rows"]}
-    assert verdicts["batchfit exact, compile=False"] == "ok"  # checked against float64 polyfit
+    assert verdicts["batchfit exact (moments)"] == "ok"  # checked against float64 polyfit
+    assert verdicts["duckdb GROUP BY power sums + numpy solve"] == "ok"
     assert verdicts["batchfit newton huber, compile=False"] == "ok"  # and against scipy
     assert "WRONG" not in verdicts.values()
     assert imread(tmp_path / "b.png").shape[1] > 500

@@ -1,20 +1,20 @@
 """The engine's torch side: the front door ``fit``, devices, vmap and compilation.
 
 Solvers hand per-series functions to ``_Vectorizer``, which vmaps them over the batch (inputs
-with a leading batch axis are mapped, scalars are shared) and, for the hot kernels and when it
-pays, compiles them with ``torch.compile(dynamic=True)``: one compiled kernel then serves every
-batch size and series length, and is reused across calls.
+with a leading batch axis are mapped, scalars are shared) and, when it pays, runs them
+compiled: batchfit's own kernels ahead of time, once per machine (``batchfit.aot``, kept in
+the user's cache and loaded in milliseconds by every later process), user callables with an
+in-process ``torch.compile(dynamic=True)``. Either serves every batch size and series length.
+The compile policy lives here and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import time
-import numbers
 import os
 import sys
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,12 +26,12 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from .. import aot, cache, native, stats
-from . import usable_cpus
 from ..diagnostics import PRECISION_LIMITED
 from ..kernel import key_of
 from ..losses import resolve_loss
 from ..models import Model, resolve_model, with_param_count
 from ..nonlinear import solve_model
+from ..options import Options, resolve
 from ..problem import (
     FitResult,
     History,
@@ -44,22 +44,21 @@ from ..problem import (
     problem_of,
     used_points,
 )
-from ..options import Options, resolve
 from ..solvers import (
     EAGER_S_PER_POINT,
     SolverConfig,
-    eager_seconds,
     random_init,
-    solve_descent,
     refit_exact,
+    solve_descent,
     solve_exact,
     solve_newton,
     solve_without_points,
 )
+from . import usable_cpus
 
-# An in-process compile (torch.compile) costs about this much (warm inductor cache, 2 cores; a cold one 10-30 s): compile
-# a kernel when its estimated eager time (solvers.eager_seconds) is larger. With
-# compile=True, every kernel above TRIVIAL_S is compiled (a handful of rows never is).
+# An in-process torch.compile costs about this much (warm inductor cache, 2 cores; a cold one
+# 10-30 s): a user callable's kernel is compiled when its estimated eager time is larger.
+# With compile=True, every kernel above TRIVIAL_S is compiled (a handful of rows never is).
 COMPILE_COST_S = 5.0
 TRIVIAL_S = 0.05
 
@@ -174,12 +173,15 @@ _BUILD_ALL: list = []  # non-empty while ``warmup`` runs: build every keyed kern
 
 
 def _source_digest() -> str:
+    """A digest of the source that kernels are traced from: every module of the package but
+    those that never define or shape one (a change there keeps the kept kernels)."""
     if not _SOURCE:
-        package = os.path.dirname(os.path.abspath(__file__))
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         parts = []
-        for root, _, files in sorted(os.walk(package)):
+        for root, dirs, files in os.walk(package):
+            dirs[:] = sorted(d for d in dirs if d not in _NO_KERNELS)
             for name in sorted(files):
-                if name.endswith((".py", ".c", ".h")):
+                if name.endswith(".py") and name not in _NO_KERNELS:
                     with open(os.path.join(root, name), "rb") as f:
                         parts.append(f.read())
         _SOURCE.append(cache.digest(*parts))
@@ -187,10 +189,13 @@ def _source_digest() -> str:
 
 
 _SOURCE: list = []
+_NO_KERNELS = {"io", "native", "__pycache__", "job.py", "cli.py", "bench.py", "plots.py",
+               "generate.py", "demo.py", "distributed.py", "peers.py", "cache.py",
+               "__main__.py"}
 
 
 def _describe(key) -> str:
-    (module, name), args = key if len(key) == 2 and isinstance(key[0], tuple) else (key, ())
+    (_module, name), args = key if len(key) == 2 and isinstance(key[0], tuple) else (key, ())
     return f"{name}{args!r}" if args else name
 
 
@@ -237,7 +242,7 @@ def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
         with warnings.catch_warnings():  # (torch's internals warn about their own APIs)
             warnings.simplefilter("ignore", FutureWarning)
             seconds = aot.build(fn, in_dims, args, path)
-    except Exception as exc:  # export/compile failures of torch: run it uncompiled
+    except Exception as exc:  # noqa: BLE001 (any failure of torch's export/compile: run uncompiled)
         with open(failed, "w") as f:
             f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n")
         cache.notice(f"could not compile {_describe(key)} ahead of time ({type(exc).__name__});"
@@ -283,8 +288,7 @@ def _exact(inputs: Inputs, cfg: SolverConfig, vectorize) -> FitResult:
     if inputs.y.device.type != "cpu" or native.library() is None:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
         return solve_exact(table, weighted, cfg, vectorize, points)
-    table, weighted = _aggregate_native(inputs, cfg.degree)
-    record = native.solve(table, cfg.degree, weighted)
+    record = _solve_native(inputs, cfg.degree)
     result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
                                    model=cfg.model)
     redo = torch.from_numpy(np.flatnonzero(~record["trusted"]))
@@ -300,7 +304,9 @@ def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tens
     return torch.stack(rows, dim=1), weighted
 
 
-def _aggregate_native(inputs: Inputs, degree: int) -> tuple[np.ndarray, bool]:
+def _solve_native(inputs: Inputs, degree: int) -> dict:
+    """``native.solve``'s record of dense inputs, each thread gathering and solving its own
+    share of the rows."""
     x, y, w, lengths, mask = inputs
     batch, n = y.shape
     if lengths is not None or mask is not None:  # unused points become weight 0
@@ -319,14 +325,15 @@ def _aggregate_native(inputs: Inputs, degree: int) -> tuple[np.ndarray, bool]:
     parts = max(1, min(usable_cpus(), batch // NATIVE_MIN_ROWS))
     bounds = np.linspace(0, batch, parts + 1).astype(int)
 
-    def part(lo: int, hi: int) -> np.ndarray:
+    def part(lo: int, hi: int) -> dict:
         agg = native.Aggregator(degree, ws is not None, dtype == np.float64, rows=hi - lo)
         agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
                       None if ws is None else ws[lo:hi])
-        return agg.finish(hi - lo)
+        return native.solve(agg.finish(hi - lo), degree, ws is not None)
 
-    tables = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
-    return (np.concatenate(tables) if parts > 1 else tables[0]), ws is not None
+    records = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
+    return records[0] if parts == 1 else {
+        name: np.concatenate([record[name] for record in records]) for name in records[0]}
 
 
 def aggregator(degree: int, weighted: bool, double: bool, device, rows: int = 1):
@@ -405,9 +412,13 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         or an array); Newton: epochs is the iteration cap (default 50). ``tol``: converged
         when half the squared Newton decrement is below tol * |loss| (default 1e-6; 1e-10
         for nonlinear models in float64, whose last steps converge linearly).
-    device, dtype : ``auto|cpu|cuda``; float32 (default) or float64.
-    compile : ``auto`` (compile a kernel when its estimated eager run time exceeds a compile's,
-        about 5 s), True (compile every kernel that is not trivial), or False.
+    device, dtype : ``auto|cpu|cuda``; the working precision of the iterative solvers and
+        of GPU kernels, float32 (default) or float64. The exact solver accumulates its
+        statistics in float64 whatever the dtype (float64-grade coefficients).
+    compile : ``auto`` (batchfit's kernels compiled ahead of time, once per machine, used
+        when kept and built when the eager call would take over a second; user callables
+        compiled in-process when their eager run time exceeds a compile's, about 5 s),
+        True (compile every kernel that is not trivial), or False (never).
     history_every, history_sample, track : iterative solvers record the training loss every
         so many epochs (0: about 300 records) for an even sample of ``history_sample`` series
         (the batch's quantiles) and for the ``track`` series (indices; default: 5 spread

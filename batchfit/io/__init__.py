@@ -7,14 +7,24 @@ of batchfit's own files.
 
 from .artefacts import read_coefficients, read_history, read_metadata, read_parquet, read_series
 from .checkpoint import Checkpoint
-from .read import BATCH_ROWS, Batch, Chunk, Dataset, ids_of_type, indices, list_files, positions_in, table_chunks
+from .read import (
+    BATCH_ROWS,
+    Batch,
+    Chunk,
+    Dataset,
+    ids_of_type,
+    indices,
+    list_files,
+    positions_in,
+    table_chunks,
+)
 from .schema import FORMATS, ColumnSpec, describe, first_line
 from .write import (
     AtomicParquetWriter,
     check_writable,
     column_sum,
-    count_statuses,
     concat_tables,
+    count_statuses,
     history_table,
     output_schema,
     result_table,
@@ -22,9 +32,34 @@ from .write import (
     write_table_atomically,
 )
 
-__all__ = ["BATCH_ROWS", "FORMATS", "AtomicParquetWriter", "Batch", "Checkpoint", "Chunk", "ColumnSpec",
-           "Dataset", "check_writable", "describe", "column_sum", "count_statuses", "concat_tables", "first_line",
-           "history_table", "ids_of_type", "indices", "list_files", "output_schema",
-           "positions_in",
-           "read_coefficients", "read_history", "read_metadata", "read_parquet", "read_series",
-           "result_table", "status_counts", "table_chunks", "write_table_atomically"]
+__all__ = [
+    "BATCH_ROWS",
+    "FORMATS",
+    "AtomicParquetWriter",
+    "Batch",
+    "Checkpoint",
+    "Chunk",
+    "ColumnSpec",
+    "Dataset",
+    "check_writable",
+    "column_sum",
+    "concat_tables",
+    "count_statuses",
+    "describe",
+    "first_line",
+    "history_table",
+    "ids_of_type",
+    "indices",
+    "list_files",
+    "output_schema",
+    "positions_in",
+    "read_coefficients",
+    "read_history",
+    "read_metadata",
+    "read_parquet",
+    "read_series",
+    "result_table",
+    "status_counts",
+    "table_chunks",
+    "write_table_atomically",
+]

@@ -305,7 +305,7 @@ def _ordered_streams(tasks: list, stream, workers: int, depth: int = 2) -> Itera
                 if stop.is_set():
                     return
             out.put(done)
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
             out.put(exc)
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="batchfit-read")
@@ -622,8 +622,8 @@ def _run_starts(ids: pa.Array) -> np.ndarray:
     """Indices where a new series id begins (0 included)."""
     if len(ids) == 0:
         return np.zeros(0, dtype=np.int64)
-    changes = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    return np.concatenate([[0], np.flatnonzero(changes) + 1]).astype(np.int64)
+    changes = pc.indices_nonzero(pc.not_equal(ids[1:], ids[:-1])).to_numpy()
+    return np.concatenate([[0], changes.astype(np.int64) + 1])
 
 
 def _canonical_order(table: pa.Table, spec: ColumnSpec) -> pa.Array:

@@ -53,8 +53,8 @@ def _build(compiler: str) -> str | None:
         with open(os.path.join(_source_dir(), name), "rb") as f:
             sources.append(f.read())
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
+        version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
+                                 text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     key = cache.digest(*sources, compiler, version, FLAGS, cache.cpu_signature())
@@ -67,7 +67,7 @@ def _build(compiler: str) -> str | None:
     try:
         done = subprocess.run([compiler, *FLAGS, "-o", temp,
                                os.path.join(_source_dir(), "aggregate.c")],
-                              capture_output=True, text=True, timeout=600)
+                              check=False, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             return None
         os.replace(temp, path)
