@@ -154,13 +154,17 @@ class Bench:
 def run(sizes=(1_000, 10_000, 100_000, 1_000_000), points=100, long_series=1_000,
         long_points=10_000, devices=None, dtypes=("float32", "float64"), repeats=3,
         epochs=SEED_EPOCHS, iterative_max=100_000, peer_subset=2_000, quick=False,
-        cpu_max=None, gauss_sizes=(10_000, 100_000, 1_000_000), progress=print) -> dict:
+        cpu_max=None, gauss_sizes=(10_000, 100_000, 1_000_000), peaks_sizes=(10_000,),
+        progress=print) -> dict:
     """Run the whole table; returns {"machine": ..., "rows": [...]}."""
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     bench = Bench(repeats, epochs, quick)
     for series in gauss_sizes:
         progress(f"bench: gauss, {series:,} series x {GAUSS_POINTS} points")
         _gauss(bench, series, devices, dtypes, cpu_max, quick)
+    for series in peaks_sizes:
+        progress(f"bench: two peaks on a baseline, {series:,} series x {PEAKS_POINTS} points")
+        _peaks(bench, series, devices, cpu_max, quick)
     shapes = [(s, points) for s in sizes] + ([(long_series, long_points)] if long_series else [])
     for series, n in shapes:
         progress(f"bench: {series:,} series x {n:,} points")
@@ -314,8 +318,66 @@ def _gauss(bench: Bench, series: int, devices, dtypes, cpu_max, quick: bool):
                        ref=ref, wrong_above=ROBUST_AGREEMENT)
 
 
+# NIST's Gauss1 model (8 parameters): an exponential baseline under two Gaussian peaks, on
+# x = 1..250; per-series truths scattered 5 % around NIST's certified values, noise 2.5.
+PEAKS_POINTS = 250
+PEAKS_CENTRE = np.array([98.778, 0.010497, 100.49, 67.481, 23.130, 71.994, 178.998, 18.389])
+PEAKS_REFERENCE_SERIES = 50
+
+
+def peaks(x, b):
+    """``b0 exp(-b1 x) + b2 exp(-(x - b3)^2 / b4^2) + b5 exp(-(x - b6)^2 / b7^2)``."""
+    return (b[0] * torch.exp(-b[1] * x) + b[2] * torch.exp(-((x - b[3]) ** 2) / b[4] ** 2)
+            + b[5] * torch.exp(-((x - b[6]) ** 2) / b[7] ** 2))
+
+
+def peaks_dataset(series: int, seed: int = 0):
+    """x, y, the truth and a start within 10 % of it (the same for every method)."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(1.0, PEAKS_POINTS + 1)
+    truth = PEAKS_CENTRE * (1 + 0.05 * rng.uniform(-1, 1, (series, 8)))
+    clean = peaks(torch.from_numpy(x), torch.from_numpy(truth.T[:, :, None])).numpy()
+    y = clean + rng.normal(0, 2.5, (series, PEAKS_POINTS))
+    return x, y, truth, truth * (1 + 0.1 * rng.uniform(-1, 1, (series, 8)))
+
+
+def _peaks_scipy_loop(x, y, p0, rows):
+    """``scipy.optimize.least_squares(method="lm")`` per series, the model in numpy."""
+    from scipy.optimize import least_squares
+
+    def model(b):
+        return (b[0] * np.exp(-b[1] * x) + b[2] * np.exp(-((x - b[3]) ** 2) / b[4] ** 2)
+                + b[5] * np.exp(-((x - b[6]) ** 2) / b[7] ** 2))
+
+    return np.array([least_squares(lambda b, i=i: model(b) - y[i], p0[i], method="lm").x
+                     for i in range(rows)])
+
+
+def _peaks(bench: Bench, series: int, devices, cpu_max, quick: bool):
+    """batchfit's LM on a user model of 8 parameters and 250 points, float64, next to a
+    scipy loop from the same starts (the issue-13 benchmark)."""
+    x_np, y_np, _, p0 = peaks_dataset(series)
+    ref = _peaks_scipy_loop(x_np, y_np, p0, min(PEAKS_REFERENCE_SERIES, series))
+    on_cpu = cpu_max is None or series <= cpu_max
+    if on_cpu:
+        few = min(series, 200 if not quick else 20)
+        bench.case("scipy least_squares loop, peaks", "cpu", "float64", series, PEAKS_POINTS,
+                   lambda: _peaks_scipy_loop(x_np, y_np, p0, few), ref=ref, scale=series / few,
+                   repeats=1, note=f"timed on {few} series")
+    for device in devices if on_cpu else [d for d in devices if d != "cpu"]:
+        x = torch.as_tensor(x_np, device=device)
+        y = torch.as_tensor(y_np, device=device)
+        start = torch.as_tensor(p0, device=device)
+        for compiled in (False,) if quick else (False, True):
+            bench.case(f"batchfit newton (LM) peaks, compile={compiled}", device, "float64",
+                       series, PEAKS_POINTS,
+                       lambda c=compiled: fit(x, y, model=peaks, p0=start, dtype="float64",
+                                              compile=c).params, ref=ref,
+                       wrong_above=ROBUST_AGREEMENT)
+
+
 QUICK = dict(sizes=(1_000, 10_000), long_series=0, dtypes=("float32",), repeats=1, epochs=300,
-             peer_subset=500, gauss_sizes=(1_000,))
+             peer_subset=500, gauss_sizes=(1_000,), peaks_sizes=(200,))
 
 
 def multiples(rows: list[dict]) -> list[dict]:
@@ -326,7 +388,8 @@ def multiples(rows: list[dict]) -> list[dict]:
         floor = [r for r in same if r["method"].startswith("floor") and
                  r["device"] == row["device"] and r["dtype"] == row["dtype"]]
         loop = [r for r in same if r["method"] in ("numpy.polyfit loop",
-                                                    "scipy curve_fit loop, gauss")]
+                                                    "scipy curve_fit loop, gauss",
+                                                    "scipy least_squares loop, peaks")]
         row["x_floor"] = floor[0]["seconds"] / row["seconds"] if floor else float("nan")
         row["x_polyfit_loop"] = loop[0]["seconds"] / row["seconds"] if loop else float("nan")
     return rows

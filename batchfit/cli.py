@@ -50,7 +50,7 @@ def _run(args) -> int:
     fit_options = dict(degree=args.degree, model=args.model, loss=args.loss, f_scale=args.f_scale,
                        solver=args.solver, lr=args.lr, epochs=args.epochs, tol=args.tol,
                        device=args.device, dtype=args.dtype,
-                       compile=False if args.no_compile else "auto")
+                       compile=False if args.no_compile else "auto", restarts=args.restarts)
     if args.engine == "ray":
         from .distributed import run_ray
 
@@ -113,7 +113,7 @@ def _bench(args) -> int:
     from . import bench
 
     options = dict(bench.QUICK) if args.quick else {}
-    for name in ("sizes", "gauss_sizes", "points", "devices", "dtypes", "repeats", "epochs",
+    for name in ("sizes", "gauss_sizes", "peaks_sizes", "points", "devices", "dtypes", "repeats", "epochs",
                  "cpu_max", "long_series"):
         value = getattr(args, name)
         if value is not None:
@@ -201,10 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="[auto: exact for mse, newton otherwise]")
     run.add_argument("--lr", type=float, help="learning rate of gd/adam [1e-3]")
     run.add_argument("--epochs", type=int,
-                     help="gd/adam epochs [15000]; newton iteration cap [50]")
+                     help="gd/adam epochs [15000]; newton iteration cap "
+                          "[50; for a model 100 (k + 1)]")
     run.add_argument("--tol", type=float,
                      help="relative excess-loss tolerance of the iterative solvers [1e-6; "
                           "1e-10 for nonlinear models in float64]")
+    run.add_argument("--restarts", type=int, default=0, metavar="K",
+                     help="nonlinear models: K more starts per series, each parameter of the "
+                          "first scaled by a random factor in [1/10, 10]; keeps the best "
+                          "converged fit and writes converged_starts [0]")
     run.add_argument("--device", default="auto", choices=DEVICES,
                      help="[auto: the CPU for MSE polynomial jobs (an aggregation), CUDA when "
                           "present for the others]")
@@ -285,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gauss-sizes", type=float, nargs="*",
                        help="series counts of the Gaussian-family rows (none: skip them) "
                             "[1e4 1e5 1e6]")
+    bench.add_argument("--peaks-sizes", type=float, nargs="*",
+                       help="series counts of the 8-parameter, 250-point model rows (two "
+                            "peaks on a baseline, float64; none: skip them) [1e4]")
     bench.add_argument("--points", type=_positive_int, help="points per series [100]")
     bench.add_argument("--long-series", type=float,
                        help="series of the long-series rows (10,000 points; 0: skip) [1000]")

@@ -102,7 +102,8 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
     metadata = {"version": __version__, **resolved.describe(), "input": input_path,
                 "format": layout.format, "engine": "ray",
                 "options": {k: v for k, v in fit_options.items() if not callable(v)}}
-    schema = io.output_schema(layout.id_type, job_columns(resolved), metadata)
+    schema = io.output_schema(layout.id_type, job_columns(resolved), metadata,
+                              restarts=bool(resolved.restarts))
     # device "auto" in a task means the worker's own GPU when it was given one.
     # batch_size None is a whole block per batch; GPU tasks must name a size: the whole
     # dataset's row count can never cut a bundle of whole partitions.

@@ -6,6 +6,10 @@ compiled code is a single fused, vectorised loop over the batch; (B, k) and (B, 
 instead split it into many strided passes (measured 8x slower for a GD step; see
 benchmarks/RESULTS.md). A pivot that is not clearly positive marks the matrix as (numerically)
 singular instead of raising, so one bad series never disturbs the others.
+
+From ``STACKED_FROM`` parameters on, factorisations and solves stack the matrix and call
+LAPACK (``torch.linalg.cholesky_ex``, batched under vmap): an unrolled 8 x 8 Cholesky is
+hundreds of scalar nodes, and three of them took inductor a minute to compile.
 """
 
 from __future__ import annotations
@@ -33,6 +37,27 @@ def dot(u: Vec, v: Vec):
     return sum(x * y for x, y in zip(u, v))
 
 
+STACKED_FROM = 5
+
+
+def _stacked(a: Mat) -> torch.Tensor:
+    return torch.stack([torch.stack(row) for row in a])
+
+
+def _stacked_cholesky(a: Mat, rel_tol: torch.Tensor):
+    """(L as a (k, k) tensor, ok): LAPACK's factor, with the same relative pivot test."""
+    matrix = _stacked(a)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    pivots = torch.diagonal(factor) ** 2
+    ok = (info == 0) & (pivots > rel_tol * torch.diagonal(matrix).abs()).all()
+    eye = torch.eye(len(a), dtype=matrix.dtype, device=matrix.device)
+    return torch.where(ok, torch.nan_to_num(factor), eye), ok
+
+
+def _column(v: Vec) -> torch.Tensor:
+    return torch.stack(v)[:, None]
+
+
 def cholesky(a: Mat, rel_tol: torch.Tensor):
     """Lower Cholesky factor of a small symmetric matrix, as nested lists.
 
@@ -41,6 +66,9 @@ def cholesky(a: Mat, rel_tol: torch.Tensor):
     arithmetic stays finite; callers must mask by ``ok``.
     """
     k = len(a)
+    if k >= STACKED_FROM:
+        stacked, ok = _stacked_cholesky(a, rel_tol)
+        return [list(row.unbind(0)) for row in stacked.unbind(0)], ok
     factor = [[None] * k for _ in range(k)]
     ok = None
     for j in range(k):
@@ -73,12 +101,18 @@ def _backward(factor, z) -> Vec:
 
 def solve(a: Mat, b: Vec, rel_tol: torch.Tensor):
     """``(a^-1 b, ok)`` for a small symmetric positive definite ``a``."""
+    if len(a) >= STACKED_FROM:
+        factor, ok = _stacked_cholesky(a, rel_tol)
+        return tuple(torch.cholesky_solve(_column(b), factor)[:, 0].unbind(0)), ok
     factor, ok = cholesky(a, rel_tol)
     return _backward(factor, _forward(factor, b)), ok
 
 
 def inverse(a: Mat, rel_tol: torch.Tensor):
     """``(a^-1, ok)`` for a small symmetric positive definite ``a``."""
+    if len(a) >= STACKED_FROM:
+        factor, ok = _stacked_cholesky(a, rel_tol)
+        return tuple(tuple(row.unbind(0)) for row in torch.cholesky_inverse(factor).unbind(0)), ok
     factor, ok = cholesky(a, rel_tol)
     k = len(a)
     one, zero = torch.ones_like(a[0][0]), torch.zeros_like(a[0][0])
@@ -89,5 +123,9 @@ def inverse(a: Mat, rel_tol: torch.Tensor):
 
 def inverse_quadratic(a: Mat, g: Vec, rel_tol: torch.Tensor):
     """``(g^T a^-1 g, ok)``: the squared Newton decrement when ``a`` is a Hessian."""
+    if len(a) >= STACKED_FROM:
+        factor, ok = _stacked_cholesky(a, rel_tol)
+        z = torch.linalg.solve_triangular(factor, _column(g), upper=False)
+        return (z * z).sum(), ok
     factor, ok = cholesky(a, rel_tol)
     return sum(z**2 for z in _forward(factor, g)), ok

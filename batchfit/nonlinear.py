@@ -1,53 +1,54 @@
 """Solvers for any model ``f(x, params)``: Levenberg-Marquardt (``newton``) and GD/Adam.
 
-Like the polynomial solvers these are pure ``(problem, config, vectorize)`` functions on
-per-series kernels that the engine vmaps (and compiles when it pays). A model's parameters
-are fitted in the user's own parametrisation and x units (no frame: a nonlinear model is
-not invariant under shifting x).
+What is model-specific lives here: a series' points for the model, predictions, the
+Jacobian, bounds and the final diagnostics. The iteration itself (damped step, acceptance,
+damping update, convergence test; GD/Adam chunks; the host loop) is ``batchfit.loop``'s,
+shared with the polynomial solvers. A model's parameters are fitted in the user's own
+parametrisation and x units (no frame: a nonlinear model is not invariant under shifting x).
 
-Levenberg-Marquardt: with ``J`` the Jacobian of the predictions (``torch.func.jacrev``,
-which compiles on torch 2.13; ``jacfwd`` does not), ``v = dL/dpred`` and ``h = d2L/dpred2``
-(per point, clipped at 0: for MSE ``2 w / sum w``; for robust losses the IRLS-like curvature
-of scipy's rho), the step solves ``(A + mu diag(A)) delta = -J^T v`` with
-``A = J^T diag(h) J``. A step is kept only if it lowers the loss (then mu shrinks), else mu
-grows; a series whose mu explodes stops ``not_converged``. Converged: half the squared
-Newton decrement ``g^T A^-1 g`` below ``tol * (|loss| + floor)``, the test the polynomial
-solvers use. Box bounds are kept by projecting every step onto the box; a parameter held at
-a bound (its gradient pushing outward) is left out of the step and of the convergence test. Standard errors come
-from the Jacobian at the solution, as for polynomials: ``s^2 (J^T W J)^-1`` (MSE) or
-Huber's M-estimator form (robust losses); NaN for user losses.
+Levenberg-Marquardt: with ``J`` the Jacobian of the predictions (k passes over the points,
+O(N k) per series; see ``jacobian``), ``v = dL/dpred`` and ``h = d2L/dpred2`` (per point,
+clipped at 0: for MSE ``2 w / sum w``; for robust losses the IRLS-like curvature of scipy's
+rho), ``loop.iterate`` steps on ``g = J^T v`` and ``A = J^T diag(h) J``. Box bounds are kept
+by projecting every step onto the box; a parameter held at a bound (its gradient pushing
+outward) is left out of the step and of the convergence test. ``restarts`` fits every series
+from more starting points and keeps the best converged fit. Standard errors come from the
+Jacobian at the solution, as for polynomials: ``s^2 (J^T W J)^-1`` (MSE) or Huber's
+M-estimator form (robust losses); NaN for user losses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.func import grad, jacrev
+from torch.func import grad, jacrev, jvp, vjp
 
-from . import linalg
+from . import linalg, loop
 from .diagnostics import finalize
 from .kernel import factory
 from .linalg import Mat, Vec
-from .losses import Loss
-from .models import Model
-from .problem import FitResult, Problem, Series, used_points
-from .solvers import (
-    EAGER_S_PER_POINT,
+from .loop import (
     OPTIMIZERS,
     LoopState,
+    Recorder,
     SolverConfig,
-    _columns,
-    _consts,
-    _fit_result,
-    _Recorder,
-    _stack,
-    _tracked,
-    _train,
-    _zeros,
+    columns,
+    consts_of,
     descent_chunk,
-    eager_seconds,
+    fit_result,
+    stack,
+    tracked_series,
+    train,
+    zeros,
 )
+from .losses import Loss
+from .models import Model
+from .names import Status
+from .problem import FitResult, Problem, Series, used_points
+from .solvers import EAGER_S_PER_POINT, eager_seconds
 
 
 class ModelData(NamedTuple):
@@ -67,20 +68,21 @@ def _project(model: Model, p: Vec) -> Vec:
     return tuple(pj.clamp(min=lo, max=hi) for pj, lo, hi in zip(p, lower, upper))
 
 
-def _free(model: Model, p: Vec, gradient: Vec, matrix: Mat) -> tuple[Vec, Mat]:
-    """Gradient and curvature of the parameters not held at a bound: a parameter at its
-    bound whose gradient pushes outward is held (its row and column become the identity's,
-    its gradient 0), so steps and the convergence test see the free parameters only."""
+def _free(model: Model, p: Vec, gradient: Vec, matrix: Mat):
+    """Gradient and curvature of the parameters not held at a bound, and which are held: a
+    parameter at its bound whose gradient pushes outward is held (its row and column become
+    the identity's, its gradient 0), so steps and the convergence test see the free
+    parameters only. ``held`` is None for an unbounded model."""
     if not model.bounded:
-        return gradient, matrix
+        return gradient, matrix, None
     lower = model.lower or (-torch.inf,) * model.k
     upper = model.upper or (torch.inf,) * model.k
-    held = [((pj <= lo) & (gj > 0)) | ((pj >= hi) & (gj < 0))
-            for pj, gj, lo, hi in zip(p, gradient, lower, upper)]
+    held = tuple(((pj <= lo) & (gj > 0)) | ((pj >= hi) & (gj < 0))
+                 for pj, gj, lo, hi in zip(p, gradient, lower, upper))
     gradient = tuple(torch.where(h, 0, gj) for h, gj in zip(held, gradient))
     matrix = tuple(tuple(torch.where(held[i] | held[j], float(i == j), a)
                          for j, a in enumerate(row)) for i, row in enumerate(matrix))
-    return gradient, matrix
+    return gradient, matrix, held
 
 
 @factory
@@ -106,58 +108,93 @@ def model_objective(model: Model, loss: Loss):
     return objective
 
 
+def jacobian(predictions: Callable, p: Vec, n_points: int):
+    """Predictions and their Jacobian columns ``d pred / d p_j`` for one series.
+
+    When there are fewer parameters than points (the usual case) the columns are the k
+    rows of the linear map ``u -> J^T u`` (the pullback of one ``vjp``), differentiated by
+    ``jacrev``: k reverse passes over the points, O(N k) work and memory, the cost of forward
+    mode. (torch 2.13's forward mode, ``jvp``/``jacfwd``, does not compile under vmap with
+    dynamic shapes; this does. Eager, forward mode itself is faster: one ``jvp`` per
+    parameter.) Plain ``jacrev`` of the predictions, one pass per point and O(N^2) under
+    vmap, only when N <= k.
+    """
+    k = len(p)
+    if n_points <= k:
+        return predictions(*p), jacrev(predictions, argnums=tuple(range(k)))(*p)
+    if not torch.compiler.is_compiling():  # eager: forward mode itself, no autograd graph
+        pred, columns = None, []
+        for j in range(k):
+            tangent = tuple(torch.ones_like(pi) if i == j else torch.zeros_like(pi)
+                            for i, pi in enumerate(p))
+            pred, column = jvp(predictions, p, tangent)
+            columns.append(column)
+        return pred, tuple(columns)
+    pred, pullback = vjp(predictions, *p)
+    return pred, jacrev(pullback)(torch.zeros_like(pred))
+
+
 @factory
 def gauss_newton(model: Model, loss: Loss):
-    """Per series at ``p``: loss, gradient, Gauss-Newton curvature and Jacobian columns."""
-    k = model.k
+    """Per series at ``p``: loss, gradient, Gauss-Newton curvature, predictions, Jacobian
+    columns and the loss's curvature per prediction."""
 
     def evaluate(p: Vec, data: ModelData, consts):
         def predictions(*q):
             return model.f(data.x, torch.stack(q))
 
-        pred = predictions(*p)
-        columns = jacrev(predictions, argnums=tuple(range(k)))(*p)
+        pred, jac = jacobian(predictions, p, data.x.shape[-1])
 
         def series_loss(values):
             return loss.series_loss(values, data.y, data.w, consts.f_scale)
 
-        slope = grad(series_loss)(pred)
-        curvature = grad(lambda values: grad(series_loss)(values).sum())(pred).clamp(min=0)
-        gradient = tuple((c * slope).sum() for c in columns)
-        matrix = tuple(tuple((curvature * ci * cj).sum() for cj in columns) for ci in columns)
-        return series_loss(pred), gradient, matrix, pred, columns
+        if loss.is_mse and loss.user is None:  # (known in closed form)
+            slope = 2 * data.w * (pred - data.y) / data.w.sum()
+            curvature = 2 * data.w / data.w.sum()
+        else:
+            slope = grad(series_loss)(pred)
+            curvature = grad(lambda values: grad(series_loss)(values).sum())(pred).clamp(min=0)
+        # (as matrix products: batched, they are one BLAS call each, not k^2 reductions)
+        columns = torch.stack(jac)
+        gradient = tuple((columns @ slope).unbind(0))
+        matrix = tuple(tuple(row.unbind(0)) for row in ((columns * curvature) @ columns.T).unbind(0))
+        return series_loss(pred), gradient, matrix, pred, jac, curvature
     return evaluate
 
 
-def _decrement_ok(matrix: Mat, gradient: Vec, value, floor, consts):
-    decrement2, ok = linalg.inverse_quadratic(matrix, gradient, consts.pivot_tol)
-    return ok & (decrement2 / 2 <= consts.tol * (value.abs() + floor))
+GEODESIC_H = 0.1  # finite-difference step of the second directional derivative (Transtrum)
 
 
 @factory
 def lm_step(model: Model, loss: Loss):
-    """Per series: one Levenberg-Marquardt iteration (see the module docstring)."""
+    """Per series: one Levenberg-Marquardt iteration with geodesic acceleration,
+    ``loop.iterate`` on the Gauss-Newton curvature of the free parameters, every candidate
+    projected onto the box."""
     evaluate = gauss_newton(model, loss)
     objective = model_objective(model, loss)
 
-    def step(p: Vec, mu, iterations, frozen, data: ModelData, floor, consts):
-        value, gradient, matrix, _, _ = evaluate(p, data, consts)
-        gradient, matrix = _free(model, p, gradient, matrix)
-        converged = _decrement_ok(matrix, gradient, value, floor, consts)
-        active = ~frozen  # a series that just converged still takes this step
-        k = len(p)  # (one more, nearly Gauss-Newton, step squares its error for free)
-        scale = sum(matrix[j][j] for j in range(k)) / k + torch.finfo(value.dtype).tiny
-        damped = tuple(tuple(a + mu * (a + 1e-9 * scale) if i == j else a
-                             for j, a in enumerate(row)) for i, row in enumerate(matrix))
-        delta, ok = linalg.solve(damped, tuple(-g for g in gradient), consts.pivot_tol)
-        candidate = _project(model, tuple(pj + dj for pj, dj in zip(p, delta)))
-        new_value = objective(candidate, data, consts)
-        accept = active & ok & torch.isfinite(new_value) & (new_value <= value)
-        p = tuple(torch.where(accept, c, pj) for c, pj in zip(candidate, p))
-        mu = torch.where(accept, mu / 3, torch.where(active, (4 * mu).clamp(min=1e-4), mu))
-        iterations = iterations + (active & ~converged)
-        stop = converged | ~torch.isfinite(value) | (mu > 1e10)
-        return p, mu, iterations, frozen | stop, torch.where(accept, new_value, value)
+    def step(p: Vec, damping: loop.Damping, iterations, frozen, data: ModelData, floor, consts):
+        value, gradient, matrix, pred, jac, curvature = evaluate(p, data, consts)
+        gradient, matrix, held = _free(model, p, gradient, matrix)
+
+        def accelerate(velocity: Vec, damped: Mat) -> Vec:
+            # (second derivative of the predictions along the step, by finite differences)
+            moved = model.f(data.x, torch.stack([pj + GEODESIC_H * v
+                                                 for pj, v in zip(p, velocity)]))
+            along = sum(v * column for v, column in zip(velocity, jac))
+            bend = (2 / GEODESIC_H) * ((moved - pred) / GEODESIC_H - along)
+            force = tuple(-(curvature * column * bend).sum() for column in jac)
+            if held is not None:
+                force = tuple(torch.where(h, 0, f) for h, f in zip(held, force))
+            acceleration, _ = linalg.solve(damped, force, consts.pivot_tol)
+            finite = torch.isfinite(torch.stack(acceleration)).all()
+            return tuple(torch.where(finite, a, 0) for a in acceleration)
+
+        p, value, damping, converged, stopped = loop.iterate(
+            p, value, gradient, matrix, damping, frozen,
+            lambda candidate: objective(candidate, data, consts),
+            lambda candidate: _project(model, candidate), floor, consts, accelerate)
+        return p, damping, iterations + (~frozen & ~converged), stopped, value
     return step
 
 
@@ -169,9 +206,9 @@ def final_kernel(model: Model, loss: Loss, newton: bool):
     def kernel(p: Vec, data: ModelData, n, sst, ybar, wsum, floor, loss0, consts):
         if model.canonical is not None:
             p = model.canonical(p)
-        value, gradient, matrix, pred, columns = evaluate(p, data, consts)
-        converged = _decrement_ok(*reversed(_free(model, p, gradient, matrix)), value, floor,
-                                  consts)
+        value, gradient, matrix, pred, jac, _ = evaluate(p, data, consts)
+        free_gradient, free_matrix, _ = _free(model, p, gradient, matrix)
+        converged = loop.decrement_ok(free_matrix, free_gradient, value, floor, consts)
         r = data.y - pred
         used = data.w > 0
         sse = (data.w * r * r).sum()
@@ -184,8 +221,8 @@ def final_kernel(model: Model, loss: Loss, newton: bool):
             psi, dpsi = loss.psi(r, consts.f_scale)
             weights = data.w * dpsi
             spread = (data.w * psi**2).sum() / (weights.sum() / wsum) ** 2
-        information = tuple(tuple((weights * ci * cj).sum() for cj in columns)
-                            for ci in columns)
+        information = tuple(tuple((weights * ci * cj).sum() for cj in jac)
+                            for ci in jac)
         cov, identified = linalg.inverse(information, consts.pivot_tol)
         sigma2 = spread / (n - k).clamp(min=1)
         stderr = tuple(torch.where((n > k) & identified,
@@ -221,22 +258,66 @@ def initial_params(model: Model, problem: Problem, data: ModelData, p0) -> torch
     return torch.nan_to_num(start.to(problem.dtype).expand(shape))
 
 
+def spread_starts(first: torch.Tensor, restarts: int, seed: int) -> torch.Tensor:
+    """(B, 1 + restarts, k) starting points: ``first``, then ``restarts`` copies with every
+    parameter scaled by ``10**u``, ``u`` uniform in [-1, 1] (a decade either way, sign kept:
+    standard starts are typically off by orders of magnitude, not by a shift); a parameter
+    that starts at 0 is drawn as ``u`` itself. Seeded, made on the CPU."""
+    batch, k = first.shape
+    generator = torch.Generator().manual_seed(seed)
+    u = (2 * torch.rand((batch, restarts, k), generator=generator, dtype=torch.float64) - 1)
+    u = u.to(first.device, first.dtype)
+    base = first[:, None, :]
+    jittered = torch.where(base == 0, u, base * 10**u)
+    return torch.cat([base, jittered], dim=1)
+
+
+def multi_start(problem: Problem, cfg: SolverConfig, vectorize, solver: str,
+                p0) -> FitResult:
+    """``solve_model`` from ``1 + cfg.restarts`` starts per series (``spread_starts`` around
+    the first one), all in one batch; per series the converged fit of lowest loss is kept
+    (the first start's fit when none converged) and ``converged_starts`` counts the starts
+    that converged. The history covers every start; tracked series are followed from their
+    first start."""
+    copies, batch, k = 1 + cfg.restarts, problem.batch_size, cfg.model.k
+    data = vectorize(setup_kernel(cfg.model), Series.of(problem), consts_of(cfg, problem),
+                     eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())[0]
+    starts = spread_starts(initial_params(cfg.model, problem, data, p0), cfg.restarts, cfg.seed)
+    rows = torch.arange(batch, device=problem.device).repeat_interleave(copies)
+    tracked = tracked_series(cfg, batch, problem.device)
+    every = dataclasses.replace(cfg, restarts=0, track=tuple(int(i) * copies for i in tracked),
+                                history_sample=cfg.history_sample * copies)
+    result = solve_model(problem.take(rows), every, vectorize, solver, starts.reshape(-1, k))
+    ok = (result.status == int(Status.OK)).view(batch, copies)
+    score = torch.where(ok, result.loss.view(batch, copies), torch.inf)
+    best = torch.where(ok.any(dim=1), score.argmin(dim=1), 0)
+    chosen = torch.arange(batch, device=best.device) * copies + best
+    history = result.history
+    if history is not None:
+        history = dataclasses.replace(history, tracked=history.tracked // copies)
+    return dataclasses.replace(result.take(chosen), history=history,
+                               converged_starts=ok.sum(dim=1).to(torch.int64))
+
+
 def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0) -> FitResult:
-    """Fit ``cfg.model`` to every series: ``newton`` (Levenberg-Marquardt), ``gd``, ``adam``."""
+    """Fit ``cfg.model`` to every series: ``newton`` (Levenberg-Marquardt), ``gd``, ``adam``;
+    from several starts each with ``cfg.restarts`` (``multi_start``)."""
+    if cfg.restarts:
+        return multi_start(problem, cfg, vectorize, solver, p0)
     model, loss = cfg.model, cfg.loss
-    consts = _consts(cfg, problem)
+    consts = consts_of(cfg, problem)
     one_pass = EAGER_S_PER_POINT["careful"] * problem.y.numel()
     data, n, sst, ybar, wsum = vectorize(setup_kernel(model), Series.of(problem), consts,
                                          eager_s=one_pass)
     eps = torch.finfo(problem.dtype).eps
     floor = eps * sst / wsum.clamp(min=eps) + torch.finfo(problem.dtype).tiny
     start = initial_params(model, problem, data, p0)
-    p = _project(model, _columns(start))
+    p = _project(model, columns(start))
     structural = n < model.k
     objective = model_objective(model, loss)
     loss0 = vectorize(objective, p, data, consts, eager_s=one_pass)
-    tracked = _tracked(cfg, problem.batch_size, problem.device)
-    recorder = _Recorder(cfg, problem.batch_size, tracked, _stack(p)[tracked].to(torch.float64),
+    tracked = tracked_series(cfg, problem.batch_size, problem.device)
+    recorder = Recorder(cfg, problem.batch_size, tracked, stack(p)[tracked].to(torch.float64),
                          structural)
     # A model's step costs some tens of passes over the points (Jacobian, curvature).
     cost = eager_seconds("newton" if solver == "newton" else "gd", False, problem.batch_size,
@@ -248,8 +329,9 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
             *new, value = vectorize(step, *state, *inputs, consts, eager_s=cost)
             return LoopState(*new), value
 
-        state = LoopState(p, _zeros(problem), _zeros(problem, torch.int64), structural)
-        state = _train(call, state, (data, floor), cfg, recorder, loss0, per_call=1,
+        state = LoopState(p, loop.start(zeros(problem), model.k), zeros(problem, torch.int64),
+                          structural)
+        state = train(call, state, (data, floor), cfg, recorder, loss0, per_call=1,
                        sync_every=1)
     else:
         chunk = descent_chunk(objective, solver, cfg.unroll, model.lower, model.upper)
@@ -261,10 +343,10 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
             *new, value = vectorize(chunk, *state, *inputs, epoch, consts, eager_s=cost)
             return LoopState(*new), value
 
-        state = LoopState(p, OPTIMIZERS[solver]().init(p), _zeros(problem, torch.int64),
+        state = LoopState(p, OPTIMIZERS[solver]().init(p), zeros(problem, torch.int64),
                           structural)
-        state = _train(call, state, (identity, data, floor), cfg, recorder, loss0,
+        state = train(call, state, (identity, data, floor), cfg, recorder, loss0,
                        per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
     out = vectorize(final_kernel(model, loss, solver == "newton"), state.params, data, n, sst,
                     ybar, wsum, floor, loss0, consts, eager_s=cost / max(cfg.epochs, 1))
-    return _fit_result(out, state.iterations, cfg, solver, recorder.history())
+    return fit_result(out, state.iterations, cfg, solver, recorder.history())

@@ -53,7 +53,7 @@ class Options:
     loss: object
     f_scale: float
     lr: float
-    epochs: int
+    epochs: int | None  # None: the solver's default (a model's LM: 100 (k + 1), as MINPACK)
     tol: float
     init: object
     seed: int
@@ -63,6 +63,7 @@ class Options:
     history_every: int
     history_sample: int
     track: tuple | None
+    restarts: int = 0  # extra starting points per series (models)
 
     @property
     def is_poly(self) -> bool:
@@ -104,14 +105,15 @@ class Options:
                 "degree": self.degree if self.is_poly else None, "model": self.model_name,
                 "formula": FORMULAS.get(self.model_name),
                 "param_columns": [name for name, _ in self.columns()],
-                "dtype": self.dtype, "device": str(device or self.device)}
+                "dtype": self.dtype, "device": str(device or self.device),
+                "restarts": self.restarts}
 
     def kwargs(self) -> dict:
         """``fit`` keyword arguments that give these options again."""
         return {name: getattr(self, name) for name in (
             "degree", "p0", "param_names", "bounds", "loss", "f_scale", "solver", "lr",
             "epochs", "tol", "init", "seed", "device", "dtype", "compile", "history_every",
-            "history_sample", "track")} | {"model": self.model}
+            "history_sample", "track", "restarts")} | {"model": self.model}
 
     def with_(self, **changes) -> Options:
         return replace(self, **changes)
@@ -155,7 +157,7 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
             f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
             epochs: int | None = None, tol: float | None = None, init="random", seed: int = 0,
             device="auto", dtype=None, compile="auto", history_every: int = 0,
-            history_sample: int = 1 << 14, track=None, y=None) -> Options:
+            history_sample: int = 1 << 14, track=None, restarts: int = 0, y=None) -> Options:
     """Check and resolve ``fit``'s options (``y``, when given, picks the default dtype)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -183,6 +185,10 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
         tol = 1e-10 if model is not None and dtype == "float64" else 1e-6
     check_number("tol", tol, low=0)
     check_number("seed", seed, integer=True)
+    check_number("restarts", restarts, low=0, integer=True)
+    if restarts and model is None:
+        raise ValueError("restarts apply to nonlinear models (a polynomial's least squares "
+                         "has one minimum)")
     check_number("history_every", history_every, low=0, integer=True)
     check_number("history_sample", history_sample, low=0, integer=True)
     if compile not in (True, False, "auto"):
@@ -199,8 +205,11 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
         raise ValueError(f"the exact solver fits MSE only; use newton for loss {name!r}")
     lr = DEFAULT_LR if lr is None else lr
     check_number("lr", lr, low=0, strictly=True)
-    epochs = DEFAULT_EPOCHS.get(solver, 1) if epochs is None else epochs
-    check_number("epochs", epochs, low=0, integer=True)
+    if epochs is None and not (solver == "newton" and model is not None):
+        epochs = DEFAULT_EPOCHS.get(solver, 1)
+    if epochs is not None:
+        check_number("epochs", epochs, low=0, integer=True)
+        epochs = int(epochs)
     if isinstance(init, str) and init not in ("random", "zeros"):
         raise ValueError(f"init must be 'random', 'zeros' or an array, got {init!r}")
     if isinstance(device, str) and device != "auto" and not device.startswith(("cpu", "cuda")):
@@ -209,6 +218,7 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
         track = tuple(int(i) for i in np.asarray(track, dtype=np.int64).reshape(-1))
     return Options(solver=solver, degree=degree, model=model, p0=p0, param_names=param_names,
                    bounds=bounds, loss=loss, f_scale=float(f_scale), lr=float(lr),
-                   epochs=int(epochs), tol=float(tol), init=init, seed=seed,
+                   epochs=epochs, tol=float(tol), init=init, seed=seed,
                    device="auto" if device is None else device, dtype=dtype, compile=compile,
-                   history_every=history_every, history_sample=history_sample, track=track)
+                   history_every=history_every, history_sample=history_sample, track=track,
+                   restarts=int(restarts))

@@ -123,6 +123,7 @@ class FitResult:
     loss_name: str
     history: History | None = field(default=None, repr=False)
     model: Model | None = field(default=None, repr=False)  # None: the polynomial
+    converged_starts: torch.Tensor | None = field(default=None, repr=False)  # (B,) restarts
 
     @property
     def degree(self) -> int | None:
@@ -150,9 +151,16 @@ class FitResult:
         return cls(**{name: tensor(record[name]) for name in cls.RECORD}, solver=solver,
                    loss_name=loss_name, model=model)
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The per-series fields this result has (``RECORD``, and ``converged_starts`` after
+        restarts)."""
+        return self.RECORD + (("converged_starts",) if self.converged_starts is not None
+                              else ())
+
     def record(self) -> dict:
         """The per-series fields as numpy arrays (what the output tables are made of)."""
-        return {name: getattr(self, name).cpu().numpy() for name in self.RECORD}
+        return {name: getattr(self, name).cpu().numpy() for name in self.fields}
 
     def with_rows(self, rows: torch.Tensor, part: FitResult) -> FitResult:
         """This result with the series at ``rows`` taken from ``part`` (fitted apart)."""
@@ -160,7 +168,13 @@ class FitResult:
         return dataclasses.replace(self, **{
             name: getattr(self, name).index_put((rows,), getattr(part, name).to(
                 getattr(self, name).device, getattr(self, name).dtype))
-            for name in self.RECORD})
+            for name in self.fields})
+
+    def take(self, rows: torch.Tensor) -> FitResult:
+        """The series at ``rows`` (history and model kept)."""
+        rows = rows.to(self.status.device)
+        return dataclasses.replace(self, **{name: getattr(self, name)[rows]
+                                            for name in self.fields})
 
     def status_labels(self) -> np.ndarray:
         """Status names ('ok', 'singular', ...) as a numpy array of str."""

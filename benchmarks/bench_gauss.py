@@ -1,6 +1,8 @@
-"""The Gaussian family next to Gpufit's published figures and a scipy curve_fit loop.
+"""The Gaussian family next to Gpufit's published figures and a scipy curve_fit loop, and a
+user model of 8 parameters on 250 points next to a scipy least_squares loop.
 
-    python benchmarks/bench_gauss.py [--sizes 1e4 1e5 1e6] [--json benchmarks/results-gauss-cpu.json]
+    python benchmarks/bench_gauss.py [--sizes 1e4 1e5 1e6] [--peaks-sizes 1e4]
+                                     [--json benchmarks/results-gauss-cpu.json]
 
 The rows of ``batchfit bench`` for ``model="gauss"`` only (25 points per series, the size of
 Gpufit's 5 x 5 benchmark fits), on every device present, float32 and float64.
@@ -18,13 +20,16 @@ from batchfit import bench
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--sizes", type=float, nargs="*", default=[1e4, 1e5, 1e6])
+    parser.add_argument("--peaks-sizes", type=float, nargs="*", default=[1e4],
+                        help="the 8-parameter, 250-point model (two peaks on a baseline)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"])
     parser.add_argument("--json")
     args = parser.parse_args()
     result = bench.run(sizes=(), long_series=0, repeats=args.repeats, devices=args.devices,
                        gauss_sizes=tuple(int(s) for s in args.sizes),
+                       peaks_sizes=tuple(int(s) for s in args.peaks_sizes),
                        progress=lambda m: print(m, file=sys.stderr))
     print(bench.table(result))
     if args.json:

@@ -16,7 +16,8 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
                    "naive vmap(grad) GD loop", "floor: read x and y once",
                    "scipy least_squares huber loop",
                    "duckdb GROUP BY power sums + numpy solve",
-                   "polars GROUP BY power sums + numpy solve"]:
+                   "polars GROUP BY power sums + numpy solve",
+                   "scipy least_squares loop, peaks", "batchfit newton (LM) peaks"]:
         assert method in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["rows"]
@@ -24,5 +25,6 @@ def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert verdicts["batchfit exact (moments)"] == "ok"  # checked against float64 polyfit
     assert verdicts["duckdb GROUP BY power sums + numpy solve"] == "ok"
     assert verdicts["batchfit newton huber, compile=False"] == "ok"  # and against scipy
+    assert verdicts["batchfit newton (LM) peaks, compile=False"] == "ok"
     assert "WRONG" not in verdicts.values()
     assert imread(tmp_path / "b.png").shape[1] > 500

@@ -134,12 +134,12 @@ def test_truth_is_what_the_seed_generated(rng):
 
 def test_continuing_on_the_active_rows_changes_nothing(rng, monkeypatch):
     """The loop narrows to the still-moving series once most have stopped: same results."""
-    from batchfit import solvers
+    from batchfit import loop
 
     x, y = seed_data(40, 30, rng, noise=0.3)
     y[:5] += rng.standard_cauchy((5, 30)) * 5  # a few slow, heavy-tailed series
     narrowed = batchfit.fit(x, y, loss="cauchy", dtype="float64", compile=False)
-    monkeypatch.setattr(solvers, "COMPACT_BELOW", 0.0)
+    monkeypatch.setattr(loop, "COMPACT_BELOW", 0.0)
     full = batchfit.fit(x, y, loss="cauchy", dtype="float64", compile=False)
     np.testing.assert_array_equal(narrowed.params.numpy(), full.params.numpy())
     np.testing.assert_array_equal(narrowed.iterations.numpy(), full.iterations.numpy())

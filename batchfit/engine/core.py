@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 from .. import aot, cache, native, stats
 from ..diagnostics import PRECISION_LIMITED
 from ..kernel import key_of
+from ..loop import SolverConfig
 from ..losses import resolve_loss
 from ..models import Model, resolve_model, with_param_count
 from ..nonlinear import solve_model
@@ -46,7 +47,6 @@ from ..problem import (
 )
 from ..solvers import (
     EAGER_S_PER_POINT,
-    SolverConfig,
     random_init,
     refit_exact,
     solve_descent,
@@ -385,7 +385,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
         epochs: int | None = None, tol: float | None = None, init="random", seed: int = 0,
         device="auto", dtype=None, compile="auto", history_every: int = 0,
-        history_sample: int = 1 << 14, track=None) -> FitResult:
+        history_sample: int = 1 << 14, track=None, restarts: int = 0) -> FitResult:
     """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
 
     Parameters
@@ -409,9 +409,11 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
     lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
-        or an array); Newton: epochs is the iteration cap (default 50). ``tol``: converged
-        when half the squared Newton decrement is below tol * |loss| (default 1e-6; 1e-10
-        for nonlinear models in float64, whose last steps converge linearly).
+        or an array); Newton: epochs is the iteration cap (default 50; for a model 100 (k + 1),
+        MINPACK's budget). ``tol``: converged when half the squared Newton decrement is
+        below tol * |loss| (default 1e-6; 1e-10 for nonlinear models in float64, whose last
+        steps converge linearly); Newton then keeps stepping while the loss does not rise and a
+        parameter still moves by more than sqrt(eps) of itself.
     device, dtype : ``auto|cpu|cuda``; the working precision of the iterative solvers and
         of GPU kernels, float32 (default) or float64. The exact solver accumulates its
         statistics in float64 whatever the dtype (float64-grade coefficients).
@@ -423,13 +425,31 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         so many epochs (0: about 300 records) for an even sample of ``history_sample`` series
         (the batch's quantiles) and for the ``track`` series (indices; default: 5 spread
         over the batch), see ``FitResult.history``.
+    restarts : nonlinear models: fit every series from this many more starting points, each
+        parameter of the first start (``p0``, or a family's data-driven guess) scaled by a
+        seeded random factor between 1/10 and 10 (a zero one drawn from [-1, 1]); keep the
+        converged fit of lowest loss (``FitResult.converged_starts`` counts them).
+
+    Returns
+    -------
+    FitResult
+        ``params`` (B, k) float64 in the column order of ``param_names`` (for the quadratic
+        ``c, b, a``: ``params[:, i]`` multiplies ``x**i``), ``stderr``, ``loss``, ``rmse``,
+        ``r2``, ``n_points``, ``iterations``, ``status`` (``status_labels()``), and for
+        iterative solvers ``history``.
     """
     opts = resolve(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
                    loss=loss, f_scale=f_scale, solver=solver, lr=lr, epochs=epochs, tol=tol,
                    init=init, seed=seed, device=device, dtype=dtype, compile=compile,
                    history_every=history_every, history_sample=history_sample, track=track,
-                   y=y)
+                   restarts=restarts, y=y)
     return solve(x, y, weights, lengths, mask, opts)
+
+
+def _epochs(opts: Options, model: Model) -> int:
+    """The iteration cap: as given, or MINPACK's budget for a model's Levenberg-Marquardt
+    (100 (k + 1) evaluations; hard problems from far starts need hundreds)."""
+    return 100 * (model.k + 1) if opts.epochs is None else opts.epochs
 
 
 def config(opts: Options) -> SolverConfig:
@@ -437,9 +457,10 @@ def config(opts: Options) -> SolverConfig:
     (user callables checked here: they need torch)."""
     model = _resolved_model(opts.model, opts.degree, opts.p0, opts.param_names, opts.bounds)
     return SolverConfig(degree=opts.degree, model=model, loss=resolve_loss(opts.loss),
-                        f_scale=opts.f_scale, lr=opts.lr, epochs=opts.epochs, tol=opts.tol,
+                        f_scale=opts.f_scale, lr=opts.lr, epochs=_epochs(opts, model), tol=opts.tol,
                         init=opts.init, seed=opts.seed, history_every=opts.history_every,
-                        history_sample=opts.history_sample, track=opts.track)
+                        history_sample=opts.history_sample, track=opts.track,
+                        restarts=opts.restarts)
 
 
 def vectorizer(opts: Options) -> _Vectorizer:
@@ -524,9 +545,6 @@ def _needs_float64(result: FitResult, y) -> np.ndarray | None:
     return wide if wide.any() else None
 
 
-RESULT_FIELDS = FitResult.RECORD
-
-
 def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np.ndarray,
                        options: dict) -> FitResult:
     """``result`` with its ``wide`` rows fitted again in float64."""
@@ -538,7 +556,7 @@ def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np
     index = torch.from_numpy(rows).to(result.params.device)
     return dataclasses.replace(result, **{
         name: getattr(result, name).index_put((index,), getattr(part, name))
-        for name in RESULT_FIELDS})
+        for name in result.fields})
 
 
 def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, options: dict):
@@ -619,7 +637,7 @@ def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
     history = None if histories[0] is None else History.merge(histories, positions)
     order = torch.from_numpy(np.argsort(np.concatenate(groups), kind="stable"))
     fields = {}
-    for field in RESULT_FIELDS:
+    for field in parts[0].fields:
         joined = torch.cat([getattr(part, field) for part in parts])
         fields[field] = joined[order.to(joined.device)]
     return dataclasses.replace(parts[0], history=history, **fields)

@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 from ..names import STATUS_LABELS
 
 
-def output_schema(id_type: pa.DataType, columns, metadata: dict) -> pa.Schema:
+def output_schema(id_type: pa.DataType, columns, metadata: dict,
+                  restarts: bool = False) -> pa.Schema:
     """The contract's output columns, in order, with the ``batchfit`` metadata entry.
-    ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``)."""
+    ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``);
+    ``restarts``: a multi-start fit, which adds ``converged_starts``."""
     names = [name for name, _ in columns]
     metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns]}
     fields = [pa.field("series_id", id_type)]
@@ -27,6 +29,8 @@ def output_schema(id_type: pa.DataType, columns, metadata: dict) -> pa.Schema:
     fields += [pa.field("n_points", pa.int64()), pa.field("loss", pa.float64()),
                pa.field("rmse", pa.float64()), pa.field("r2", pa.float64()),
                pa.field("iterations", pa.int64()), pa.field("status", pa.string())]
+    if restarts:
+        fields.append(pa.field("converged_starts", pa.int64()))
     return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
                                                                  default=str)})
 
@@ -63,6 +67,8 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
                    r2=floats(record["r2"]),
                    iterations=pa.array(np.asarray(record["iterations"], np.int64)),
                    status=pa.array(STATUS_LABELS[record["status"]], pa.string()))
+    if "converged_starts" in record:
+        columns["converged_starts"] = pa.array(np.asarray(record["converged_starts"], np.int64))
     return pa.table([columns[field.name] for field in schema], schema=schema)
 
 
