@@ -371,8 +371,8 @@ def _peaks(bench: Bench, series: int, devices, cpu_max, quick: bool):
         for compiled in (False,) if quick else (False, True):
             bench.case(f"batchfit newton (LM) peaks, compile={compiled}", device, "float64",
                        series, PEAKS_POINTS,
-                       lambda c=compiled: fit(x, y, model=peaks, p0=start, dtype="float64",
-                                              compile=c).params, ref=ref,
+                       lambda c=compiled, x=x, y=y, p0=start: fit(
+                           x, y, model=peaks, p0=p0, dtype="float64", compile=c).params, ref=ref,
                        wrong_above=ROBUST_AGREEMENT)
 
 
