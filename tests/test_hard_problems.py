@@ -49,6 +49,7 @@ def test_digits_are_measured_against_the_certified_values():
     assert hard.digits(np.full(2, np.nan), problem.certified) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["Misra1a", "BoxBOD", "Eckerle4"])
 def test_many_noisy_copies_in_one_call(name):
     """1,000 noisy copies from the far start: every ``ok`` is at that series' optimum, and

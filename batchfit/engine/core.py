@@ -104,7 +104,8 @@ class _Vectorizer:
     ``eager_s`` estimates the kernel's uncompiled run time. With ``compile="auto"`` a kernel
     compiled ahead of time for this machine (``batchfit.aot``) is used when there is one, and
     built (once, for every later process too) when ``eager_s`` reaches AOT_WORTH_S; kernels
-    of user callables, which cannot be kept, are compiled in-process past COMPILE_COST_S.
+    of user callables, which cannot be kept, are compiled in-process when ``eager_s`` exceeds
+    ``compile_s``, the solver's estimate of that kernel's compile (default COMPILE_COST_S).
     ``compile=True`` compiles every kernel above TRIVIAL_S in-process (unless one is kept
     already); ``compile=False`` never compiles.
     """
@@ -113,7 +114,8 @@ class _Vectorizer:
         self.compile = compile
         self.fullgraph = fullgraph
 
-    def __call__(self, fn: Callable, *args, eager_s: float = 0):
+    def __call__(self, fn: Callable, *args, eager_s: float = 0,
+                 compile_s: float = COMPILE_COST_S):
         in_dims = _in_dims(args)
         weight = eager_s * _SCALE[0]  # (a job's many calls: see many_calls)
         if self.compile is not False:
@@ -121,7 +123,7 @@ class _Vectorizer:
             if ahead is not None:
                 return ahead(*args)
         hot = eager_s >= TRIVIAL_S if self.compile is True else (
-            self.compile == "auto" and key_of(fn) is None and weight >= COMPILE_COST_S)
+            self.compile == "auto" and key_of(fn) is None and weight >= compile_s)
         key = (fn, in_dims)
         if hot:
             batched = _COMPILED.get(key)
