@@ -35,7 +35,7 @@ while the loss does not rise and some parameter moves by more than sqrt(eps) of 
 then freezes. Levenberg-Marquardt on models adds Transtrum's geodesic
 acceleration (a second-order correction along the step, from one more model evaluation),
 which follows curved valleys that plain LM crawls along. A series whose
-damping passes ``MU_MAX`` (no step lowers the loss: rounding, or a point that no step
+damping passes 1e12 (no step lowers the loss: rounding, or a point that no step
 improves) stops ``not_converged``; a non-finite loss stops it as diverged.
 """
 
@@ -347,8 +347,9 @@ def zeros(problem: Problem, dtype=None) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the damped step
 
+# (the step's constants are literals inside ``iterate``: dynamo traces a float global as a
+# symbol, which vmap's batching rules reject)
 MU_START = 1e-3  # first damping, relative to D: nearly Gauss-Newton (levmar's tau)
-MU_MAX = 1e12  # damping past which a step is below rounding: the series stops
 
 
 class Damping(NamedTuple):
@@ -370,9 +371,6 @@ def decrement_ok(matrix: Mat, gradient: Vec, value, floor, consts):
     """The convergence test: half the squared Newton decrement within ``tol`` of the loss."""
     decrement2, ok = linalg.inverse_quadratic(matrix, gradient, consts.pivot_tol)
     return ok & (decrement2 / 2 <= consts.tol * (value.abs() + floor))
-
-
-ACCELERATION_RATIO = 0.75  # Transtrum's alpha: largest 2 |a| / |v| a step may have
 
 
 def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
@@ -407,7 +405,8 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
         acceleration = accelerate(velocity, damped)
         size_v = sum(d * v * v for d, v in zip(scale, velocity))
         size_a = sum(d * a * a for d, a in zip(scale, acceleration))
-        ok = ok & (converged | (4 * size_a <= ACCELERATION_RATIO**2 * size_v))
+        # (Transtrum's alpha 0.75: the largest 2 |a| / |v| a step may have)
+        ok = ok & (converged | (4 * size_a <= 0.5625 * size_v))
         delta = tuple(v + a / 2 for v, a in zip(velocity, acceleration))
     candidate = project(tuple(pj + dj for pj, dj in zip(p, delta)))
     new_value = objective(candidate)
@@ -418,7 +417,7 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
     accept = active & ok & torch.isfinite(new_value) & (new_value <= value + rounding)
     gain = torch.where(predicted > 0, actual / predicted.clamp(min=tiny), 0)
     shrink = (1 - (2 * gain - 1) ** 3).clamp(min=1 / 3, max=2)
-    grown = (damping.mu * damping.nu).clamp(min=MU_START)  # (an undamped start must grow)
+    grown = (damping.mu * damping.nu).clamp(min=1e-3)  # (MU_START: an undamped start grows)
     mu = torch.where(accept, damping.mu * shrink, torch.where(active, grown, damping.mu))
     nu = torch.where(accept, 2, torch.where(active, 2 * damping.nu, damping.nu))
     p = tuple(torch.where(accept, c, pj) for c, pj in zip(candidate, p))
@@ -428,6 +427,7 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
     for pj, sj in zip(p, step):
         settled = settled & (sj.abs() <= eps**0.5 * pj.abs())
     polished = converged & (~accept | settled)
-    stop = polished | ~torch.isfinite(value) | (mu > MU_MAX)
+    # (damping past 1e12 of D: every step is below rounding; the series stops)
+    stop = polished | ~torch.isfinite(value) | (mu > 1e12)
     return (p, torch.where(accept, new_value, value), Damping(mu, nu, scale), converged,
             frozen | stop)

@@ -169,7 +169,6 @@ def gauss_newton(model: Model, loss: Loss):
 EAGER_S_PER_LM_POINT = 8e-8
 LM_TYPICAL_STEPS = 15
 LM_COMPILE_S = 120.0
-GEODESIC_H = 0.1  # finite-difference step of the second directional derivative (Transtrum)
 
 
 @factory
@@ -185,11 +184,12 @@ def lm_step(model: Model, loss: Loss):
         gradient, matrix, held = _free(model, p, gradient, matrix)
 
         def accelerate(velocity: Vec, damped: Mat) -> Vec:
-            # (second derivative of the predictions along the step, by finite differences)
-            moved = model.f(data.x, torch.stack([pj + GEODESIC_H * v
-                                                 for pj, v in zip(p, velocity)]))
+            # (second derivative of the predictions along the step, by finite differences
+            # of step 0.1, Transtrum's; literals, as dynamo would trace a float global as a
+            # symbol that vmap rejects)
+            moved = model.f(data.x, torch.stack([pj + 0.1 * v for pj, v in zip(p, velocity)]))
             along = sum(v * column for v, column in zip(velocity, jac))
-            bend = (2 / GEODESIC_H) * ((moved - pred) / GEODESIC_H - along)
+            bend = 20 * ((moved - pred) * 10 - along)
             force = tuple(-(curvature * column * bend).sum() for column in jac)
             if held is not None:
                 force = tuple(torch.where(h, 0, f) for h, f in zip(held, force))
