@@ -162,11 +162,11 @@ def gauss_newton(model: Model, loss: Loss):
 
 
 # LM's cost model, measured on a 2-core Xeon with torch 2.13 (8 parameters, 250 points):
-# eager, about 8e-8 s per point, parameter and step, and a fit takes some 15 steps; an
+# eager, about 4e-8 s per point, parameter and step (chunked, see the engine), and a fit takes some 15 steps; an
 # in-process torch.compile of the step kernel took 70 s with a warm inductor cache and
 # 260 s cold (the final kernel about as long), so the engine compiles a user's model only
 # for batches whose eager fit would take longer than that.
-EAGER_S_PER_LM_POINT = 8e-8
+EAGER_S_PER_LM_POINT = 4e-8
 LM_TYPICAL_STEPS = 15
 LM_COMPILE_S = 120.0
 
@@ -333,7 +333,7 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
     if solver == "newton":
         step = lm_step(model, loss)
         cost = EAGER_S_PER_LM_POINT * model.k * problem.y.numel() * LM_TYPICAL_STEPS
-        compile_s = {"compile_s": LM_COMPILE_S}
+        compile_s = {"compile_s": LM_COMPILE_S, "fan_out": model.k}
 
         def call(state: LoopState, inputs, _):
             *new, value = vectorize(step, *state, *inputs, consts, eager_s=cost, **compile_s)
