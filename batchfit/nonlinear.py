@@ -162,8 +162,8 @@ def gauss_newton(model: Model, loss: Loss):
 
 
 # LM's cost model, measured on a 2-core Xeon with torch 2.13 (8 parameters, 250 points):
-# eager, about 4e-8 s per point, parameter and step (chunked, see the engine), and a fit takes some 15 steps; an
-# in-process torch.compile of the step kernel took 70 s with a warm inductor cache and
+# eager (chunked, see the engine), about 4e-8 s per point, parameter and step, and a fit
+# takes some 15 steps; an in-process torch.compile of the step kernel took 70 s with a warm inductor cache and
 # 260 s cold (the final kernel about as long), so the engine compiles a user's model only
 # for batches whose eager fit would take longer than that.
 EAGER_S_PER_LM_POINT = 4e-8
