@@ -360,7 +360,7 @@ def _peaks(bench: Bench, series: int, devices, cpu_max, quick: bool):
     ref = _peaks_scipy_loop(x_np, y_np, p0, min(PEAKS_REFERENCE_SERIES, series))
     on_cpu = cpu_max is None or series <= cpu_max
     if on_cpu:
-        few = min(series, 200 if not quick else 20)
+        few = min(series, 200 if not quick else PEAKS_REFERENCE_SERIES)
         bench.case("scipy least_squares loop, peaks", "cpu", "float64", series, PEAKS_POINTS,
                    lambda: _peaks_scipy_loop(x_np, y_np, p0, few), ref=ref, scale=series / few,
                    repeats=1, note=f"timed on {few} series")

@@ -392,8 +392,10 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
     active = ~frozen
     # (|diagonal|: an exact Hessian of a non-convex loss may have negative entries there)
     scale = tuple(torch.maximum(s, matrix[j][j].abs()) for j, s in enumerate(damping.scale))
-    # (a parameter the loss does not see yet has a zero diagonal: damp it on the mean's scale)
-    typical = sum(scale) / k * 1e-9 + tiny
+    # (a parameter the loss does not see yet has a zero diagonal: damp it on the mean's
+    # scale; where every curvature vanishes, as for a robust loss with all points beyond
+    # f_scale, on the loss's own, so that growing damping turns the step into descent)
+    typical = sum(scale) / k * 1e-9 + eps * (value.abs() + floor) + tiny
     # (a converged series polishes with undamped steps: damping would only slow the poorly
     # determined directions, and their loss differences are below rounding)
     mu = torch.where(converged, 0, damping.mu)
@@ -413,7 +415,9 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
     step = tuple(c - pj for c, pj in zip(candidate, p))
     predicted = -(linalg.dot(gradient, step) + linalg.dot(step, mat_vec(matrix, step)) / 2)
     actual = value - new_value
-    rounding = torch.where(converged, 4 * eps * (value.abs() + floor), 0)
+    # (a loss equal within rounding is no evidence against a step: in float32 such noise
+    # would otherwise pile rejections up and blow the damping before convergence is seen)
+    rounding = 4 * eps * (value.abs() + floor)
     accept = active & ok & torch.isfinite(new_value) & (new_value <= value + rounding)
     gain = torch.where(predicted > 0, actual / predicted.clamp(min=tiny), 0)
     shrink = (1 - (2 * gain - 1) ** 3).clamp(min=1 / 3, max=2)

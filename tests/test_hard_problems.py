@@ -44,7 +44,7 @@ def test_never_ok_on_a_wrong_answer(rows):
 def test_digits_are_measured_against_the_certified_values():
     problem = hard.load("Misra1a")
     assert problem.certified[0] == pytest.approx(2.3894212918e02, rel=1e-12)
-    assert len(problem.x) == 14 and problem.starts[0][1] == 5e-4
+    assert len(problem.x) == 14 and tuple(problem.starts[0]) == (500, 1e-4)
     assert hard.digits(problem.certified * (1 + 1e-6), problem.certified) == pytest.approx(6)
     assert hard.digits(np.full(2, np.nan), problem.certified) == 0
 

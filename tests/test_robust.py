@@ -91,3 +91,15 @@ def test_newton_on_device(device, rng):
     cpu = batchfit.fit(x, y, loss="soft_l1", dtype="float64", device="cpu", compile=False)
     here = batchfit.fit(x, y, loss="soft_l1", dtype="float64", device=device, compile=False)
     np.testing.assert_allclose(here.params.cpu(), cpu.params, rtol=1e-9)
+
+
+def test_ragged_and_job_fits_start_from_the_exact_fit_like_fit(rng):
+    """fit_ragged (the job's path) once gave robust Newton the GD/Adam random start, and some
+    series stopped not_converged where fit() converged: both start from the exact fit."""
+    x, y = outlier_data(rng, batch=30, points=40)
+    whole = batchfit.fit(x, y, degree=3, loss="huber", f_scale=2.0, compile=False)
+    offsets = np.arange(0, x.size + 1, x.shape[1])
+    ragged = batchfit.fit_ragged(x.ravel(), y.ravel(), offsets, degree=3, loss="huber",
+                                 f_scale=2.0, compile=False)
+    assert (ragged.status_labels() == "ok").all()
+    assert torch.equal(ragged.params, whole.params) and torch.equal(ragged.status, whole.status)

@@ -642,7 +642,8 @@ def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
     track = np.asarray(track, dtype=np.int64)
     sample = options.pop("history_sample", 1 << 14)
     init = options.pop("init", "random")
-    if isinstance(init, str) and init == "random":  # by position in the whole batch
+    if isinstance(init, str) and init == "random" and options.get("solver") in ("gd", "adam"):
+        # (by position in the whole batch; Newton starts from the exact fit instead)
         init = random_init(options.get("seed", 0), 0, batch, options.get("degree", 2) + 1)
     per_series = not isinstance(init, str) and np.ndim(init) == 2
     if per_series:
