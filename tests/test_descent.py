@@ -26,6 +26,7 @@ def test_moment_loop_follows_the_naive_raw_data_loop(solver, lr, rng):
     assert (fit.iterations == epochs).all()
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_seed_protocol_reports_not_converged_honestly(rng):
     """lr 1e-3 for 15,000 epochs on x in [0, 1] cannot converge: a ends near 13, not 20."""
     x, y = seed_data(64, 100, rng)
@@ -40,6 +41,7 @@ def test_seed_protocol_reports_not_converged_honestly(rng):
     assert q.shape[1] == 5 and (np.diff(q[:, 2].numpy()) <= 1e-6).all()  # the median falls
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_adam_reaches_the_exact_answer(rng):
     x, y = seed_data(64, 100, rng)
     exact, _ = polyfit_rows(x, y, 2)
@@ -60,6 +62,7 @@ def test_gd_converges_with_enough_epochs_and_freezes(rng):
     assert (fit.iterations < 30000).all()
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_float32_gd_stall_is_reported_not_hidden(rng):
     """Float32 GD updates fall below float32 resolution near the minimum: it must say so.
 
@@ -87,6 +90,7 @@ def test_too_large_lr_diverges(rng):
     assert (fit.status_labels() == "diverged").all()
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_compiled_and_eager_give_the_same_numbers(rng):
     x, y = seed_data(32, 40, rng)
     kwargs = dict(solver="gd", lr=0.05, epochs=500, init="zeros", dtype="float64")

@@ -16,6 +16,8 @@ from batchfit.generate import generate
 ray = pytest.importorskip("ray")  # the [ray] extra; CI installs it, so these tests run there
 from batchfit.distributed import run_ray
 
+pytestmark = pytest.mark.slow  # (a real Ray cluster per test)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):

@@ -134,6 +134,7 @@ def test_dense_fast_path_and_careful_path_agree(rng):
     np.testing.assert_allclose(fit.params, np.tile([1, 0, 2], (50, 1)), atol=1e-4)
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_compiled_matches_eager(rng):
     x, y = seed_data(64, 32, rng)
     y[3, 4] = np.nan  # one row through the careful kernel too

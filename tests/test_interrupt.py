@@ -17,6 +17,8 @@ import pytest
 from batchfit.cli import main
 from batchfit.generate import generate
 
+pytestmark = pytest.mark.slow  # (real CLI subprocesses, signalled mid-run)
+
 # GD keeps the run busy for a few seconds on 2 cores, in many small checkpointed pieces.
 JOB = ["--batch-size", "5000", "--no-progress", "--solver", "gd", "--epochs", "400",
        "--no-compile"]

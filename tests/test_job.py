@@ -126,8 +126,8 @@ def test_list_format_round_trip(tmp_path, rng):
 def test_generated_list_and_long_give_the_same_fits(tmp_path):
     generate(str(tmp_path / "long.parquet"), series=300, points=50)
     generate(str(tmp_path / "list.parquet"), series=300, points=50, fmt="list")
-    run_cli("run", tmp_path / "long.parquet", "-o", tmp_path / "a.parquet")
-    run_cli("run", tmp_path / "list.parquet", "-o", tmp_path / "b.parquet")
+    assert run_cli("run", tmp_path / "long.parquet", "-o", tmp_path / "a.parquet") == 0
+    assert run_cli("run", tmp_path / "list.parquet", "-o", tmp_path / "b.parquet") == 0
     a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert_same_fits(a, b)
 

@@ -164,6 +164,7 @@ def test_descent_solvers_fit_a_family():
     assert adam.history is not None and len(adam.history.epochs) > 10
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_compiled_and_eager_agree():
     block = family_block("gauss", n=400, points=25)
     x = block.x.reshape(400, 25).astype(np.float64)

@@ -78,6 +78,7 @@ def test_robust_stderr_reduce_to_wls_for_small_residuals(rng):
     np.testing.assert_allclose(huber.stderr, mse.stderr, rtol=1e-6)
 
 
+@pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
 def test_newton_compiled_matches_eager(rng):
     x, y = outlier_data(rng, batch=32, points=24)
     eager = batchfit.fit(x, y, loss="huber", dtype="float64", compile=False)
