@@ -68,6 +68,8 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
     local_output = _is_local(output_path)
     if local_output:
         io.check_writable(output_path.rstrip("/") or ".", directory_output=True)
+        if _is_local(input_path):
+            io.check_apart(output_path.rstrip("/") or ".", input_path, directory_output=True)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,

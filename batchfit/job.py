@@ -82,12 +82,14 @@ def run_job(input_path: str, output_path: str | None = None, *,
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     output_path = output_path or default_output(input_path)
     io.check_writable(output_path)
+    io.check_apart(output_path, input_path)
     opts = resolve(**fit_options)
     if history_path is not None:
         if opts.solver == "exact":
             raise ValueError("--history needs an iterative solver (--solver gd, adam or "
                              "newton): the exact solver does not train")
         io.check_writable(history_path)
+        io.check_apart(history_path, input_path, "history")
         if resume:
             raise ValueError("--resume cannot be combined with --history (the training "
                              "history is not checkpointed)")

@@ -138,3 +138,14 @@ def test_custom_model_runs_on_ray_like_on_one_machine(ray_cluster, tmp_path):
     got, summary = ray_output(tmp_path / "d.parquet", tmp_path / "ray", **options)
     same(got, want)
     assert got.column_names[1:4] == ["a", "b", "c"] and summary.status_counts == {"ok": 300}
+
+
+def test_a_ray_output_that_holds_the_input_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(str(data / "part-0.parquet"), series=20, points=10)
+    before = (data / "part-0.parquet").read_bytes()
+    for output in (tmp_path, data, data / "fits"):
+        with pytest.raises(ValueError, match="input"):
+            run_ray(str(data), str(output))
+    assert (data / "part-0.parquet").read_bytes() == before

@@ -467,3 +467,32 @@ def test_history_file(tmp_path):
 def test_history_needs_an_iterative_solver(tmp_path, good, capsys):
     bad(tmp_path, ["run", good, "--history", tmp_path / "h.parquet"],
         "--history needs an iterative solver", capsys)
+
+
+def _tree_bytes(path):
+    """Every file below ``path`` (or the file itself) with its bytes."""
+    from pathlib import Path
+
+    return {str(p): p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+def test_an_output_over_the_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    generate(str(tmp_path / "d.parquet"), series=20, points=10)
+    data = tmp_path / "data"
+    data.mkdir()
+    generate(str(data / "part-0.parquet"), series=20, points=10)
+    before = _tree_bytes(tmp_path)
+    for args, reason in [
+        (["run", tmp_path / "d.parquet", "-o", tmp_path / "d.parquet"], "is the input"),
+        (["run", tmp_path / "d.parquet", "-o", tmp_path / "." / "d.parquet"], "is the input"),
+        (["run", data, "-o", data / "fits.parquet"], "inside the input directory"),
+        (["run", data / "part-0.parquet", "-o", data / "part-0.parquet"], "is the input"),
+        (["run", tmp_path / "d.parquet", "-o", tmp_path / "o.parquet", "--solver", "gd",
+          "--epochs", "10", "--history", tmp_path / "d.parquet"], "history"),
+    ]:
+        assert run_cli(*args) == 2
+        err = capsys.readouterr().err
+        assert reason in err and err.count("\n") == 1 and "Traceback" not in err
+    assert _tree_bytes(tmp_path) == before  # nothing written, nothing replaced
+    with pytest.raises(ValueError, match="is the input"):
+        batchfit.run_job(str(tmp_path / "d.parquet"), str(tmp_path / "d.parquet"))

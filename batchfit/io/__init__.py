@@ -21,6 +21,7 @@ from .read import (
 from .schema import FORMATS, ColumnSpec, describe, first_line
 from .write import (
     AtomicParquetWriter,
+    check_apart,
     check_writable,
     column_sum,
     concat_tables,
@@ -41,6 +42,7 @@ __all__ = [
     "Chunk",
     "ColumnSpec",
     "Dataset",
+    "check_apart",
     "check_writable",
     "column_sum",
     "concat_tables",

@@ -90,6 +90,24 @@ def check_writable(path: str, directory_output: bool = False):
         raise ValueError(f"output directory is not writable: {directory}")
 
 
+def check_apart(path: str, input_path: str, what: str = "output",
+                directory_output: bool = False):
+    """Refuse to write ``path`` over the input: the input file itself, a file inside an
+    input directory (the next run would read it as data), or, for a directory output that
+    replaces what is there, a directory holding the input."""
+    if not os.path.exists(input_path):
+        return  # (the reader says so)
+    target, source = os.path.realpath(path), os.path.realpath(input_path)
+    if target == source:
+        raise ValueError(f"{what} {path} is the input; writing it would destroy the data")
+    if os.path.isdir(source) and target.startswith(source + os.sep):
+        raise ValueError(f"{what} {path} lies inside the input directory {input_path}; "
+                         "the next run would read it as input")
+    if directory_output and source.startswith(target + os.sep):
+        raise ValueError(f"{what} {path} holds the input {input_path}; replacing it would "
+                         "destroy the data")
+
+
 def _default_permissions() -> int:
     mask = os.umask(0)
     os.umask(mask)
