@@ -103,9 +103,11 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
         dataset = dataset.repartition(partitions, keys=[columns.series_id])
     metadata = {"version": __version__, **resolved.describe(), "input": input_path,
                 "format": layout.format, "engine": "ray",
+                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
+                            "weight": columns.weight if layout.has_weight else None},
                 "options": {k: v for k, v in fit_options.items() if not callable(v)}}
     schema = io.output_schema(layout.id_type, job_columns(resolved), metadata,
-                              restarts=bool(resolved.restarts))
+                              restarts=bool(resolved.restarts), id_name=columns.series_id)
     # device "auto" in a task means the worker's own GPU when it was given one.
     # batch_size None is a whole block per batch; GPU tasks must name a size: the whole
     # dataset's row count can never cut a bundle of whole partitions.
@@ -141,12 +143,12 @@ def _arrow_schema(dataset) -> pa.Schema:
 
 def _check_and_count(output_dir: str, input_path: str, dataset, layout, columns):
     """Every input series exactly once in the output, or the job fails."""
-    out = pq.read_table(output_dir, columns=["series_id", "n_points", "status"]) \
+    out = pq.read_table(output_dir, columns=[columns.series_id, "n_points", "status"]) \
         if _is_local(output_dir) else None
     expected = dataset.select_columns([columns.series_id]).unique(columns.series_id)
     if out is None:  # remote output: trust the row count
         return len(expected), 0, {}
-    ids = out["series_id"]
+    ids = out[columns.series_id]
     distinct = pc.count_distinct(ids).as_py()
     if out.num_rows != distinct or distinct != len(expected):
         raise RuntimeError(f"{out.num_rows} output rows for {distinct} distinct ids and "

@@ -106,7 +106,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
                 "options": {key: value for key, value in fit_options.items()
                             if not callable(value)} | {"batch_size": batch_size}}
     schema = io.output_schema(dataset.layout.id_type, job_columns(opts), metadata,
-                              restarts=bool(opts.restarts))
+                              restarts=bool(opts.restarts), id_name=columns.series_id)
     checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
         if resume else None
     # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
@@ -307,7 +307,8 @@ def fit_table(table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS, **fit_options)
     parts, schema = [], None
     for chunk in io.table_chunks(table, columns):
         schema = schema or io.output_schema(chunk.ids.type, job_columns(opts),
-                                            opts.describe(), restarts=bool(opts.restarts))
+                                            opts.describe(), restarts=bool(opts.restarts),
+                                            id_name=columns.series_id)
         parts.append(io.result_table(chunk.ids, _fit_chunk(chunk, fit_options).record(),
                                      schema))
     if not parts:

@@ -496,3 +496,27 @@ def test_an_output_over_the_input_is_refused_and_the_input_kept(tmp_path, capsys
     assert _tree_bytes(tmp_path) == before  # nothing written, nothing replaced
     with pytest.raises(ValueError, match="is the input"):
         batchfit.run_job(str(tmp_path / "d.parquet"), str(tmp_path / "d.parquet"))
+
+
+def test_the_output_keeps_the_id_column_name_and_says_which_weights(tmp_path, capsys, rng):
+    ids = np.repeat(np.arange(30), 12)
+    x = rng.uniform(0, 1, ids.size)
+    weights = rng.uniform(0.5, 2, ids.size)
+    y = 3 * x**2 - x + 2 + rng.normal(0, 0.1, ids.size)
+    pq.write_table(pa.table({"sensor": ids, "x": x, "y": y, "w": weights}),
+                   tmp_path / "d.parquet")
+    assert run_cli("run", tmp_path / "d.parquet", "-o", tmp_path / "o.parquet", "--id-col",
+                   "sensor", "--weight-col", "w") == 0
+    assert "weighted by column 'w'" in capsys.readouterr().err
+    out = pq.read_table(tmp_path / "o.parquet")
+    assert out.column_names[0] == "sensor" and "series_id" not in out.column_names
+    want, _ = polyfit_rows(x.reshape(30, 12), y.reshape(30, 12), 2, weights.reshape(30, 12))
+    assert np.allclose(np.column_stack([out["c"], out["b"], out["a"]]), want, rtol=1e-9)
+    assert run_cli("plot", tmp_path / "d.parquet", tmp_path / "o.parquet", "-o",
+                   tmp_path / "plots", "--id-col", "sensor") == 0  # reads it back
+    assert run_cli("run", tmp_path / "d.parquet", "-o", tmp_path / "o2.parquet",
+                   "--id-col", "sensor") == 0
+    assert "weighted" not in capsys.readouterr().err  # (no column named weight: unweighted)
+    pq.write_table(pa.table({"a": ids, "x": x, "y": y}), tmp_path / "e.parquet")
+    assert run_cli("run", tmp_path / "e.parquet", "--id-col", "a") == 2
+    assert "has the name of an output column" in capsys.readouterr().err

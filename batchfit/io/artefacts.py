@@ -58,12 +58,17 @@ def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
 
 
 def read_coefficients(path: str) -> tuple[pa.Table, dict]:
-    """An output file of ``batchfit run``: its table and ``batchfit`` metadata."""
+    """An output file of ``batchfit run``: its table (the id column as ``series_id``) and
+    ``batchfit`` metadata."""
     table = read_parquet(path)
     names = table.column_names
-    if "status" not in names or "series_id" not in names:
-        raise ValueError(f"{path} is not a batchfit coefficients file")
     meta = _json_object((table.schema.metadata or {}).get(b"batchfit", b"{}"))
+    id_name = meta.get("id_column") if meta.get("id_column") in names else "series_id"
+    if "status" not in names or id_name not in names:
+        raise ValueError(f"{path} is not a batchfit coefficients file")
+    if id_name != "series_id":  # (the output keeps the input's name; here it is series_id)
+        names = ["series_id" if name == id_name else name for name in names]
+        table = table.rename_columns(names)
     # The metadata may only name a built-in family; the columns must then be there.
     family = meta.get("model") if meta.get("model") in FAMILY_PARAMS else None
     if family is not None and all(name in names for name, _ in family_columns(family)):

@@ -17,13 +17,15 @@ from ..names import STATUS_LABELS
 
 
 def output_schema(id_type: pa.DataType, columns, metadata: dict,
-                  restarts: bool = False) -> pa.Schema:
+                  restarts: bool = False, id_name: str = "series_id") -> pa.Schema:
     """The contract's output columns, in order, with the ``batchfit`` metadata entry.
     ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``);
-    ``restarts``: a multi-start fit, which adds ``converged_starts``."""
+    ``restarts``: a multi-start fit, which adds ``converged_starts``; ``id_name``: the
+    input's id column, whose name the output keeps (first)."""
     names = [name for name, _ in columns]
-    metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns]}
-    fields = [pa.field("series_id", id_type)]
+    metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns],
+                "id_column": id_name}
+    fields = [pa.field(id_name, id_type)]
     fields += [pa.field(name, pa.float64()) for name in names]
     fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
     fields += [pa.field("n_points", pa.int64()), pa.field("loss", pa.float64()),
@@ -31,6 +33,9 @@ def output_schema(id_type: pa.DataType, columns, metadata: dict,
                pa.field("iterations", pa.int64()), pa.field("status", pa.string())]
     if restarts:
         fields.append(pa.field("converged_starts", pa.int64()))
+    if id_name in [field.name for field in fields[1:]]:
+        raise ValueError(f"the id column {id_name!r} has the name of an output column; "
+                         "rename it in the input")
     return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
                                                                  default=str)})
 
@@ -58,7 +63,7 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
     def floats(values):
         return pa.array(np.asarray(values, dtype=np.float64), from_pandas=True)
 
-    columns = {"series_id": ids}
+    columns = {schema.names[0]: ids}
     for name, index in coefficient_columns(schema):
         columns[name] = floats(params[:, index])
         columns[f"{name}_stderr"] = floats(stderr[:, index])
