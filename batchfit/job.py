@@ -301,8 +301,10 @@ def _fitted_pieces(dataset, fit_options, schema, batch_size, checkpoint, history
 
 
 def fit_table(table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS, **fit_options):
-    """Fit every series of an in-memory Arrow table (long or list format); one output row
-    per series, in the output schema (the metadata records the options)."""
+    """Fit every series of an in-memory table (long or list format): a pyarrow Table, a
+    pandas or polars DataFrame, or any object with the Arrow PyCapsule stream interface;
+    one output row per series, in the output schema (the metadata records the options)."""
+    table = io.arrow_table(table)
     opts = resolve(**fit_options)
     parts, schema = [], None
     for chunk in io.table_chunks(table, columns):

@@ -176,6 +176,40 @@ class FitResult:
         return dataclasses.replace(self, **{name: getattr(self, name)[rows]
                                             for name in self.fields})
 
+    def to_arrow(self, ids=None):
+        """The fits as a pyarrow Table with the columns of ``batchfit run``'s output (``ids``:
+        one per series, any sequence or Arrow array; default 0 .. B-1)."""
+        from . import io
+        from .models import output_columns
+
+        return io.fit_arrow(self.record(), output_columns(self.output_model), ids,
+                            {"solver": self.solver, "loss": self.loss_name},
+                            restarts=self.converged_starts is not None)
+
+    def to_pandas(self, ids=None):
+        """``to_arrow`` as a pandas DataFrame (needs pandas)."""
+        table = self.to_arrow(ids)
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise ValueError("to_pandas needs pandas: pip install 'batchfit[pandas]'") from None
+        return table.to_pandas()
+
+    def to_polars(self, ids=None):
+        """``to_arrow`` as a polars DataFrame (needs polars)."""
+        table = self.to_arrow(ids)
+        try:
+            import polars
+        except ImportError:
+            raise ValueError("to_polars needs polars: pip install 'batchfit[polars]'") from None
+        return polars.from_arrow(table)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{label} {n:,}" for label, n in self.status_counts().items())
+        return (f"FitResult({self.params.shape[0]:,} series, params "
+                f"({', '.join(self.param_names)}), solver={self.solver}, "
+                f"loss={self.loss_name}, status: {counts or 'none'})")
+
     def status_labels(self) -> np.ndarray:
         """Status names ('ok', 'singular', ...) as a numpy array of str."""
         return STATUS_LABELS[self.status.cpu().numpy()]

@@ -1,6 +1,8 @@
 """The Python front door: user losses, defaults, and bad input answered with clear errors."""
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
@@ -139,3 +141,47 @@ def test_property_exact_matches_polyfit(coefs, x, x_scale, noise_seed):
     assert fit.status_labels()[0] == "ok"
     err = np.abs(fit.params[0].numpy() - want[0]) * np.array([1, span, span**2])
     assert (err <= 1e-7 * (scale.max() + np.abs(y).max())).all()
+
+
+def _long_frame(rng, series=8, points=15):
+    x = rng.uniform(0, 1, (series, points))
+    y = 3 * x**2 - 2 * x + 1 + rng.normal(0, 0.1, x.shape)
+    return x, y, pa.table({"series_id": np.repeat(np.arange(series), points),
+                           "x": x.ravel(), "y": y.ravel()})
+
+
+def test_a_fit_result_as_a_table_has_the_output_columns(tmp_path, rng):
+    x, y, table = _long_frame(rng)
+    pq.write_table(table, tmp_path / "d.parquet")
+    batchfit.run_job(str(tmp_path / "d.parquet"), str(tmp_path / "o.parquet"), dtype="float64")
+    written = pq.read_table(tmp_path / "o.parquet")
+    fit = batchfit.fit(x, y, dtype="float64")
+    arrow = fit.to_arrow()
+    assert arrow.column_names == written.column_names
+    for name in ("a", "b", "c", "a_stderr", "rmse", "r2"):
+        assert np.allclose(arrow[name].to_numpy(), written[name].to_numpy(), rtol=1e-9)
+    assert arrow["status"].to_pylist() == written["status"].to_pylist()
+    frame = fit.to_pandas(ids=[f"s{i}" for i in range(8)])
+    assert list(frame.columns) == written.column_names and frame["series_id"][7] == "s7"
+    assert fit.to_polars().columns == written.column_names
+    with pytest.raises(ValueError, match="ids has 3 entries for 8 series"):
+        fit.to_arrow(ids=[1, 2, 3])
+    assert repr(fit) == ("FitResult(8 series, params (c, b, a), solver=exact, loss=mse, "
+                         "status: ok 8)")
+
+
+def test_fit_table_takes_pandas_polars_and_arrow_streams(rng):
+    _, _, table = _long_frame(rng)
+
+    class Stream:  # any object with the Arrow PyCapsule stream interface
+        def __arrow_c_stream__(self, requested_schema=None):
+            return table.__arrow_c_stream__(requested_schema)
+
+    want = batchfit.fit_table(table)
+    polars = pytest.importorskip("polars")
+    for data in (table.to_pandas(), polars.from_arrow(table), Stream()):
+        got = batchfit.fit_table(data)
+        assert got.column_names == want.column_names
+        assert got["a"].to_pylist() == want["a"].to_pylist()
+    with pytest.raises(ValueError, match="must be a pyarrow Table, a pandas or polars"):
+        batchfit.fit_table([[1, 2, 3]])

@@ -742,3 +742,23 @@ def positions_in(ids: pa.Array, value_set: pa.Array) -> np.ndarray:
 
 def indices(positions: np.ndarray) -> pa.Array:
     return pa.array(positions, pa.int64())
+
+
+def arrow_table(data) -> pa.Table:
+    """An in-memory table of series as Arrow: a pyarrow Table, a pandas or polars DataFrame,
+    or any object with the Arrow PyCapsule stream interface (``__arrow_c_stream__``)."""
+    if isinstance(data, pa.Table):
+        return data
+    kind = type(data).__module__.split(".")[0]
+    try:
+        if kind == "pandas":
+            return pa.Table.from_pandas(data, preserve_index=False)
+        if kind == "polars" and hasattr(data, "to_arrow"):
+            return data.to_arrow()
+        if hasattr(data, "__arrow_c_stream__"):
+            return pa.table(data)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise ValueError(f"table cannot be read as Arrow: {first_line(exc)}") from None
+    raise ValueError("table must be a pyarrow Table, a pandas or polars DataFrame, or an "
+                     "object with the Arrow PyCapsule stream interface; got "
+                     f"{type(data).__name__}")

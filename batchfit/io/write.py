@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..names import STATUS_LABELS
+from .schema import first_line
 
 
 def output_schema(id_type: pa.DataType, columns, metadata: dict,
@@ -75,6 +76,24 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
     if "converged_starts" in record:
         columns["converged_starts"] = pa.array(np.asarray(record["converged_starts"], np.int64))
     return pa.table([columns[field.name] for field in schema], schema=schema)
+
+
+def fit_arrow(record: dict, columns, ids, metadata: dict, restarts: bool = False) -> pa.Table:
+    """A FitResult's record as the output table (``FitResult.to_arrow``): ``ids`` any
+    sequence or Arrow array of one id per series, or None for 0 .. B-1."""
+    n = len(record["status"])
+    if ids is None:
+        ids = pa.array(np.arange(n, dtype=np.int64))
+    elif isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    elif not isinstance(ids, pa.Array):
+        try:
+            ids = pa.array(np.asarray(ids) if np.ndim(ids) else [ids])
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise ValueError(f"ids cannot be an id column: {first_line(exc)}") from None
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries for {n} series")
+    return result_table(ids, record, output_schema(ids.type, columns, metadata, restarts))
 
 
 def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:
