@@ -8,6 +8,7 @@ bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted (SIGIN
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -346,6 +347,28 @@ def _raise_terminated(signum, frame):
     raise _Terminated
 
 
+# The library's errors name its parameters; on the command line they are these flags.
+PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
+                   "resume": "--resume", "track": "--track", "track_ids": "--track-ids",
+                   "format": "--format", "fmt": "--format", "workers": "--workers",
+                   "num_gpus_per_worker": "--num-gpus-per-worker", "noise": "--noise",
+                   "outliers": "--outliers", "x_kind": "--x", "min_points": "--min-points",
+                   "max_points": "--max-points", "epochs": "--epochs", "tol": "--tol",
+                   "lr": "--lr", "f_scale": "--f-scale", "dtype": "--dtype",
+                   "restarts": "--restarts"}
+_UNDERSCORED = re.compile(r"\b(" + "|".join(n for n in PARAMETER_FLAGS if "_" in n) + r")\b")
+
+
+def as_flags(message: str) -> str:
+    """A library error in the CLI's words: a leading parameter name, and any parameter name
+    with an underscore, become the flag (plain words elsewhere are left alone; words that
+    also open data errors, such as "series", are not parameter names here)."""
+    head, _, rest = message.partition(" ")
+    if head in PARAMETER_FLAGS:
+        message = f"{PARAMETER_FLAGS[head]} {rest}"
+    return _UNDERSCORED.sub(lambda m: PARAMETER_FLAGS[m.group(1)], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -357,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ValueError, OSError) as exc:  # bad input: one line, no traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"batchfit: error: {message}", file=sys.stderr)
+        print(f"batchfit: error: {as_flags(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         hint = ("; finished chunks are checkpointed: run the same command again to continue"

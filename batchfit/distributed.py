@@ -57,13 +57,13 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
         import ray
         import ray.data
     except ImportError:
-        raise ValueError("--engine ray needs Ray: pip install 'batchfit[ray]'") from None
+        raise ValueError("the Ray engine needs Ray: pip install 'batchfit[ray]'") from None
     start = time.perf_counter()
     columns = columns or io.ColumnSpec()
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if num_gpus_per_worker < 0:
-        raise ValueError(f"--num-gpus-per-worker must be >= 0, got {num_gpus_per_worker}")
+        raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
     resolved = resolve(**fit_options)
     local_output = _is_local(output_path)
     if local_output:

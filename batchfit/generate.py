@@ -126,17 +126,17 @@ def generate(path: str, *, series: int, points: int = 100, noise: float | None =
     if noise is None:
         noise = 1.0 if model == "poly" else 0.1
     if series < 1 or points < 1:
-        raise ValueError("--series and --points must be at least 1")
+        raise ValueError("series and points must be at least 1")
     if noise < 0 or not 0 <= outliers <= 1:
-        raise ValueError("--noise must be >= 0 and --outliers a fraction in [0, 1]")
+        raise ValueError("noise must be >= 0 and outliers a fraction in [0, 1]")
     if fmt not in ("long", "list") or x_kind not in ("linspace", "uniform"):
-        raise ValueError("--format must be long or list, --x linspace or uniform")
+        raise ValueError("fmt must be long or list, x_kind linspace or uniform")
     if not 0 <= degree <= 10:
-        raise ValueError("--degree must be between 0 and 10")
+        raise ValueError("degree must be between 0 and 10")
     low = points if min_points is None else min_points
     high = points if max_points is None else max_points
     if low < 0 or high < low:
-        raise ValueError("need 0 <= --min-points <= --max-points")
+        raise ValueError("need 0 <= min_points <= max_points")
     options = dict(points=points, noise=noise, seed=seed, x_kind=x_kind, min_points=min_points,
                    max_points=max_points, outliers=outliers, degree=degree, model=model)
     first = make_block(0, min(series, BLOCK), **options)

@@ -79,19 +79,19 @@ def run_job(input_path: str, output_path: str | None = None, *,
     """
     start = time.perf_counter()
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     output_path = output_path or default_output(input_path)
     io.check_writable(output_path)
     io.check_apart(output_path, input_path)
     opts = resolve(**fit_options)
     if history_path is not None:
         if opts.solver == "exact":
-            raise ValueError("--history needs an iterative solver (--solver gd, adam or "
+            raise ValueError("history_path needs an iterative solver (solver gd, adam or "
                              "newton): the exact solver does not train")
         io.check_writable(history_path)
         io.check_apart(history_path, input_path, "history")
         if resume:
-            raise ValueError("--resume cannot be combined with --history (the training "
+            raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")
     dataset = io.Dataset(input_path, columns)
     backend = engine.moments(opts) if opts.aggregates else None
@@ -208,7 +208,7 @@ class _HistoryCollector:
 
     def __init__(self, n_series: int, id_type, track: int, track_ids):
         if track < 0:
-            raise ValueError(f"--track must be >= 0, got {track}")
+            raise ValueError(f"track must be >= 0, got {track}")
         self.n_series = n_series
         self.track_ids = None if track_ids is None else io.ids_of_type(track_ids, id_type,
                                                                        "--track-ids")

@@ -520,3 +520,20 @@ def test_the_output_keeps_the_id_column_name_and_says_which_weights(tmp_path, ca
     pq.write_table(pa.table({"a": ids, "x": x, "y": y}), tmp_path / "e.parquet")
     assert run_cli("run", tmp_path / "e.parquet", "--id-col", "a") == 2
     assert "has the name of an output column" in capsys.readouterr().err
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    generate(str(tmp_path / "d.parquet"), series=10, points=5)
+    with pytest.raises(ValueError, match="^batch_size must be at least 1, got 0$"):
+        batchfit.run_job(str(tmp_path / "d.parquet"), batch_size=0)
+    with pytest.raises(ValueError, match="^history_path needs an iterative solver"):
+        batchfit.run_job(str(tmp_path / "d.parquet"), history_path=str(tmp_path / "h.parquet"))
+    assert run_cli("run", tmp_path / "d.parquet", "--history", tmp_path / "h.parquet") == 2
+    assert "error: --history needs an iterative solver" in capsys.readouterr().err
+    from batchfit.cli import as_flags
+
+    assert as_flags("batch_size must be at least 1, got 0") == \
+        "--batch-size must be at least 1, got 0"
+    assert as_flags("series ids repeat in list format") == "series ids repeat in list format"
+    assert as_flags("need 0 <= min_points <= max_points") == \
+        "need 0 <= --min-points <= --max-points"

@@ -138,7 +138,7 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
     is_list = is_list_type(schema.field(spec.x).type)
     fmt = ("list" if is_list else "long") if spec.format == "auto" else spec.format
     if is_list != (fmt == "list"):
-        raise ValueError(f"--format {fmt} does not match column {spec.x!r} of type "
+        raise ValueError(f"format {fmt} does not match column {spec.x!r} of type "
                          f"{schema.field(spec.x).type} in {where}")
     id_type = decoded(schema.field(spec.series_id).type)
     if not is_id_type(id_type):
