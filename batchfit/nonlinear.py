@@ -108,6 +108,14 @@ def model_objective(model: Model, loss: Loss):
     return objective
 
 
+def _traced() -> bool:
+    """Whether this call is being traced for compilation (dynamo, or make_fx for a kernel
+    kept ahead of time), where forward-mode AD does not work in torch 2.13."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
+
+
 def jacobian(predictions: Callable, p: Vec, n_points: int):
     """Predictions and their Jacobian columns ``d pred / d p_j`` for one series.
 
@@ -122,7 +130,7 @@ def jacobian(predictions: Callable, p: Vec, n_points: int):
     k = len(p)
     if n_points <= k:
         return predictions(*p), jacrev(predictions, argnums=tuple(range(k)))(*p)
-    if not torch.compiler.is_compiling():  # eager: forward mode itself, no autograd graph
+    if not _traced():  # eager: forward mode itself, no autograd graph
         def with_value(*q):
             value = predictions(*q)
             return value, value

@@ -151,6 +151,13 @@ class FitResult:
         return cls(**{name: tensor(record[name]) for name in cls.RECORD}, solver=solver,
                    loss_name=loss_name, model=model)
 
+    def reshaped(self, batch_shape: tuple) -> FitResult:
+        """The same fits with the batch laid out as ``batch_shape`` (params (..., k))."""
+        def shaped(value):
+            return value.reshape(*batch_shape, *value.shape[1:])
+        return dataclasses.replace(self, **{name: shaped(getattr(self, name))
+                                            for name in self.fields})
+
     @property
     def fields(self) -> tuple[str, ...]:
         """The per-series fields this result has (``RECORD``, and ``converged_starts`` after
@@ -159,8 +166,11 @@ class FitResult:
                               else ())
 
     def record(self) -> dict:
-        """The per-series fields as numpy arrays (what the output tables are made of)."""
-        return {name: getattr(self, name).cpu().numpy() for name in self.fields}
+        """The per-series fields as numpy arrays, one row per series whatever the batch
+        shape (what the output tables are made of)."""
+        k = self.params.shape[-1]
+        return {name: getattr(self, name).cpu().numpy().reshape(
+            (-1, k) if name in ("params", "stderr") else (-1,)) for name in self.fields}
 
     def with_rows(self, rows: torch.Tensor, part: FitResult) -> FitResult:
         """This result with the series at ``rows`` taken from ``part`` (fitted apart)."""
@@ -206,7 +216,9 @@ class FitResult:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{label} {n:,}" for label, n in self.status_counts().items())
-        return (f"FitResult({self.params.shape[0]:,} series, params "
+        shape = "x".join(map(str, self.status.shape)) if self.status.ndim > 1 else \
+            f"{self.status.numel():,}"
+        return (f"FitResult({shape} series, params "
                 f"({', '.join(self.param_names)}), solver={self.solver}, "
                 f"loss={self.loss_name}, status: {counts or 'none'})")
 
@@ -215,7 +227,7 @@ class FitResult:
         return STATUS_LABELS[self.status.cpu().numpy()]
 
     def status_counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.status.long().cpu(), minlength=len(Status))
+        counts = torch.bincount(self.status.long().cpu().reshape(-1), minlength=len(Status))
         return {s.label: int(counts[s]) for s in Status if counts[s]}
 
 

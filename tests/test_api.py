@@ -185,3 +185,23 @@ def test_fit_table_takes_pandas_polars_and_arrow_streams(rng):
         assert got["a"].to_pylist() == want["a"].to_pylist()
     with pytest.raises(ValueError, match="must be a pyarrow Table, a pandas or polars"):
         batchfit.fit_table([[1, 2, 3]])
+
+
+def test_any_batch_shape_gives_the_flat_fits(rng):
+    t = np.linspace(0, 1, 12)
+    stack = 2 * t**2 - t + 0.5 + rng.normal(0, 0.05, (4, 5, 12))
+    flat = batchfit.fit(t, stack.reshape(20, 12))
+    fit = batchfit.fit(t, stack)
+    assert fit.params.shape == (4, 5, 3) and fit.status.shape == (4, 5)
+    assert torch.equal(fit.params.reshape(20, 3), flat.params)
+    assert torch.equal(fit.rmse.reshape(20), flat.rmse)
+    frames_first = batchfit.fit(t, np.moveaxis(stack, -1, 0), axis=0)  # (T, H, W)
+    assert torch.equal(frames_first.params, fit.params)
+    per_pixel_x = batchfit.fit(np.broadcast_to(t, stack.shape).copy(), stack)
+    assert torch.equal(per_pixel_x.params, fit.params)
+    assert fit.to_arrow().num_rows == 20 and fit.status_counts() == {"ok": 20}
+    assert repr(fit).startswith("FitResult(4x5 series")
+    with pytest.raises(ValueError, match="axis 3 is out of range"):
+        batchfit.fit(t, stack, axis=3)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        batchfit.fit(t, stack, weights=np.ones((3, 12)))

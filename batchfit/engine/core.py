@@ -409,12 +409,17 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         f_scale: float = 1.0, solver: str = "auto", lr: float | None = None,
         epochs: int | None = None, tol: float | None = None, init="random", seed: int = 0,
         device="auto", dtype=None, compile="auto", history_every: int = 0,
-        history_sample: int = 1 << 14, track=None, restarts: int = 0) -> FitResult:
+        history_sample: int = 1 << 14, track=None, restarts: int = 0,
+        axis: int = -1) -> FitResult:
     """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
 
     Parameters
     ----------
     x, y : (B, N) arrays or tensors (padded), or (N,) for one series; x may be (N,) shared.
+        Any batch shape works: ``y`` (..., N), e.g. an (H, W, T) image stack, with ``x``
+        (N,) or broadcastable to ``y`` (and weights, mask likewise, lengths (...)); ``axis``
+        picks the points' axis (default the last). The result then has params (..., k)
+        and diagnostics (...).
     weights : (B, N), >= 0; a weight multiplies the point's squared residual (as in WLS).
     lengths : (B,) ints, points beyond them are padding. ``mask`` (B, N) bool does the same.
         Points with a non-finite x, y or weight, or weight 0, are skipped.
@@ -467,7 +472,43 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
                    init=init, seed=seed, device=device, dtype=dtype, compile=compile,
                    history_every=history_every, history_sample=history_sample, track=track,
                    restarts=restarts, y=y)
-    return solve(x, y, weights, lengths, mask, opts)
+    if np.ndim(y) <= 2 and axis in (-1, np.ndim(y) - 1):
+        return solve(x, y, weights, lengths, mask, opts)
+    batch_shape, flat = _as_batch(x, y, weights, lengths, mask, axis)
+    return solve(*flat, opts).reshaped(batch_shape)
+
+
+def _as_batch(x, y, weights, lengths, mask, axis: int):
+    """(batch shape, (x, y, weights, lengths, mask) as (B, N) with the points last), for y of
+    any shape with its points on ``axis``."""
+    def moved(value):
+        return torch.movedim(value, axis, -1) if isinstance(value, torch.Tensor) \
+            else np.moveaxis(np.asarray(value), axis, -1)
+
+    if not -np.ndim(y) <= axis < np.ndim(y):
+        raise ValueError(f"axis {axis} is out of range for y of {np.ndim(y)} dimensions")
+    y = moved(y)
+    shape, n = tuple(y.shape[:-1]), y.shape[-1]
+
+    def flat(value, name):
+        if value is None:
+            return None
+        if np.ndim(value) == 1 and axis in (-1, np.ndim(y) - 1):
+            return value  # (N,): shared by every series
+        value = moved(value)
+        try:
+            value = value.expand(*y.shape) if isinstance(value, torch.Tensor) else \
+                np.broadcast_to(value, y.shape)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to y's "
+                             f"{tuple(y.shape)}") from None
+        return value.reshape(-1, n)
+
+    if lengths is not None:
+        lengths = np.asarray(lengths).reshape(-1) if not isinstance(lengths, torch.Tensor) \
+            else lengths.reshape(-1)
+    return shape, (flat(x, "x"), y.reshape(-1, n), flat(weights, "weights"), lengths,
+                   flat(mask, "mask"))
 
 
 def _epochs(opts: Options, model: Model) -> int:
