@@ -238,12 +238,25 @@ def _as_tensor(name: str, value, device) -> torch.Tensor:
         array = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} is not array-like: {exc}") from None
+    if name == "x" and array.dtype.kind in "mM":
+        array = datetime_seconds(array)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
     with warnings.catch_warnings():
         # Read-only arrays (e.g. zero-copy from Arrow) are fine: batchfit never writes inputs.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.as_tensor(array, device=device)
+
+
+def datetime_seconds(values: np.ndarray) -> np.ndarray:
+    """numpy ``datetime64`` as float seconds since 1970-01-01 (UTC), ``timedelta64`` as float
+    seconds; NaT becomes NaN (a skipped point). Whole seconds and the fraction are converted
+    apart, so nanosecond inputs lose nothing float64 can hold."""
+    ticks = values.astype("datetime64[ns]" if values.dtype.kind == "M" else "timedelta64[ns]")
+    count = ticks.view(np.int64)
+    seconds = (count // 1_000_000_000).astype(np.float64)
+    seconds += (count % 1_000_000_000).astype(np.float64) / 1e9
+    return np.where(np.isnat(values), np.nan, seconds)
 
 
 def _real(name: str, value: torch.Tensor):

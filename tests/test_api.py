@@ -205,3 +205,18 @@ def test_any_batch_shape_gives_the_flat_fits(rng):
         batchfit.fit(t, stack, axis=3)
     with pytest.raises(ValueError, match="does not broadcast"):
         batchfit.fit(t, stack, weights=np.ones((3, 12)))
+
+
+def test_datetime_x_is_fitted_in_seconds(rng):
+    """numpy datetime64 x: float seconds since the Unix epoch (UTC); timedelta64: seconds;
+    NaT points are skipped. Checked against the same fit on the seconds themselves."""
+    start = np.datetime64("2023-11-14T22:13:20.123456789", "ns")
+    times = start + (np.arange(48) * 1800).astype("timedelta64[s]")
+    seconds = 1_700_000_000.123456789 + np.arange(48) * 1800.0
+    y = 1e-9 * (seconds - seconds[0]) ** 2 + rng.normal(0, 0.1, 48) + 20
+    as_times, as_seconds = batchfit.fit(times, y), batchfit.fit(seconds, y)
+    assert np.allclose(as_times.params.numpy(), as_seconds.params.numpy(), rtol=1e-9)
+    elapsed = batchfit.fit(times - times[0], y)
+    assert np.allclose(elapsed.params.numpy()[0, 2], as_seconds.params.numpy()[0, 2], rtol=1e-6)
+    times[5] = np.datetime64("NaT")
+    assert int(batchfit.fit(times, y).n_points[0]) == 47
