@@ -100,7 +100,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
         engine.resolve_device(opts.device)
     device = backend.device if backend else str(engine.resolve_device(opts.device))
     metadata = {"version": __version__, **opts.describe(device), "input": input_path,
-                "format": dataset.format,
+                "format": dataset.format, "x_unit": dataset.layout.x_unit,
                 "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
                             "weight": columns.weight if dataset.layout.has_weight else None},
                 "options": {key: value for key, value in fit_options.items()

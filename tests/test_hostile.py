@@ -199,7 +199,8 @@ def test_compatible_list_types_and_string_ids_differ_between_files(tmp_path, rng
     (lambda t: t.append_column("weight", pa.array(np.ones(t.num_rows))),
      "{1} does not match {0}: long format, weights True vs long format, weights False"),
     (lambda t: t.set_column(1, "x", t["x"].cast(pa.int64(), safe=False).cast(pa.timestamp("s"))),
-     "column 'x' must be numeric, got timestamp[ms] (in {1})"),
+     # (a time x is read as seconds since 1970, numbers as they are: mixing them is refused)
+     "column 'x' holds seconds since 1970-01-01 UTC in {1} but numbers in {0}"),
 ])
 def test_incompatible_schemas_between_files(tmp_path, points, capsys, change, message):
     first, second = halves(points[0])

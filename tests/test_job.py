@@ -537,3 +537,41 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys
     assert as_flags("series ids repeat in list format") == "series ids repeat in list format"
     assert as_flags("need 0 <= min_points <= max_points") == \
         "need 0 <= --min-points <= --max-points"
+
+
+def test_timestamp_date_and_duration_x_columns_are_seconds(tmp_path, rng):
+    """A temporal x column is read as float seconds (since 1970-01-01 UTC for timestamps and
+    dates, as a length for durations), in long and list format; the unit is recorded."""
+    ids = np.repeat(np.arange(10), 24)
+    seconds = 1_700_000_000 + np.tile(np.arange(24) * 3600, 10)
+    y = 2e-4 * (seconds - seconds[0]) + rng.normal(0, 0.1, ids.size) + 20
+    as_ns = pa.array(seconds * 10**9).cast(pa.timestamp("ns", tz="UTC"))
+    columns = {
+        "number": (pa.array(seconds.astype(np.float64)), None),
+        "timestamp": (as_ns, "seconds since 1970-01-01 UTC"),
+        "duration": (pa.array((seconds - 1_700_000_000) * 1000).cast(pa.duration("ms")),
+                     "seconds"),
+        "date": (pa.array((seconds // 86400).astype(np.int32)).cast(pa.date32()),
+                 "seconds since 1970-01-01 UTC"),
+    }
+    out = {}
+    for name, (x, unit) in columns.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"series_id": ids, "x": x, "y": y}), path)
+        assert run_cli("run", path, "-o", tmp_path / f"o-{name}.parquet", "--dtype",
+                       "float64") == 0
+        out[name] = pq.read_table(tmp_path / f"o-{name}.parquet")
+        assert read_metadata(tmp_path / f"o-{name}.parquet").get("x_unit") == unit
+    for name in ("a", "b", "c"):
+        assert np.allclose(out["timestamp"][name], out["number"][name], rtol=1e-9)
+    assert np.allclose(out["duration"]["b"], 2e-4, rtol=0.05)  # elapsed seconds
+    assert set(out["date"]["status"].to_pylist()) == {"singular"}  # one day: no spread
+    listed = pa.ListArray.from_arrays(pa.array(np.arange(0, ids.size + 1, 24, dtype=np.int32)),
+                                      as_ns)
+    pq.write_table(pa.table({"series_id": np.arange(10), "x": listed,
+                             "y": pa.ListArray.from_arrays(listed.offsets, pa.array(y))}),
+                   tmp_path / "list.parquet")
+    assert run_cli("run", tmp_path / "list.parquet", "-o", tmp_path / "o-list.parquet",
+                   "--dtype", "float64") == 0
+    assert np.allclose(pq.read_table(tmp_path / "o-list.parquet")["b"], out["number"]["b"],
+                       rtol=1e-9)

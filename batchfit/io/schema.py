@@ -36,6 +36,57 @@ def is_numeric(type_: pa.DataType) -> bool:
             or pa.types.is_decimal(type_) or pa.types.is_null(type_))
 
 
+def is_temporal(type_: pa.DataType) -> bool:
+    """A timestamp, date or duration: an x read as float seconds (see ``to_seconds``)."""
+    type_ = decoded(type_)
+    return (pa.types.is_timestamp(type_) or pa.types.is_date(type_)
+            or pa.types.is_duration(type_))
+
+
+X_UNITS = {"timestamp": "seconds since 1970-01-01 UTC", "date": "seconds since 1970-01-01 UTC",
+           "duration": "seconds"}
+
+
+def x_unit(type_: pa.DataType) -> str | None:
+    """What the numbers of a temporal x column mean once read (None: the column's own)."""
+    type_ = decoded(type_.value_type if is_list_type(type_) else type_)
+    for kind, unit in X_UNITS.items():
+        if getattr(pa.types, f"is_{kind}")(type_):
+            return unit
+    return None
+
+
+_PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
+def to_seconds(array):
+    """A temporal Arrow array as float64 seconds (timestamps and dates since the epoch in
+    UTC: a timezone changes how a time is shown, not the instant; durations as lengths);
+    lists of them element-wise; nulls stay null (skipped points)."""
+    if isinstance(array, pa.ChunkedArray):
+        return pa.chunked_array([to_seconds(chunk) for chunk in array.chunks],
+                                type=pa.float64() if not is_list_type(array.type)
+                                else pa.list_(pa.float64()))
+    if is_list_type(array.type):
+        return pa.ListArray.from_arrays(_offsets(array), to_seconds(pc.list_flatten(array)),
+                                        mask=array.is_null())
+    type_ = array.type
+    if pa.types.is_dictionary(type_):
+        array, type_ = array.dictionary_decode(), type_.value_type
+    # (unsafe: nanoseconds since 1970 exceed 2**53 and round, as numpy's would, to the
+    # nearest float64; in seconds that is below float64's own resolution there)
+    if pa.types.is_date32(type_):
+        return pc.multiply(pc.cast(pc.cast(array, pa.int32()), pa.float64()), 86400.0)
+    count = pc.cast(pc.cast(array, pa.int64()), pa.float64(), safe=False)
+    return pc.divide(count, 1e3 if pa.types.is_date64(type_) else _PER_SECOND[type_.unit])
+
+
+def _offsets(array) -> pa.Array:
+    """The offsets of a list array's values (its null rows given zero length)."""
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False)
+    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
 def is_list_type(type_: pa.DataType) -> bool:
     return (pa.types.is_list(type_) or pa.types.is_large_list(type_)
             or pa.types.is_fixed_size_list(type_))  # as pyarrow writes a 2-D numpy array
@@ -63,6 +114,8 @@ def value_type(type_: pa.DataType) -> pa.DataType:
     type_ = decoded(type_)
     if pa.types.is_float16(type_):  # exact in float32, which pyarrow can sort (float16 not)
         return pa.float32()
+    if is_temporal(type_):
+        return pa.float64()
     return pa.float64() if pa.types.is_null(type_) else type_
 
 
@@ -70,8 +123,14 @@ def cast_to(data, schema: pa.Schema, id_column: str):
     """A RecordBatch or Table with its columns cast to ``schema``'s types. Values are cast
     unsafely (an int64 beyond 2**53 rounds to the nearest float64, as numpy's would); ids
     safely (a common id type that cannot hold an id is an error, not a different id)."""
-    columns = [pc.cast(data.column(field.name), field.type, safe=field.name == id_column)
-               for field in schema]
+    def cast(field):
+        column = data.column(field.name)
+        inner = column.type.value_type if is_list_type(column.type) else column.type
+        if is_temporal(inner):
+            column = to_seconds(column)
+        return pc.cast(column, field.type, safe=field.name == id_column)
+
+    columns = [cast(field) for field in schema]
     return type(data).from_arrays(columns, schema=schema)
 
 
@@ -107,6 +166,7 @@ class Layout:
     id_type: pa.DataType
     has_weight: bool
     types: tuple = ()  # of ``columns``, as read (see ``decoded`` and ``value_type``)
+    x_unit: str | None = None  # a temporal x: what its float seconds count (``x_unit``)
 
     @property
     def columns(self) -> list[str]:
@@ -146,15 +206,20 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
                          f"got {id_type} (in {where})")  # which file, in a directory
     for column in [spec.x, spec.y] + ([spec.weight] if has_weight else []):
         type_ = schema.field(column).type
+
+        def accepted(value_type, column=column):  # (x may also be a time: read as seconds)
+            return is_numeric(value_type) or (column == spec.x and is_temporal(value_type))
+
         if fmt == "list":
-            if not is_list_type(type_) or not is_numeric(type_.value_type):
+            if not is_list_type(type_) or not accepted(type_.value_type):
                 raise ValueError(f"column {column!r} must be a list of numbers in list format, "
                                  f"got {type_} (in {where})")
-        elif not is_numeric(type_):
+        elif not accepted(type_):
             raise ValueError(f"column {column!r} must be numeric, got {type_} (in {where})")
     layout = Layout(spec, fmt, id_type, has_weight)
     values = [value_type(schema.field(column).type) for column in layout.columns[1:]]
-    return Layout(spec, fmt, id_type, has_weight, (id_type, *values))
+    return Layout(spec, fmt, id_type, has_weight, (id_type, *values),
+                  x_unit(schema.field(spec.x).type))
 
 
 def unified(layouts: list[Layout], files: list[str]) -> Layout:
@@ -190,4 +255,9 @@ def unified(layouts: list[Layout], files: list[str]) -> Layout:
             types.append((pa.large_list if large else pa.list_)(pa.float64()))
         else:
             types.append(pa.float64())
-    return Layout(first.spec, first.format, id_type, first.has_weight, tuple(types))
+    for file, layout in zip(files, layouts):
+        if layout.x_unit != first.x_unit:
+            raise ValueError(f"column {first.spec.x!r} holds {layout.x_unit or 'numbers'} in "
+                             f"{file} but {first.x_unit or 'numbers'} in {files[0]}")
+    return Layout(first.spec, first.format, id_type, first.has_weight, tuple(types),
+                  first.x_unit)
