@@ -356,7 +356,7 @@ PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
                    "max_points": "--max-points", "epochs": "--epochs", "tol": "--tol",
                    "lr": "--lr", "f_scale": "--f-scale", "dtype": "--dtype",
                    "restarts": "--restarts"}
-_UNDERSCORED = re.compile(r"\b(" + "|".join(n for n in PARAMETER_FLAGS if "_" in n) + r")\b")
+_UNDERSCORED = r"\b(" + "|".join(n for n in PARAMETER_FLAGS if "_" in n) + r")\b"
 
 
 def as_flags(message: str) -> str:
@@ -366,7 +366,7 @@ def as_flags(message: str) -> str:
     head, _, rest = message.partition(" ")
     if head in PARAMETER_FLAGS:
         message = f"{PARAMETER_FLAGS[head]} {rest}"
-    return _UNDERSCORED.sub(lambda m: PARAMETER_FLAGS[m.group(1)], message)
+    return re.sub(_UNDERSCORED, lambda m: PARAMETER_FLAGS[m.group(1)], message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from . import io
+from .names import STATUS_LABELS
 from .models import FAMILIES
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
@@ -241,9 +242,10 @@ def plot_residuals(coefficients: pa.Table, path: str) -> str:
         ax.set_ylabel("series")
     ax = axes[0, 2]
     statuses = coefficients["status"].to_pylist()
-    names = ["ok", "too_few_points", "singular", "not_converged", "diverged"]
+    names = [str(label) for label in STATUS_LABELS]
     counts = [statuses.count(name) for name in names]
-    bars = ax.bar(range(len(names)), counts, color=[POINT_COLOR] + [FIT_COLOR] * 4)
+    bars = ax.bar(range(len(names)), counts,
+                  color=[POINT_COLOR] + [FIT_COLOR] * (len(names) - 1))
     ax.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=7)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
     ax.set_ylabel("series")
