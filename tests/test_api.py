@@ -80,7 +80,7 @@ def test_bad_arguments_raise_one_clear_error(kwargs, message):
 
 @pytest.mark.parametrize("x,y,message", [
     (np.zeros((2, 3)), np.zeros((2, 4)), "x has shape"),
-    (np.zeros(3), np.zeros((2, 2, 3)), "y must be 1-D or 2-D"),
+    (np.zeros((3, 3)), np.zeros((2, 2, 3)), "x of shape \\(3, 3\\) does not broadcast"),
     (np.array(["a", "b"]), np.zeros(2), "x must be numeric"),
     (np.zeros(2), [[1, 2], [3]], "not array-like"),
     (np.zeros(2, dtype=complex), np.zeros(2), "must be real"),

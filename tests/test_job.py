@@ -282,7 +282,7 @@ def test_empty_dataset(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--epochs", "-3", "--solver", "gd"], "epochs must be >= 0"),
     (["--loss", "l3"], "invalid choice: 'l3'"),
-    (["--f-scale", "0"], "f_scale must be > 0"),
+    (["--f-scale", "0"], "--f-scale must be > 0"),
     (["--degree", "12"], "degree must be at most 10"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--lr", "abc"], "invalid float value"),

@@ -472,7 +472,11 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
                    init=init, seed=seed, device=device, dtype=dtype, compile=compile,
                    history_every=history_every, history_sample=history_sample, track=track,
                    restarts=restarts, y=y)
-    if np.ndim(y) <= 2 and axis in (-1, np.ndim(y) - 1):
+    try:
+        ndim = np.ndim(y)
+    except ValueError:  # ragged nesting: the input checks say so in their words
+        ndim = 2
+    if ndim <= 2 and axis in (-1, ndim - 1):
         return solve(x, y, weights, lengths, mask, opts)
     batch_shape, flat = _as_batch(x, y, weights, lengths, mask, axis)
     return solve(*flat, opts).reshaped(batch_shape)
