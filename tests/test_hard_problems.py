@@ -62,4 +62,5 @@ def test_many_noisy_copies_in_one_call(name):
     assert rescued["ok_near"] >= plain["ok_near"]
     if name != "Eckerle4":  # (its far start leaves some fits on a plateau: docs/hard-problems.md)
         assert plain["ok_far"] == rescued["ok_far"] == 0, (plain, rescued)
-        assert rescued["ok_near"] >= 990, rescued
+        # (measured here: 1000 and 994; the margin is for another CPU's rounding)
+        assert rescued["ok_near"] >= 980, rescued
