@@ -398,8 +398,8 @@ def iterate(p: Vec, value, gradient: Vec, matrix: Mat, damping: Damping, frozen,
     typical = sum(scale) / k * 1e-9 + eps * (value.abs() + floor) + tiny
     # (a converged series polishes with undamped steps: damping would only slow the poorly
     # determined directions, and their loss differences are below rounding)
-    mu = torch.where(converged, 0, damping.mu)
-    damped = tuple(tuple(a + mu * (scale[i] + typical) if i == j else a
+    step_mu = torch.where(converged, 0, damping.mu)
+    damped = tuple(tuple(a + step_mu * (scale[i] + typical) if i == j else a
                          for j, a in enumerate(row)) for i, row in enumerate(matrix))
     velocity, ok = linalg.solve(damped, tuple(-g for g in gradient), consts.pivot_tol)
     delta = velocity

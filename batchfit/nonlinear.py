@@ -334,17 +334,14 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
     tracked = tracked_series(cfg, problem.batch_size, problem.device)
     recorder = Recorder(cfg, problem.batch_size, tracked, stack(p)[tracked].to(torch.float64),
                          structural)
-    # A model's step costs some tens of passes over the points (Jacobian, curvature).
-    cost = eager_seconds("newton" if solver == "newton" else "gd", False, problem.batch_size,
-                         problem.y.numel(), cfg.epochs) * 10
-    compile_s = {}
     if solver == "newton":
         step = lm_step(model, loss)
         cost = EAGER_S_PER_LM_POINT * model.k * problem.y.numel() * LM_TYPICAL_STEPS
-        compile_s = {"compile_s": LM_COMPILE_S, "fan_out": model.k}
+        policy = {"compile_s": LM_COMPILE_S, "fan_out": model.k}
+        final_s = cost / LM_TYPICAL_STEPS
 
         def call(state: LoopState, inputs, _):
-            *new, value = vectorize(step, *state, *inputs, consts, eager_s=cost, **compile_s)
+            *new, value = vectorize(step, *state, *inputs, consts, eager_s=cost, **policy)
             return LoopState(*new), value
 
         state = LoopState(p, loop.start(zeros(problem), model.k), zeros(problem, torch.int64),
@@ -352,6 +349,10 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         state = train(call, state, (data, floor), cfg, recorder, loss0, per_call=1,
                        sync_every=1)
     else:
+        # (a model's GD/Adam epoch costs some tens of passes over the points)
+        cost = eager_seconds(solver, False, problem.batch_size, problem.y.numel(),
+                             cfg.epochs) * 10
+        policy, final_s = {}, cost / max(cfg.epochs, 1)
         chunk = descent_chunk(objective, solver, cfg.unroll, model.lower, model.upper)
         identity = tuple(tuple(torch.ones_like(n, dtype=problem.dtype) if i == j else
                                torch.zeros_like(n, dtype=problem.dtype)
@@ -366,6 +367,5 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         state = train(call, state, (identity, data, floor), cfg, recorder, loss0,
                        per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
     out = vectorize(final_kernel(model, loss, solver == "newton"), state.params, data, n, sst,
-                    ybar, wsum, floor, loss0, consts, eager_s=cost / LM_TYPICAL_STEPS,
-                    **compile_s)
+                    ybar, wsum, floor, loss0, consts, eager_s=final_s, **policy)
     return fit_result(out, state.iterations, cfg, solver, recorder.history())

@@ -64,9 +64,7 @@ def to_seconds(array):
     UTC: a timezone changes how a time is shown, not the instant; durations as lengths);
     lists of them element-wise; nulls stay null (skipped points)."""
     if isinstance(array, pa.ChunkedArray):
-        return pa.chunked_array([to_seconds(chunk) for chunk in array.chunks],
-                                type=pa.float64() if not is_list_type(array.type)
-                                else pa.list_(pa.float64()))
+        return pa.chunked_array([to_seconds(array.combine_chunks())])
     if is_list_type(array.type):
         return pa.ListArray.from_arrays(_offsets(array), to_seconds(pc.list_flatten(array)),
                                         mask=array.is_null())
