@@ -11,7 +11,7 @@ import os
 # torch loads it): spinning threads steal the CPUs of other processes on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .job import JobSummary, fit_table, run_job
 from .names import BUILTIN_LOSSES, SOLVERS, Status
@@ -23,6 +23,8 @@ def __getattr__(name):
         from . import engine as module
     elif name in ("FitResult", "History"):
         from . import problem as module
+    elif name == "predict":
+        from . import prediction as module
     else:
         raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
     value = globals()[name] = getattr(module, name)
@@ -30,4 +32,4 @@ def __getattr__(name):
 
 
 __all__ = ["BUILTIN_LOSSES", "SOLVERS", "FitResult", "History", "JobSummary", "Status",
-           "__version__", "fit", "fit_ragged", "fit_table", "run_job"]
+           "__version__", "fit", "fit_ragged", "fit_table", "predict", "run_job"]

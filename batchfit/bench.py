@@ -85,7 +85,7 @@ def dataset(series: int, points: int, seed: int = 0):
     coefficients around it, outliers in 2 % of the points (so robust losses matter)."""
     rng = np.random.default_rng(seed)
     x = np.linspace(0.0, 1.0, points)
-    coef = rng.normal([-3.0, 5.0, 20.0], [0.5, 1.0, 2.0], (series, 3))
+    coef = rng.normal([-3.0, 5.0, 20.0], [0.5, 1.0, 2.0], (series, 3))  # c, b, a (as always)
     y = coef[:, :1] + coef[:, 1:2] * x + coef[:, 2:] * x**2 + rng.normal(0, 1, (series, points))
     outliers = rng.random(y.shape) < 0.02
     y[outliers] += rng.choice([-1.0, 1.0], outliers.sum()) * 20
@@ -93,16 +93,17 @@ def dataset(series: int, points: int, seed: int = 0):
 
 
 def reference(x, y, robust: bool = False) -> np.ndarray:
-    """Float64 coefficients (lowest power first) of the first ACCURACY_SERIES series."""
+    """Float64 coefficients (a, b, c: highest power first, as batchfit's params) of the first
+    ACCURACY_SERIES series."""
     rows = min(ACCURACY_SERIES, len(y))
     if not robust:
-        return np.polyfit(x, y[:rows].T, 2)[::-1].T
+        return np.polyfit(x, y[:rows].T, 2).T
     from scipy.optimize import least_squares
 
     out = []
     for i in range(rows):
-        start = np.polyfit(x, y[i], 2)[::-1]
-        out.append(least_squares(lambda p, i=i: p[0] + p[1] * x + p[2] * x**2 - y[i], start,
+        start = np.polyfit(x, y[i], 2)
+        out.append(least_squares(lambda p, i=i: p[0] * x**2 + p[1] * x + p[2] - y[i], start,
                                  loss="huber", xtol=1e-12, ftol=1e-12, gtol=1e-12).x)
     return np.array(out)
 
@@ -117,9 +118,10 @@ _read_once = torch.compile(lambda x, y: x.sum(1) + y.sum(1), dynamic=True)
 
 
 def naive_gd(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, lr: float, epochs: int):
-    """The seed's loop batched the obvious way: vmap(grad) of the MSE over the raw points."""
+    """The seed's loop batched the obvious way: vmap(grad) of the MSE over the raw points;
+    ``p`` (B, 3): a, b, c."""
     def loss(p, x, y):
-        return ((p[0] + p[1] * x + p[2] * x * x - y) ** 2).mean()
+        return ((p[0] * x * x + p[1] * x + p[2] - y) ** 2).mean()
 
     step = vmap(grad(loss))
     for _ in range(epochs):
@@ -228,14 +230,14 @@ def _long_table(x: np.ndarray, y: np.ndarray):
 
 
 def _in_order(ids: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """A GROUP BY's rows (any order) as (series, 3) coefficients c, b, a by series id."""
+    """A GROUP BY's rows (any order) as (series, 3) coefficients a, b, c by series id."""
     out = np.empty_like(coef)
-    out[ids] = coef[:, ::-1]
+    out[ids] = coef
     return out
 
 
 def _lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    design = torch.stack([torch.ones_like(x), x, x * x], dim=-1)
+    design = torch.stack([x * x, x, torch.ones_like(x)], dim=-1)  # a, b, c
     return torch.linalg.lstsq(design, y.unsqueeze(-1)).solution.squeeze(-1)
 
 
@@ -251,17 +253,17 @@ def _peers(bench: Bench, x, y, ref, series, n, subset):
         bench.case(f"{tool} GROUP BY power sums + numpy solve", "cpu", "float64", series, n,
                    lambda tool=tool: _in_order(*peers.fit(tool, points)), ref=ref)
     bench.case("numpy.polyfit loop", "cpu", "float64", series, n,
-               lambda: np.array([np.polyfit(x, y[i], 2)[::-1] for i in range(rows)]),
+               lambda: np.array([np.polyfit(x, y[i], 2) for i in range(rows)]),
                ref=ref, scale=scale, repeats=1, note=f"timed on {rows:,} series")
     bench.case("numpy.polyfit, 2-D y (shared x)", "cpu", "float64", series, n,
-               lambda: np.polyfit(x, y.T, 2)[::-1].T, ref=ref, repeats=1)
+               lambda: np.polyfit(x, y.T, 2).T, ref=ref, repeats=1)
     if n <= 100:
         from scipy.optimize import least_squares
 
         few = min(rows, 200)
 
         def scipy_loop():
-            return np.array([least_squares(lambda p, i=i: p[0] + p[1] * x + p[2] * x**2 - y[i],
+            return np.array([least_squares(lambda p, i=i: p[0] * x**2 + p[1] * x + p[2] - y[i],
                                            np.zeros(3), loss="huber").x for i in range(few)])
         bench.case("scipy least_squares huber loop", "cpu", "float64", series, n, scipy_loop,
                    scale=series / few, repeats=1, note=f"timed on {few} series")

@@ -61,7 +61,7 @@ def _run(args) -> int:
             raise ValueError("--history is not available with --engine ray")
         summary = run_ray(args.input, args.output, columns=columns, address=args.address,
                           workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-                          **fit_options)
+                          input_format=args.input_format, **fit_options)
         _report(summary)
         return 0
     elif args.address or args.workers or args.num_gpus_per_worker:
@@ -71,7 +71,8 @@ def _run(args) -> int:
         summary = run_job(args.input, args.output, columns=columns, batch_size=args.batch_size,
                           history_path=args.history, track=args.track,
                           track_ids=args.track_ids.split(",") if args.track_ids else None,
-                          resume=args.resume, progress=update, **fit_options)
+                          resume=args.resume, progress=update,
+                          input_format=args.input_format, **fit_options)
     finally:
         close()
     _report(summary)
@@ -107,7 +108,8 @@ def _plot(args) -> int:
     series = args.series.split(",") if args.series else None
     paths = plot_all(args.data, args.coeffs, args.output, history_path=args.history,
                      truth_path=args.truth, reference_path=args.compare, series=series,
-                     sample=args.sample, seed=args.seed, columns=columns)
+                     sample=args.sample, seed=args.seed, columns=columns,
+                     input_format=args.input_format)
     _say("wrote " + ", ".join(paths))
     return 0
 
@@ -173,17 +175,26 @@ def _positive_int(text: str) -> int:
 
 
 
+INPUT_FORMAT_HELP = ("how the input is read: parquet, csv (with a header row; long format "
+                     "only) or ipc (Arrow IPC file or stream, Feather v2) [auto: each file by "
+                     "its extension (.parquet .pq, .csv .csv.gz, .arrow .feather .ipc), else "
+                     "by its first bytes]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchfit", description="Fit very many curves at once.")
     parser.add_argument("--version", action="version", version=f"batchfit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser(
-        "run", help="fit every series in a Parquet file or directory, write coefficients",
+        "run", help="fit every series in a Parquet, CSV or Arrow IPC file (or a directory of "
+                    "them), write coefficients",
         description="Fit every series of INPUT; write one row per series to OUTPUT. "
                     "Example: batchfit run data.parquet -o fits.parquet --loss huber")
-    run.add_argument("input", help="a Parquet file, or a directory of Parquet files")
+    run.add_argument("input", help="a Parquet, CSV or Arrow IPC file, or a directory of them")
     run.add_argument("-o", "--output", help="output Parquet file [INPUT.coeffs.parquet]")
+    run.add_argument("--input-format", choices=["auto", "parquet", "csv", "ipc"],
+                     default="auto", help=INPUT_FORMAT_HELP)
     run.add_argument("--format", choices=["auto", "long", "list"], default="auto",
                      help="long: a row per point; list: a row per series [auto: by x's type]")
     run.add_argument("--id-col", default="series_id", help="series id column [series_id]")
@@ -194,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="poly: the polynomial of --degree; exp: a*exp(-b*x)+c; gauss: "
                           "a*exp(-(x-mu)^2/(2*sigma^2))+c; logistic: L/(1+exp(-k*(x-x0)))+c; "
                           "power: a*x^b+c (x > 0) [poly]")
-    run.add_argument("--degree", type=int, default=2, help="polynomial degree [2]")
+    run.add_argument("--degree", default="2",
+                     help="polynomial degree, or auto[:D]: each series' degree in 0..D "
+                          "(default 3) chosen by BIC, recorded in a degree column [2]")
     run.add_argument("--loss", default="mse",
                      choices=BUILTIN_LOSSES, help="[mse]")
     run.add_argument("--f-scale", type=float, default=1.0,
@@ -267,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write data.png, fits.png, loss.png (with --history), coefficients.png and "
                     "residuals.png. Example: batchfit plot data.parquet data.coeffs.parquet "
                     "--truth data.truth.parquet -o plots")
-    plot.add_argument("data", help="the input of the run (Parquet file or directory)")
+    plot.add_argument("data", help="the input of the run (a Parquet, CSV or Arrow IPC file, "
+                                   "or a directory of them)")
+    plot.add_argument("--input-format", choices=["auto", "parquet", "csv", "ipc"],
+                      default="auto", help=INPUT_FORMAT_HELP)
     plot.add_argument("coeffs", help="the output of the run")
     plot.add_argument("--history", help="the run's --history file")
     plot.add_argument("--truth", help="true coefficients (from batchfit generate)")
@@ -355,7 +371,8 @@ PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
                    "outliers": "--outliers", "x_kind": "--x", "min_points": "--min-points",
                    "max_points": "--max-points", "epochs": "--epochs", "tol": "--tol",
                    "lr": "--lr", "f_scale": "--f-scale", "dtype": "--dtype",
-                   "restarts": "--restarts"}
+                   "restarts": "--restarts", "input_format": "--input-format",
+                   "degree": "--degree"}
 _UNDERSCORED = r"\b(" + "|".join(n for n in PARAMETER_FLAGS if "_" in n) + r")\b"
 
 
@@ -383,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchfit: error: {as_flags(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        if in_main_thread and argv is None:  # the command itself, exiting: one Ctrl-C can
+            # arrive twice (pyarrow chains its SIGINT handler to Python's), and the second
+            # must not turn this clean exit into a death by signal
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         hint = ("; finished chunks are checkpointed: run the same command again to continue"
                 if getattr(args, "resume", False) else
                 "; no output was written" if args.command == "run" else "")

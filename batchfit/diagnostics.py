@@ -20,7 +20,14 @@ import torch
 
 from . import linalg
 from .losses import Loss
-from .models import Sums, chebyshev_eval, to_raw_map, total_squares, weighted_gram
+from .models import (
+    Sums,
+    chebyshev_eval,
+    frame_coefficients,
+    to_raw_map,
+    total_squares,
+    weighted_gram,
+)
 from .problem import Status
 
 # An internal status, never returned by ``batchfit.fit``: a float32 fit whose residuals are
@@ -46,6 +53,13 @@ def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
                  for i in range(k))
 
 
+def frame_of(centre_raw, half, q) -> dict:
+    """A polynomial fit in its own frame (``FitResult.x_centre``, ``x_scale``,
+    ``frame_params``): ``q`` Chebyshev coefficients of y in ``t = (x - centre) / half``."""
+    return {"x_centre": centre_raw.to(torch.float64), "x_scale": half.to(torch.float64),
+            "frame_params": frame_coefficients(q)}
+
+
 def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
     """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame."""
     pred = chebyshev_eval(t, q)
@@ -59,6 +73,7 @@ def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
         "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
         "params": linalg.mat_vec(to_raw_map(sums.centre_raw, sums.half, len(q)),
                                  tuple(qj.to(torch.float64) for qj in q)),
+        "frame": frame_of(sums.centre_raw, sums.half, q),
     }
     if loss.user is not None:
         out["stderr"] = tuple(torch.full_like(p, torch.nan) for p in out["params"])
@@ -97,6 +112,11 @@ def finalize(summary: dict, n, solvable, converged, diverged, params=None,
     def blank(value):
         return torch.where(unidentified, torch.nan, value)
 
-    return {"params": tuple(map(blank, params)), "stderr": tuple(map(blank, summary["stderr"])),
-            "loss": blank(summary["loss"]), "rmse": blank(summary["rmse"]),
-            "r2": blank(summary["r2"]), "n_points": n, "status": code.to(torch.int8)}
+    out = {"params": tuple(map(blank, params)), "stderr": tuple(map(blank, summary["stderr"])),
+           "loss": blank(summary["loss"]), "rmse": blank(summary["rmse"]),
+           "r2": blank(summary["r2"]), "n_points": n, "status": code.to(torch.int8)}
+    if "frame" in summary:
+        frame = summary["frame"]
+        out.update(x_centre=frame["x_centre"], x_scale=frame["x_scale"],
+                   frame_params=tuple(map(blank, frame["frame_params"])))
+    return out

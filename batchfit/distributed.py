@@ -1,11 +1,23 @@
-"""Ray Data adapter: ``batchfit run --engine ray``. No maths here: every task runs
-``batchfit.fit_table`` (the single-machine engine) on whole series.
+"""Ray adapter: ``batchfit run --engine ray``. No maths here: every task runs the
+single-machine library (``batchfit.job``'s statistics in parts, or ``fit_table``).
 
-How series stay whole: list-format rows are series, so batches map directly. Long-format rows
-are hash-partitioned by series id (``repartition(keys=...)``), so each partition holds every
-point of its series, and each partition is fitted as one batch. Partitions are sized well under
-Ray's block size limit so a partition is never split into two blocks, and the job checks at the
-end that every input series came back exactly once (a split would show as a duplicate).
+MSE polynomial fits (``Options.aggregates``) of a local input move statistics, not points:
+the input's batches are shared out (``job.share_out``) among one Ray task per worker slot,
+each reading its share with batchfit's own reader and gathering the per-series statistics of
+the single-machine job (``job.part_statistics``). Each task hash-partitions its small table
+by series id; one merge task per partition merges the rows of each series from every part
+(``job.merge_statistics``), solves them and writes its file. Series whose sums lost digits
+(the single-machine job's refinement) get one more pass: every task gathers their residual
+moments over its share (``job.residual_moments``), the driver adds them up, and their
+partitions are refined (``job.apply_refinement``) before they are written. List-format rows
+are whole series: each task fits and writes its share, with no exchange at all.
+
+Other jobs (robust losses, nonlinear models, GD/Adam, and remote inputs) move points with Ray
+Data: long-format rows are hash-partitioned by series id (``repartition(keys=...)``), so each
+partition holds every point of its series, and each partition is fitted as one batch by
+``fit_table``. Partitions are sized well under Ray's block size limit so a partition is never
+split into two blocks. Both paths check at the end that every input series came back exactly
+once (a split would show as a duplicate).
 
 Outputs: a directory of Parquet files in the single-machine output schema. A local output is
 written to a hidden temporary directory beside it and renamed into place only when every
@@ -16,20 +28,40 @@ worker or node died (its default for tasks); an error raised by the fit itself f
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import os
 import shutil
 import tempfile
 import time
 import uuid
+import zlib
 from collections import Counter
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import __version__, io
-from .job import JobSummary, fit_table, job_columns
+from . import __version__, engine, io
+from .job import (
+    DEFAULT_BATCH_SIZE,
+    DatasetPart,
+    JobSummary,
+    apply_refinement,
+    fit_part,
+    fit_table,
+    job_schema,
+    merge_statistics,
+    part_statistics,
+    residual_moments,
+    share_out,
+    solve_statistics,
+    untrusted_rows,
+)
 from .options import resolve
 
 PARTITION_BYTES = 32 << 20  # decoded input per partition: far below Ray's 128 MiB blocks
@@ -49,13 +81,15 @@ def _fit_partition(table: pa.Table, columns: io.ColumnSpec, options: dict,
 
 def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None = None,
             address: str | None = None, workers: int | None = None,
-            num_gpus_per_worker: float = 0, **fit_options) -> JobSummary:
+            num_gpus_per_worker: float = 0, input_format: str = "auto",
+            **fit_options) -> JobSummary:
     """Fit every series of ``input_path`` on a Ray cluster (or a local Ray started here) and
     write a directory of Parquet files to ``output_path``. Same options and output schema as
-    ``run_job``; raises ValueError with a one-line message for bad input."""
+    ``run_job``; raises ValueError with a one-line message for bad input. Reads Parquet and
+    CSV (Ray Data has no Arrow IPC reader: an IPC input is refused)."""
+    kind = _input_kind(input_path, input_format)
     try:
-        import ray
-        import ray.data
+        import ray  # (ray.data, ~1 s more to import, only where points travel: see _run)
     except ImportError:
         raise ValueError("the Ray engine needs Ray: pip install 'batchfit[ray]'") from None
     start = time.perf_counter()
@@ -65,6 +99,10 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
     if num_gpus_per_worker < 0:
         raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
     resolved = resolve(**fit_options)
+    if kind == "ipc" and not (resolved.aggregates and _is_local(input_path)):
+        raise ValueError(f"the Ray engine moves points from Parquet and CSV, and {input_path} "
+                         "is Arrow IPC: convert it to Parquet, or use the local engine (an "
+                         "MSE polynomial fit of a local IPC input runs on Ray)")
     local_output = _is_local(output_path)
     if local_output:
         io.check_writable(output_path.rstrip("/") or ".", directory_output=True)
@@ -76,21 +114,48 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
                  configure_logging=False)
     try:
         return _run(ray, input_path, output_path, columns, workers, num_gpus_per_worker,
-                    fit_options, resolved, local_output, start)
+                    fit_options, resolved, local_output, start, kind)
     finally:
         if started_here:
             ray.shutdown()
 
 
+def _input_kind(input_path: str, input_format: str) -> str:
+    """parquet, csv or ipc: a local input's files by ``io.dataset_files``; a remote one as
+    ``input_format`` says, else by its name's extension, else Parquet."""
+    io.check_input_format(input_format)
+    if _is_local(input_path):
+        kinds = {kind for _, kind in io.dataset_files(input_path, input_format)}
+        kind = kinds.pop()
+    else:
+        kind = input_format if input_format != "auto" else (
+            io.format_by_name(input_path.rstrip("/")) or "parquet")
+    return kind
+
+
 def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, resolved,
-         local_output, start) -> JobSummary:
+         local_output, start, kind) -> JobSummary:
     local = _is_local(input_path)
-    files = io.list_files(input_path) if local else input_path
+    if resolved.aggregates and local:
+        return _run_statistics(ray, input_path, output_path, columns, workers, gpus,
+                               fit_options, resolved, local_output, start, kind)
     try:
-        # A local path gets the local filesystem explicitly: Ray's own resolution of several
-        # paths reaches for fsspec's HTTP filesystem (which needs aiohttp) on the way.
-        dataset = ray.data.read_parquet(files, filesystem=pafs.LocalFileSystem() if local
-                                        else None)
+        import ray.data
+    except ImportError:
+        raise ValueError("the Ray engine needs Ray Data: pip install 'batchfit[ray]'") from None
+    files = [file for file, _ in io.dataset_files(input_path, kind)] if local else input_path
+    # A local path gets the local filesystem explicitly: Ray's own resolution of several
+    # paths reaches for fsspec's HTTP filesystem (which needs aiohttp) on the way.
+    filesystem = pafs.LocalFileSystem() if local else None
+    try:
+        if kind == "csv":
+            # One set of column types for every file (Ray infers them per file otherwise),
+            # from batchfit's own reading of the files' first blocks.
+            options = {"convert_options": io.Dataset(input_path, columns, "csv")
+                       .csv_convert_options()} if local else {}
+            dataset = ray.data.read_csv(files, filesystem=filesystem, **options)
+        else:
+            dataset = ray.data.read_parquet(files, filesystem=filesystem)
         layout = io.describe(_arrow_schema(dataset), columns, input_path)
     except (OSError, pa.ArrowException) as exc:
         raise ValueError(f"cannot read {input_path}: {io.first_line(exc)}") from None
@@ -106,8 +171,7 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
                 "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
                             "weight": columns.weight if layout.has_weight else None},
                 "options": {k: v for k, v in fit_options.items() if not callable(v)}}
-    schema = io.output_schema(layout.id_type, job_columns(resolved), metadata,
-                              restarts=bool(resolved.restarts), id_name=columns.series_id)
+    schema = job_schema(resolved, layout.id_type, metadata, columns.series_id)
     # device "auto" in a task means the worker's own GPU when it was given one.
     # batch_size None is a whole block per batch; GPU tasks must name a size: the whole
     # dataset's row count can never cut a bundle of whole partitions.
@@ -116,22 +180,10 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
         zero_copy_batch=True,
         fn_kwargs={"columns": columns, "options": fit_options, "schema": schema},
         num_gpus=gpus or None, concurrency=workers)
-    target = output_path
-    if local_output:
-        parent = os.path.dirname(os.path.abspath(output_path))
-        target = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_path)}.")
-    try:
+    with _output_directory(output_path, local_output) as target:
         fitted.write_parquet(target)
-        summary = _check_and_count(target, input_path, dataset, layout, columns)
-    except BaseException:
-        if local_output:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    if local_output:
-        _replace_directory(target, output_path)
-    else:
-        _write_success_marker(output_path)
-    n_series, n_points, counts = summary
+        n_series, n_points, counts = _check_and_count(target, input_path, dataset, layout,
+                                                      columns)
     return JobSummary(input_path, output_path, n_series, n_points, counts,
                       time.perf_counter() - start, layout.format, True, metadata)
 
@@ -157,8 +209,34 @@ def _check_and_count(output_dir: str, input_path: str, dataset, layout, columns)
     return out.num_rows, int(pc.sum(out["n_points"]).as_py() or 0), dict(counts)
 
 
+@contextlib.contextmanager
+def _output_directory(output_path: str, local_output: bool, on_failure=None):
+    """Where the tasks write: a hidden temporary directory beside a local output, moved into
+    place only when the block succeeds (removed, after ``on_failure()``, when it fails); a
+    remote output itself, marked ``_SUCCESS`` last."""
+    target = output_path
+    if local_output:
+        parent = os.path.dirname(os.path.abspath(output_path))
+        target = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_path)}.")
+    try:
+        yield target
+    except BaseException:
+        if on_failure is not None:
+            on_failure()
+        if local_output:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if local_output:
+        _replace_directory(target, output_path)
+    else:
+        _write_success_marker(output_path)
+
+
 def _replace_directory(temporary: str, final: str):
     """Move the finished output into place; an older output is removed only afterwards."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(temporary, 0o777 & ~mask)  # (a temporary directory is private: 0700)
     old = None
     if os.path.exists(final):
         old = f"{final}.old-{uuid.uuid4().hex[:8]}"
@@ -172,3 +250,318 @@ def _write_success_marker(output_path: str):
     filesystem, path = pafs.FileSystem.from_uri(output_path)
     with filesystem.open_output_stream(f"{path.rstrip('/')}/_SUCCESS") as stream:
         stream.write(b"")
+
+
+# ---------------------------------------------------------------- MSE: statistics, not points
+
+@dataclass(frozen=True)
+class _Job:
+    """What every task of a statistics job needs (shipped to each task, which gets a copy)."""
+
+    columns: io.ColumnSpec
+    input_format: str
+    fit_options: dict
+    weighted: bool
+    double: bool  # points decode as float64
+    schema: pa.Schema
+    codes: object  # the dataset's SeriesCodes, fresh (each task codes its own share)
+
+    def backend(self):
+        return engine.moments(resolve(**self.fit_options))
+
+    def part(self, pieces) -> DatasetPart:
+        return DatasetPart(pieces, self.columns, self.input_format)
+
+    def fresh_codes(self):
+        return copy.deepcopy(self.codes)
+
+
+def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_options,
+                    resolved, local_output, start, kind) -> JobSummary:
+    """An MSE polynomial job (see the module docstring): statistics travel, points stay."""
+    begun = time.perf_counter()  # (after Ray started)
+    dataset = io.Dataset(input_path, columns, kind)
+    layout = dataset.layout
+    metadata = {"version": __version__, **resolved.describe(), "input": input_path,
+                "format": layout.format, "input_format": dataset.file_format,
+                "x_unit": layout.x_unit, "engine": "ray",
+                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
+                            "weight": columns.weight if layout.has_weight else None},
+                "options": {k: v for k, v in fit_options.items() if not callable(v)}}
+    schema = job_schema(resolved, layout.id_type, metadata, columns.series_id)
+    shares = share_out(dataset, workers or _slots(ray, gpus))
+    job = _Job(columns, kind, fit_options, layout.has_weight,
+               dataset.point_dtype == np.float64, schema,
+               dataset.series_codes(unique_rows=layout.format == "list"))
+    task = {"num_cpus": 1, "num_gpus": gpus or 0}
+    refs: list = []  # every task started (cancelled if the job fails)
+    stages = {"start_s": begun - start, "plan_s": time.perf_counter() - begun,
+              "tasks": len(shares)}
+    with _output_directory(output_path, local_output, lambda: _cancel(ray, refs)) as target:
+        if layout.format == "list":
+            rows, written = _whole_series(ray, shares, job, target, task, refs, stages)
+        else:
+            rows, written = _merged_series(ray, shares, job, target, task, refs, stages)
+        known = [source.num_rows for _, source in dataset.files if source.has_rows]
+        if None not in known and rows != sum(known):
+            raise RuntimeError(f"the tasks read {rows} rows of the {sum(known)} in "
+                               f"{input_path}: a share was read twice or lost (a bug)")
+        checked = time.perf_counter()
+        n_series, n_points, counts = _check_written(target, written, columns, layout.format)
+        stages["check_s"] = time.perf_counter() - checked
+    # (the stages, timed by the tasks themselves, travel with the summary, not the files)
+    return JobSummary(input_path, output_path, n_series, n_points, counts,
+                      time.perf_counter() - start, layout.format, False,
+                      {**metadata, "stages": stages})
+
+
+class _Clock:
+    """A task's wall and CPU seconds, for the summary's stage timings."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def info(self, **values) -> dict:
+        return {**values, "wall_s": time.perf_counter() - self.wall,
+                "cpu_s": time.process_time() - self.cpu}
+
+
+def _stage(infos: list, submitted: float) -> dict:
+    """A stage's tasks: how many, the longest one's wall seconds, their CPU seconds (and
+    those of writing), and the driver's wait from submitting the job's tasks to their end."""
+    return {"tasks": len(infos), "wall_s": max((i["wall_s"] for i in infos), default=0.0),
+            "cpu_s": sum(i["cpu_s"] for i in infos),
+            "write_s": sum(i.get("write_s", 0.0) for i in infos),
+            "done_after_s": time.perf_counter() - submitted}
+
+
+def _slots(ray, gpus: float) -> int:
+    """Tasks the cluster runs at once: one per CPU (per ``gpus`` GPUs for GPU tasks)."""
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1))
+    if gpus:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus))
+    return max(1, slots)
+
+
+def _get(ray, refs):
+    """``ray.get``, a task's own ValueError (bad input) raised as itself: one line."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ValueError):
+            raise ValueError(str(exc.cause)) from None
+        raise
+
+
+def _cancel(ray, refs: list):
+    """Stop the tasks of a failed job and wait for them (none may write afterwards)."""
+    for ref in refs:
+        with contextlib.suppress(Exception):  # (finished, or gone with its worker)
+            ray.cancel(ref)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+
+
+def _whole_series(ray, shares, job, target, task, refs, stages):
+    """List format: each task fits the whole series of its share and writes them."""
+    remote = ray.remote(_whole_series_task).options(**task)
+    refs += [remote.remote(index, pieces, job, target) for index, pieces in enumerate(shares)]
+    submitted = time.perf_counter()
+    infos = _get(ray, refs)
+    stages["fit"] = _stage(infos, submitted)
+    rows = sum(info["rows"] for info in infos)
+    if sum(info["series"] for info in infos) != rows:
+        raise RuntimeError(f"{sum(info['series'] for info in infos)} series fitted of the "
+                           f"{rows} rows read: a series was lost (a bug)")
+    return rows, infos
+
+
+def _merged_series(ray, shares, job, target, task, refs, stages):
+    """Long format: partial statistics per share, hash-partitioned by id; each partition
+    merged, solved and written; then the refinement pass, if any series needs one."""
+    parts = len(shares)
+    partial = ray.remote(_partial_task).options(num_returns=parts + 1, **task)
+    merge = ray.remote(_merge_task).options(num_returns=2, **task)
+    partials = [partial.remote(pieces, job, parts) for pieces in shares]
+    merged = [merge.remote(p, job, target, *[out[1 + p] for out in partials])
+              for p in range(parts)]
+    refs += [out[0] for out in partials] + [m[0] for m in merged]
+    submitted = time.perf_counter()
+    gathered = _get(ray, [out[0] for out in partials])
+    stages["partial"] = _stage(gathered, submitted)
+    stages["partial"]["table_rows"] = sum(info["series"] for info in gathered)
+    infos = _get(ray, [m[0] for m in merged])
+    stages["merge"] = _stage(infos, submitted)
+    flagged = [p for p, info in enumerate(infos) if "flagged" in info]
+    if flagged:
+        ids = pa.concat_arrays([infos[p]["flagged"]["ids"] for p in flagged])
+        table = np.concatenate([infos[p]["flagged"]["table"] for p in flagged])
+        q = np.concatenate([infos[p]["flagged"]["q"] for p in flagged])
+        shared = ray.put((ids, table, q))
+        residual = ray.remote(_residual_task).options(**task)
+        pending = [residual.remote(pieces, job, shared) for pieces in shares]
+        refs += pending
+        submitted = time.perf_counter()
+        residuals = _get(ray, pending)
+        stages["residual"] = _stage([info for _, info in residuals], submitted)
+        moments = sum(m for m, _ in residuals)  # (in share order)
+        refine = ray.remote(_refine_task).options(**task)
+        done, first = [], 0
+        for p in flagged:
+            count = len(infos[p]["flagged"]["ids"])
+            done.append(refine.remote(p, job, target, merged[p][1], q[first:first + count],
+                                      moments[first:first + count]))
+            first += count
+        refs += done
+        for p, info in zip(flagged, _get(ray, done)):
+            infos[p] = info
+        stages["refine"] = _stage([infos[p] for p in flagged], submitted)
+    points = sum(info["points"] for info in gathered)
+    if sum(info["points"] for info in infos) != points:
+        raise RuntimeError(f"{sum(info['points'] for info in infos)} points fitted of the "
+                           f"{points} read: a series was split or lost (a bug)")
+    return sum(info["rows"] for info in gathered), infos
+
+
+def _partial_task(pieces, job: _Job, parts: int):
+    """A Ray task: the statistics of the series in a share, one table per merge partition."""
+    clock = _Clock()
+    codes = job.fresh_codes()
+    present, table, rows, points = part_statistics(job.part(pieces), codes, job.backend(),
+                                                   job.weighted, job.double)
+    ids = codes.ids(present)
+    bucket = _buckets(ids, parts)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(parts + 1))
+    ids, table = ids.take(pa.array(order)), table[present[order]]
+    return (clock.info(rows=rows, series=len(ids), points=points),
+            *[(ids.slice(lo, hi - lo), table[lo:hi]) for lo, hi in itertools.pairwise(bounds)])
+
+
+def _buckets(ids: pa.Array, parts: int) -> np.ndarray:
+    """Each id's merge partition, the same in every task and process (a hash of the id)."""
+    if parts == 1:
+        return np.zeros(len(ids), np.int64)
+    if pa.types.is_integer(ids.type):
+        keys = ids.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    else:
+        keys = np.fromiter((zlib.crc32(value.encode()) for value in ids.to_pylist()),
+                           np.uint64, len(ids))
+    mixed = keys * np.uint64(0x9E3779B97F4A7C15)  # (Fibonacci hashing: wraps modulo 2**64)
+    return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
+
+
+def _merge_task(index: int, job: _Job, target: str, *parts):
+    """A Ray task: one partition's series, their rows from every share merged and solved;
+    written unless some need refining (then the solved state is returned for that)."""
+    clock = _Clock()
+    parts = [(ids, table) for ids, table in parts if len(ids)]
+    if not parts:
+        return clock.info(series=0, points=0, statuses={}), None
+    backend = job.backend()
+    encoded = pa.concat_arrays([ids for ids, _ in parts]).dictionary_encode()
+    series = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    ids = encoded.dictionary
+    bounds = np.cumsum([0] + [len(part_ids) for part_ids, _ in parts])
+    table = merge_statistics([series[lo:hi] for lo, hi in itertools.pairwise(bounds)],
+                             [part for _, part in parts], len(ids), backend, job.weighted)
+    order = pc.sort_indices(ids).to_numpy().astype(np.int64)
+    chunks, records = solve_statistics(backend, table, order, job.weighted,
+                                       DEFAULT_BATCH_SIZE)
+    untrusted, picked = untrusted_rows(chunks, records)
+    if len(picked):
+        q = np.concatenate([record["q"][rows] for record, rows in zip(records, untrusted)])
+        return clock.info(flagged={"ids": ids.take(pa.array(picked)), "table": table[picked],
+                                   "q": q}), (ids, table, chunks, records)
+    return clock.info(**_write_records(index, ids, chunks, records, job, target)), None
+
+
+def _residual_task(pieces, job: _Job, flagged):
+    """A Ray task: the residual moments of the flagged series over a share."""
+    clock = _Clock()
+    ids, table, q = flagged
+    codes = job.fresh_codes()
+    codes.unique_rows = False
+    return residual_moments(job.part(pieces), codes, job.backend(), ids, table, q,
+                            job.weighted, job.double), clock.info()
+
+
+def _refine_task(index: int, job: _Job, target: str, state, q, moments):
+    """A Ray task: a partition's flagged series refined with their residual moments, then
+    the partition written."""
+    clock = _Clock()
+    ids, table, chunks, records = state
+    records = [{name: np.array(values) for name, values in record.items()}
+               for record in records]  # (writable copies)
+    untrusted, picked = untrusted_rows(chunks, records)
+    q_rows, m_rows = np.zeros((len(table), q.shape[1])), np.zeros((len(table), moments.shape[1]))
+    q_rows[picked], m_rows[picked] = q, moments
+    apply_refinement(job.backend(), table, chunks, records, untrusted, q_rows, m_rows,
+                     job.weighted)
+    return clock.info(**_write_records(index, ids, chunks, records, job, target))
+
+
+def _whole_series_task(index: int, pieces, job: _Job, target: str):
+    """A Ray task (list format): fit and write the whole series of a share."""
+    clock = _Clock()
+    codes = job.fresh_codes()
+    chunks, records, rows = fit_part(job.part(pieces), codes, job.backend(), job.weighted,
+                                     job.double, DEFAULT_BATCH_SIZE)
+    tables = [io.result_table(codes.ids(chunk), record, job.schema)
+              for chunk, record in zip(chunks, records)]
+    return clock.info(rows=rows, **_write_part(index, tables, job, target))
+
+
+def _write_records(index: int, ids: pa.Array, chunks, records, job: _Job, target: str):
+    tables = [io.result_table(ids.take(pa.array(chunk)), record, job.schema)
+              for chunk, record in zip(chunks, records)]
+    return _write_part(index, tables, job, target)
+
+
+def _write_part(index: int, tables: list, job: _Job, target: str) -> dict:
+    """Write one part file of the output (none for no series), with io's writer locally."""
+    if not tables:
+        return {"series": 0, "points": 0, "statuses": {}, "write_s": 0.0}
+    begun = time.perf_counter()
+    table = io.concat_tables(tables)
+    name = f"part-{index:05d}.parquet"
+    if _is_local(target):
+        # (dictionary-encode only the status, as run_job: on floats it costs write time)
+        with io.AtomicParquetWriter(os.path.join(target, name), job.schema,
+                                    use_dictionary=["status"]) as writer:
+            writer.write(table)
+    else:
+        filesystem, path = pafs.FileSystem.from_uri(target)
+        pq.write_table(table, f"{path.rstrip('/')}/{name}", filesystem=filesystem,
+                       use_dictionary=["status"], write_page_checksum=True)
+    return {"series": table.num_rows, "points": io.column_sum(table, "n_points"),
+            "statuses": io.status_counts(table), "write_s": time.perf_counter() - begun}
+
+
+def _check_written(target: str, written: list, columns: io.ColumnSpec, fmt: str):
+    """Every series exactly once in the output, or the job fails; the tally. Long format:
+    a partition's ids are distinct (one merged row each) and the partitions' ids disjoint
+    (a hash of the id), so the files' row counts are checked against the tasks' (a local
+    output's, from the footers); list format: ids of different tasks may repeat (as input
+    rows can), so a local output's ids are read back."""
+    n_series = sum(info["series"] for info in written)
+    if _is_local(target):
+        files = [pq.ParquetFile(os.path.join(target, name)) for name in sorted(
+            os.listdir(target)) if name.endswith(".parquet") and name[0] not in "._"]
+        rows = sum(file.metadata.num_rows for file in files)
+        distinct = rows
+        if fmt == "list" and files:
+            ids = pa.chunked_array([file.read(columns=[columns.series_id])[0]
+                                    for file in files])
+            distinct = pc.count_distinct(ids).as_py()
+        if distinct < rows:
+            raise ValueError(f"series ids repeat in list format ({rows - distinct} "
+                             "duplicates): each row must be its own series")
+        if rows != n_series:
+            raise RuntimeError(f"{rows} output rows for {n_series} series fitted: a part "
+                               "file is missing or extra (a bug)")
+    counts = Counter()
+    for info in written:
+        counts.update({str(status): int(n) for status, n in info["statuses"].items()})
+    return n_series, sum(info["points"] for info in written), dict(counts)

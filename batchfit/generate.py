@@ -19,8 +19,8 @@ import torch
 from . import io
 from .models import FAMILIES, output_columns, polynomial
 
-SEED_COEFFICIENTS = (-3.0, 5.0, 20.0)  # c, b, a: the seed's y = 20x^2 + 5x - 3
-SEED_SPREAD = (0.5, 1.0, 2.0)  # standard deviation of each true coefficient across series
+SEED_COEFFICIENTS = (20.0, 5.0, -3.0)  # a, b, c: the seed's y = 20x^2 + 5x - 3
+SEED_SPREAD = (2.0, 1.0, 0.5)  # standard deviation of each true coefficient across series
 BLOCK = 100_000  # series made and written at a time
 # Per family: the x range, and each parameter's uniform range across series.
 FAMILY_EXAMPLES = {
@@ -39,7 +39,7 @@ class Block:
     x: np.ndarray
     y: np.ndarray
     offsets: np.ndarray
-    coefficients: np.ndarray  # (n, k): the model's parameters (polynomial: lowest power first)
+    coefficients: np.ndarray  # (n, k): the model's parameters (polynomial: highest power first)
     model: str = "poly"
 
 
@@ -51,10 +51,10 @@ def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_ki
         (x_lo, x_hi), ranges = FAMILY_EXAMPLES[model]
         low, high = np.array(ranges).T
         coefficients = rng.uniform(low, high, (n, len(ranges)))
-    elif degree == 2:
-        coefficients = rng.normal(SEED_COEFFICIENTS, SEED_SPREAD, (n, 3))
+    elif degree == 2:  # (drawn lowest power first, so that datasets stay as they were)
+        coefficients = rng.normal(SEED_COEFFICIENTS[::-1], SEED_SPREAD[::-1], (n, 3))[:, ::-1]
     else:
-        coefficients = rng.normal(0.0, 1.0, (n, degree + 1))
+        coefficients = rng.normal(0.0, 1.0, (n, degree + 1))[:, ::-1]
     if min_points is None and max_points is None:
         lengths = np.full(n, points)
     else:
@@ -75,8 +75,8 @@ def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_ki
             coefficients[series].T)).numpy()
     else:
         y = np.zeros_like(x)
-        for power in reversed(range(degree + 1)):  # Horner
-            y = y * x + coefficients[series, power]
+        for index in range(degree + 1):  # Horner, highest power first
+            y = y * x + coefficients[series, index]
     y += rng.normal(0.0, noise, len(y))
     if outliers > 0:
         hit = rng.random(len(y)) < outliers

@@ -11,6 +11,7 @@ Arrow table (the unit of work of the distributed engine).
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, engine, io
+from . import __version__, degrees, engine, io, moments, native
 from .options import Options, resolve
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
@@ -48,24 +49,30 @@ class JobSummary:
 
 
 def default_output(path: str) -> str:
-    """``data.parquet`` -> ``data.coeffs.parquet``; a directory ``data/`` ->
-    ``data.coeffs.parquet`` beside it."""
+    """``data.parquet`` (or ``data.csv``, ``data.feather``, ...) -> ``data.coeffs.parquet``;
+    a directory ``data/`` -> ``data.coeffs.parquet`` beside it."""
     path = os.path.normpath(path)
-    stem = path[: -len(".parquet")] if path.lower().endswith(".parquet") else path
+    ends = [end for ends in io.EXTENSIONS.values() for end in ends
+            if path.lower().endswith(end)]
+    stem = path[: -len(max(ends, key=len))] if ends else path
     return f"{stem}.coeffs.parquet"
 
 
-def job_columns(opts: Options) -> list[tuple[str, int]]:
-    """(name, parameter index) of the output's coefficient columns."""
-    return list(opts.columns())
+def job_schema(opts: Options, id_type, metadata: dict, id_name: str):
+    """The output schema of a job with these options (``io.output_schema``)."""
+    return io.output_schema(id_type, list(opts.columns()), metadata,
+                            restarts=bool(opts.restarts), id_name=id_name,
+                            frame=opts.is_poly, degrees=opts.auto_degree)
 
 
 def run_job(input_path: str, output_path: str | None = None, *,
             columns: io.ColumnSpec = DEFAULT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE,
             history_path: str | None = None, track: int = 5, track_ids=None,
             resume: bool = False, progress: Callable[[int, int], None] | None = None,
-            **fit_options) -> JobSummary:
-    """Fit every series of a Parquet dataset; write one row per series to ``output_path``.
+            input_format: str = "auto", **fit_options) -> JobSummary:
+    """Fit every series of a dataset (a Parquet, CSV or Arrow IPC file, or a directory of
+    them); write one row per series to ``output_path``. ``input_format``: auto (each file
+    by its extension, else its first bytes), parquet, csv or ipc.
 
     ``fit_options`` are ``batchfit.fit``'s (degree, loss, f_scale, solver, lr, epochs, tol,
     device, dtype, compile). ``history_path``: also write the training history of an
@@ -93,20 +100,20 @@ def run_job(input_path: str, output_path: str | None = None, *,
         if resume:
             raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")
-    dataset = io.Dataset(input_path, columns)
+    dataset = io.Dataset(input_path, columns, input_format)
     backend = engine.moments(opts) if opts.aggregates else None
     if not opts.aggregates or backend.uses_torch:  # (checks a device, custom model or loss)
         engine.config(opts)
         engine.resolve_device(opts.device)
     device = backend.device if backend else str(engine.resolve_device(opts.device))
     metadata = {"version": __version__, **opts.describe(device), "input": input_path,
-                "format": dataset.format, "x_unit": dataset.layout.x_unit,
+                "format": dataset.format, "input_format": dataset.file_format,
+                "x_unit": dataset.layout.x_unit,
                 "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
                             "weight": columns.weight if dataset.layout.has_weight else None},
                 "options": {key: value for key, value in fit_options.items()
                             if not callable(value)} | {"batch_size": batch_size}}
-    schema = io.output_schema(dataset.layout.id_type, job_columns(opts), metadata,
-                              restarts=bool(opts.restarts), id_name=columns.series_id)
+    schema = job_schema(opts, dataset.layout.id_type, metadata, columns.series_id)
     checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
         if resume else None
     # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
@@ -140,22 +147,13 @@ def _statistics_job(dataset: io.Dataset, opts: Options, backend, schema, writer,
     if checkpoint is not None:
         done = checkpoint.restore_statistics(agg, codes)
     workers = engine.usable_cpus()
-    for batch in dataset.batches(codes, workers=workers, start=done):
-        agg.reserve(codes.size)
-        agg.add(batch.codes, batch.x, batch.y, batch.w, batch.offset, batch.series)
-        done = batch.index + 1
-        if checkpoint is not None and done % CHECKPOINT_BATCHES == 0:
-            agg.flush()  # (an uninterrupted --resume run flushes at the same places)
-            checkpoint.save_statistics(agg, codes, done)
+    gather_statistics(dataset, codes, agg, workers=workers, start=done, checkpoint=checkpoint)
     table = np.asarray(agg.finish(codes.size))
     present = agg.seen_codes()
     runs = agg.runs()
     grouped = runs is not None and len(runs) == len(present)
     order = runs if grouped else codes.sorted_by_id(present)
-    chunks = [chunk for chunk in np.array_split(order, max(1, -(-len(order) // batch_size)))
-              if len(chunk)]
-    with ThreadPoolExecutor(workers) as pool:  # (the native solve releases the GIL)
-        records = list(pool.map(lambda chunk: backend.solve(table[chunk], weighted), chunks))
+    chunks, records = solve_statistics(backend, table, order, weighted, batch_size, workers)
     _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers)
     counts, n_points, written = Counter(), 0, 0
     for chunk, record in zip(chunks, records):
@@ -166,6 +164,36 @@ def _statistics_job(dataset: io.Dataset, opts: Options, backend, schema, writer,
         if progress:
             progress(written, len(order))
     return counts, len(order), n_points, grouped
+
+
+def gather_statistics(dataset, codes, agg, *, workers: int = 1, start: int = 0,
+                      checkpoint=None) -> int:
+    """Add the points of ``dataset``'s batches (from batch ``start``) to ``agg``, their series
+    coded by ``codes``; ``checkpoint``: keep the statistics every CHECKPOINT_BATCHES batches.
+    Returns the input rows read (points; in list format series)."""
+    rows, done = 0, start
+    for batch in dataset.batches(codes, workers=workers, start=start):
+        agg.reserve(codes.size)
+        agg.add(batch.codes, batch.x, batch.y, batch.w, batch.offset, batch.series)
+        rows += len(batch.codes) if batch.series is None else len(batch.series)
+        done = batch.index + 1
+        if checkpoint is not None and done % CHECKPOINT_BATCHES == 0:
+            agg.flush()  # (an uninterrupted --resume run flushes at the same places)
+            checkpoint.save_statistics(agg, codes, done)
+    return rows
+
+
+def solve_statistics(backend, table, order: np.ndarray, weighted: bool, batch_size: int,
+                     workers: int = 1) -> tuple[list, list]:
+    """The fits of the rows ``order`` of a statistics table, in chunks of at most
+    ``batch_size``: (chunks of row numbers, their records), ``workers`` chunks at a time."""
+    chunks = [chunk for chunk in np.array_split(order, max(1, -(-len(order) // batch_size)))
+              if len(chunk)]
+    if workers <= 1:
+        return chunks, [backend.fits(table[chunk], weighted) for chunk in chunks]
+    with ThreadPoolExecutor(workers) as pool:  # (the native solve releases the GIL)
+        return chunks, list(pool.map(lambda chunk: backend.fits(table[chunk], weighted),
+                                     chunks))
 
 
 def _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers):
@@ -184,16 +212,177 @@ def _refine(dataset, codes, agg, backend, table, chunks, records, weighted, work
     codes.unique_rows = False  # the second pass sees every id again
     for batch in dataset.batches(codes, workers=workers):
         agg.residual(batch.codes, batch.x, batch.y, batch.w, flagged, q, moments, batch.offset)
+    apply_refinement(backend, table, chunks, records, untrusted, q, moments, weighted)
+
+
+def apply_refinement(backend, table, chunks, records, untrusted, q, moments, weighted):
+    """Replace the ``untrusted`` rows of each chunk's record by their refined fits, from the
+    residual moments of their points (``q`` and ``moments`` by table row)."""
+    k = backend.opts.degree + 1
     for chunk, record, rows in zip(chunks, records, untrusted):
         if not len(rows):
             continue
-        picked = chunk[rows]
-        m = moments[picked]
-        unweighted = m[:, k + 1:] if weighted else m
-        step = np.concatenate([q[picked], m[:, :k + 1], unweighted], axis=1)
-        refined = backend.solve(table[picked], weighted, step)
-        for name, values in record.items():
-            values[rows] = refined[name]
+        chosen = record.get("degrees", np.full(len(record["status"]), k - 1))[rows]
+        for degree in np.unique(chosen):  # (one degree unless it is chosen per series)
+            at, picked = rows[chosen == degree], chunk[rows[chosen == degree]]
+            refined = backend.solve(
+                degrees.truncated(table[picked], k - 1, weighted, int(degree)), weighted,
+                _step(q[picked], moments[picked], k, int(degree), weighted),
+                degree=int(degree))
+            if "degrees" in record:
+                refined = degrees.padded(refined, int(degree), k - 1)
+            for name, values in record.items():
+                values[at] = refined[name]
+
+
+def _step(q: np.ndarray, m: np.ndarray, k: int, degree: int, weighted: bool) -> np.ndarray:
+    """A refinement step for a fit of ``degree`` from the residual moments of degree k - 1
+    (per block: sum w r T_0 .. T_{k-1}, sum w r^2): q0, sum w r T_j, sum w r^2, and the same
+    unweighted."""
+    blocks = [m[:, :k + 1], m[:, k + 1:]] if weighted else [m, m]
+    return np.concatenate([q[:, :degree + 1]] + [piece for block in blocks for piece in (
+        block[:, :degree + 1], block[:, k:k + 1])], axis=1)
+
+
+# ---------------------------------------------------------------- MSE in parts (Ray engine)
+# A dataset's batches shared out among workers (``share_out``); each worker gathers the
+# statistics of its part (``part_statistics``) as the job above does; rows of one series from
+# several parts merge exactly (``merge_statistics``), and are solved and refined as above.
+
+
+class DatasetPart:
+    """Some of a dataset's batches, read as ``io.Dataset.batches`` reads the whole: pieces
+    (file, first batch, stop batch or None for the file's end), each file its own
+    ``io.Dataset``, coded by one ``SeriesCodes`` made for the whole dataset."""
+
+    def __init__(self, pieces: list, columns: io.ColumnSpec, input_format: str = "auto"):
+        self.pieces, self.columns, self.input_format = pieces, columns, input_format
+
+    def batches(self, codes, *, workers: int = 1, start: int = 0):
+        if start:
+            raise ValueError("a dataset part is read from its start (a bug in batchfit)")
+        for file, first, stop in self.pieces:
+            dataset = io.Dataset(file, self.columns, self.input_format)
+            for batch in dataset.batches(codes, workers=workers, start=first):
+                if stop is not None and batch.index >= stop:
+                    break
+                yield batch
+
+
+def share_out(dataset: io.Dataset, count: int) -> list[list[tuple]]:
+    """``dataset``'s batches in at most ``count`` contiguous parts of about equal rows, each
+    a list of ``DatasetPart`` pieces. A file whose batches are counted before reading it
+    (Parquet: by row groups) may be cut between batches; any other is read whole."""
+    atoms, counts = [], {}  # (file, batch or None for the whole file, rows); batches per file
+    for file, source in dataset.files:
+        if not source.has_rows:
+            continue
+        parts = [n for _, n in source.units(io.BATCH_ROWS, dataset.layout)]
+        if source.num_rows is None or None in parts:
+            atoms.append((file, None, os.path.getsize(file)))  # (bytes: rows unknown)
+        else:
+            counts[file] = sum(parts)
+            atoms += [(file, i, source.num_rows / counts[file]) for i in range(counts[file])]
+    total = np.cumsum([rows for _, _, rows in atoms])
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, count) / count) + 1
+    bounds = np.unique(np.concatenate([[0], np.minimum(cuts, len(atoms)), [len(atoms)]]))
+    shares = []
+    for lo, hi in itertools.pairwise(bounds):
+        pieces = []  # [file, first batch, stop batch]
+        for file, index, _ in atoms[lo:hi]:
+            if index is not None and pieces and pieces[-1][0] == file:
+                pieces[-1][2] = index + 1
+            else:
+                pieces.append([file, index or 0, None if index is None else index + 1])
+        shares.append([(file, first, None if stop == counts.get(file) else stop)
+                       for file, first, stop in pieces])  # (to its end: however it counts)
+    return shares
+
+
+def part_statistics(part, codes, backend, weighted: bool, double: bool):
+    """The statistics of the series in a part of a dataset, gathered as ``run_job`` gathers
+    them: (codes present, the table by code, rows in their exact frames; input rows read,
+    points used)."""
+    agg = backend.aggregator(weighted, double, rows=max(codes.size, 1))
+    rows = gather_statistics(part, codes, agg)
+    table = np.asarray(agg.finish(codes.size))  # (first: buffered points mark their series)
+    present = agg.seen_codes()
+    points = int(table[:, moments.NPTS].sum())
+    if int(table[present, moments.NPTS].sum()) != points:
+        raise RuntimeError("points of series not marked present: they would be lost (a bug)")
+    return present, table, rows, points
+
+
+def fit_part(part, codes, backend, weighted: bool, double: bool, batch_size: int):
+    """The fits of a part of a dataset whose series are whole within it (list format), as
+    ``run_job`` makes them (refinement included): (series codes per chunk, records, input
+    rows read)."""
+    agg = backend.aggregator(weighted, double, rows=max(codes.size, 1))
+    rows = gather_statistics(part, codes, agg)
+    table = np.asarray(agg.finish(codes.size))
+    present = agg.seen_codes()
+    runs = agg.runs()
+    order = runs if runs is not None and len(runs) == len(present) else \
+        codes.sorted_by_id(present)
+    chunks, records = solve_statistics(backend, table, order, weighted, batch_size)
+    _refine(part, codes, agg, backend, table, chunks, records, weighted, 1)
+    return chunks, records, rows
+
+
+def merge_statistics(rows_of_parts: list, tables: list, n: int, backend,
+                     weighted: bool) -> np.ndarray:
+    """One statistics table of ``n`` series from tables of parts: part j's rows belong to
+    series ``rows_of_parts[j]`` (each at most once per part); merged in part order."""
+    degree = backend.opts.degree
+    table = moments.new_table(n, degree, weighted)
+    for rows, part in zip(rows_of_parts, tables):
+        merged = table[rows]
+        part = np.ascontiguousarray(part, dtype=np.float64)
+        if backend.uses_torch:
+            import torch
+
+            from .stats import merge_tables
+
+            merged = merge_tables(torch.from_numpy(merged), torch.from_numpy(np.array(part)),
+                                  degree, weighted).numpy()
+        else:
+            native.merge(merged, part, degree, weighted)
+        table[rows] = merged
+    return table
+
+
+def untrusted_rows(chunks, records) -> tuple[list, np.ndarray]:
+    """Each chunk's rows to refine, and their table rows, in order."""
+    untrusted = [np.flatnonzero(~record["trusted"]) for record in records]
+    picked = np.concatenate([chunk[rows] for chunk, rows in zip(chunks, untrusted)]) \
+        if untrusted else np.zeros(0, np.int64)
+    return untrusted, picked.astype(np.int64)
+
+
+def residual_moments(part, codes, backend, ids, table, q, weighted: bool,
+                     double: bool) -> np.ndarray:
+    """The residual moments that ``_refine`` gathers, over a part of a dataset, for the
+    series ``ids`` (their merged statistics ``table`` and Chebyshev coefficients ``q``):
+    one row per series, to be added over the parts."""
+    k = backend.opts.degree + 1
+    flagged, _ = codes.encode(codes.prepare(ids))  # (hashed codes: 0, 1, ... in this order)
+    slot = np.full(codes.size, -1, np.int64)
+    slot[np.asarray(flagged) - codes.offset] = np.arange(len(ids))
+    agg = backend.aggregator(weighted, double, rows=max(len(ids), 1))
+    agg.load_state({"table": np.array(table, dtype=np.float64),
+                    "seen": np.ones(len(ids), np.uint8), "last": -1, "nruns": 0,
+                    "runlist": np.zeros(0, np.int64), "scattered": True})
+    out = np.zeros((len(ids), (k + 1) * (2 if weighted else 1)))
+    every, q = np.ones(len(ids), np.uint8), np.ascontiguousarray(q, dtype=np.float64)
+    for batch in part.batches(codes):
+        local = batch.codes - batch.offset
+        inside = local < len(slot)
+        local = np.where(inside, slot[np.where(inside, local, 0)], -1)
+        keep = local >= 0
+        if keep.any():
+            agg.residual(local[keep], batch.x[keep], batch.y[keep],
+                         None if batch.w is None else batch.w[keep], every, q, out)
+    return out
 
 
 # ---------------------------------------------------------------- the other solvers
@@ -277,7 +466,7 @@ def _points_job(dataset: io.Dataset, opts: Options, fit_options: dict, schema, w
             if progress:
                 progress(n_series, dataset.n_series)
     if history is not None:
-        io.write_table_atomically(history_path, history.table(job_columns(opts), metadata))
+        io.write_table_atomically(history_path, history.table(list(opts.columns()), metadata))
     return counts, n_series, n_points, dataset.contiguous
 
 
@@ -308,9 +497,8 @@ def fit_table(table, *, columns: io.ColumnSpec = DEFAULT_COLUMNS, **fit_options)
     opts = resolve(**fit_options)
     parts, schema = [], None
     for chunk in io.table_chunks(table, columns):
-        schema = schema or io.output_schema(chunk.ids.type, job_columns(opts),
-                                            opts.describe(), restarts=bool(opts.restarts),
-                                            id_name=columns.series_id)
+        schema = schema or job_schema(opts, chunk.ids.type, opts.describe(),
+                                      columns.series_id)
         parts.append(io.result_table(chunk.ids, _fit_chunk(chunk, fit_options).record(),
                                      schema))
     if not parts:

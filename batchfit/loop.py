@@ -52,7 +52,7 @@ from . import linalg
 from .kernel import factory
 from .linalg import Mat, Vec, mat_vec
 from .losses import Loss
-from .models import Model
+from .models import Model, in_user_order
 from .problem import FitResult, History, Problem
 
 
@@ -235,7 +235,8 @@ class Recorder:
         self.sample = torch.arange(0, batch, max(1, -(-batch // max(cfg.history_sample, 1))),
                                    device=device)[: cfg.history_sample]
         self.tracked = tracked
-        self.initial_params = initial_params  # (T, k) raw, float64
+        self.initial_params = initial_params  # (T, k) raw, float64, as computed
+        self.model = cfg.model
         self.structural = structural
         self.grid = history_epochs(cfg)
         self.rows: list[torch.Tensor] = []
@@ -257,7 +258,8 @@ class Recorder:
         n = len(self.sample)
         return History(epochs=torch.tensor(self.grid), sample_loss=table[:, :n],
                        tracked=self.tracked.cpu(), tracked_loss=table[:, n:],
-                       tracked_initial_params=self.initial_params.cpu())
+                       tracked_initial_params=in_user_order(self.model,
+                                                            self.initial_params.cpu()))
 
 
 def history_epochs(cfg: SolverConfig) -> list[int]:
@@ -334,7 +336,11 @@ def train(call, state: LoopState, inputs, cfg: SolverConfig, recorder: Recorder,
 def fit_result(out: dict, iterations, cfg: SolverConfig, solver: str,
                 history: History | None = None) -> FitResult:
     wide = {name: out[name].to(torch.float64) for name in ("loss", "rmse", "r2")}
-    return FitResult(params=stack(out["params"]), stderr=stack(out["stderr"]), **wide,
+    if "frame_params" in out:
+        wide.update(x_centre=out["x_centre"], x_scale=out["x_scale"],
+                    frame_params=stack(in_user_order(cfg.model, out["frame_params"])))
+    return FitResult(params=stack(in_user_order(cfg.model, out["params"])),
+                     stderr=stack(in_user_order(cfg.model, out["stderr"])), **wide,
                      model=cfg.model,
                      n_points=out["n_points"].to(torch.int64),
                      iterations=iterations.to(torch.int64), status=out["status"],

@@ -26,10 +26,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from numpy.polynomial import chebyshev
 
-from .linalg import Mat, Vec, mat_mat
-from .names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns  # noqa: F401
+from .linalg import Mat, Vec, mat_mat, mat_vec
+from .moments import cheb_to_mono
+from .names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns, poly_names  # noqa: F401
 
 
 class Sums(NamedTuple):
@@ -72,17 +72,11 @@ def weighted_gram(t: torch.Tensor, w: torch.Tensor, k: int) -> Mat:
     return gram_from_sums([(w * tm).sum() for tm in chebyshev_terms(t, 2 * k - 2)], k)
 
 
-def _cheb_to_mono_table(k: int) -> np.ndarray:
-    """Column j holds the monomial coefficients of T_j (exact small integers)."""
-    columns = [chebyshev.cheb2poly(np.eye(k)[j]) for j in range(k)]  # cheb2poly trims zeros
-    return np.stack([np.pad(col, (0, k - len(col))) for col in columns], axis=1)
-
-
 # Plain nested tuples of floats, made once at import, so torch.compile sees constants.
 MAX_TERMS = MAX_DEGREE + 1
-_CHEB_TO_MONO = {k: tuple(map(tuple, _cheb_to_mono_table(k).tolist()))
+_CHEB_TO_MONO = {k: tuple(map(tuple, cheb_to_mono(k).tolist()))
                  for k in range(1, MAX_TERMS + 1)}
-_MONO_TO_CHEB = {k: tuple(map(tuple, np.linalg.inv(_cheb_to_mono_table(k)).tolist()))
+_MONO_TO_CHEB = {k: tuple(map(tuple, np.linalg.inv(cheb_to_mono(k)).tolist()))
                  for k in range(1, MAX_TERMS + 1)}
 
 
@@ -111,6 +105,24 @@ def from_raw_map(centre_raw: torch.Tensor, half: torch.Tensor, k: int) -> Mat:
     shift = tuple(tuple(comb(i, j) * centre ** (i - j) * half**j if i >= j else zero
                         for i in range(k)) for j in range(k))
     return mat_mat(_MONO_TO_CHEB[k], shift)
+
+
+def frame_coefficients(q: Vec) -> Vec:
+    """The monomial coefficients in t (lowest power first, float64) of Chebyshev ``q``: a
+    fit in its own frame, which evaluates accurately however far x lies from 0."""
+    return mat_vec(_CHEB_TO_MONO[len(q)], tuple(qj.to(torch.float64) for qj in q))
+
+
+def in_user_order(model, params):
+    """Coefficients as users see them. The polynomial is computed lowest power first (index
+    = power) and shown highest power first, the seed's and numpy.polyfit's order: reversed
+    along the last axis (a tuple, tensor or array; the map is its own inverse). Other models
+    keep their order."""
+    if model is not None and not model.is_poly:
+        return params
+    if isinstance(params, tuple):
+        return params[::-1]
+    return params.flip(-1) if isinstance(params, torch.Tensor) else params[..., ::-1]
 
 
 def scaled_x(x: torch.Tensor, w: torch.Tensor, centre, half) -> torch.Tensor:
@@ -209,10 +221,9 @@ class Model:
 
 
 def polynomial(degree: int) -> Model:
-    """``y = sum_i p_i x**i``: columns a, b, c for the quadratic, else p0 .. pD."""
-    columns = poly_columns(degree)
-    names = tuple(name for name, _ in sorted(columns, key=lambda c: c[1]))
-    return Model("poly", names, columns=columns, degree=degree)
+    """``y = sum_i p_i x**i``, its coefficients highest power first: a, b, c for the
+    quadratic, else pD .. p0."""
+    return Model("poly", poly_names(degree), columns=poly_columns(degree), degree=degree)
 
 
 def _exp(x, p):

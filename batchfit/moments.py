@@ -19,6 +19,7 @@ native kernel (``batchfit/native/aggregate.c``) gathers and solves these tables 
 from __future__ import annotations
 
 import numpy as np
+from numpy.polynomial import chebyshev
 
 # Row layout (the same in aggregate.c): a header, then one block of sums, and for weighted
 # tables a second block with unit weights (the unweighted rmse needs it).
@@ -30,6 +31,33 @@ TRUST_PIVOT = 0.25  # below this relative Cholesky pivot, one refinement step on
 # least this many eps of Y2 (then it keeps ~12 digits, the row-order promise); below, the
 # series gets one refinement step with its points. (The same constants are in aggregate.c.)
 CANCELLATION_MARGIN = 2.0**42
+
+
+def cheb_to_mono(k: int) -> np.ndarray:
+    """(k, k): column j holds the monomial coefficients of T_j, lowest power first (exact small
+    integers)."""
+    columns = [chebyshev.cheb2poly(np.eye(k)[j]) for j in range(k)]  # cheb2poly trims zeros
+    return np.stack([np.pad(col, (0, k - len(col))) for col in columns], axis=1)
+
+
+def frame_coefficients(table: np.ndarray, q: np.ndarray) -> dict:
+    """The fits of a solved table in their frames (what ``batchfit.predict`` evaluates): the
+    centre and scale of each row's x, and the coefficients of ``t = (x - centre) / scale``,
+    highest power first, from the Chebyshev coefficients ``q`` of y - yref (rows, k)."""
+    # (einsum: a BLAS matmul of a tall, 4-column matrix takes 6x longer here)
+    mono = np.einsum("rk,jk->rj", q, cheb_to_mono(q.shape[1])[::-1])
+    mono[:, -1] += table[:, YREF]
+    return {"x_centre": table[:, CENTRE].copy(), "x_scale": table[:, HALF].copy(),
+            "frame_params": mono}
+
+
+def exact_r2(record: dict) -> dict:
+    """A solved table's record with the r2 of degree-0 fits exactly 0: the fit is the mean,
+    so 1 - sse / sst is 0 by definition, and computing it leaves rounding noise whose sign
+    and size depend on the order of the points."""
+    if record["params"].shape[1] == 1:
+        record["r2"] = np.where(np.isnan(record["r2"]), np.nan, 0.0)
+    return record
 
 
 def block_size(degree: int) -> int:

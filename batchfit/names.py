@@ -28,12 +28,19 @@ DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def poly_columns(degree: int) -> tuple[tuple[str, int], ...]:
-    """(output column, power of x) of the polynomial of ``degree``: a, b, c for the
-    quadratic, else p0 .. pD."""
+def poly_names(degree: int) -> tuple[str, ...]:
+    """The coefficients of the polynomial of ``degree``, highest power first (the seed's and
+    ``numpy.polyfit``'s order): a, b, c for the quadratic, else pD .. p1, p0 (``pK``
+    multiplies x^K)."""
     if degree == 2:
-        return (("a", 2), ("b", 1), ("c", 0))
-    return tuple((f"p{i}", i) for i in range(degree + 1))
+        return ("a", "b", "c")
+    return tuple(f"p{power}" for power in range(degree, -1, -1))
+
+
+def poly_columns(degree: int) -> tuple[tuple[str, int], ...]:
+    """(output column, parameter index) of the polynomial of ``degree``; the column at index
+    i multiplies x^(degree - i)."""
+    return tuple((name, i) for i, name in enumerate(poly_names(degree)))
 
 
 def family_columns(name: str) -> tuple[tuple[str, int], ...]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .degrees import parse as parse_degree
 from .names import (
     BUILTIN_LOSSES,
     DTYPES,
@@ -64,6 +65,7 @@ class Options:
     history_sample: int
     track: tuple | None
     restarts: int = 0  # extra starting points per series (models)
+    auto_degree: bool = False  # each series' degree chosen in 0 .. degree by BIC
 
     @property
     def is_poly(self) -> bool:
@@ -102,18 +104,12 @@ class Options:
     def describe(self, device=None) -> dict:
         """What a job records in its metadata (``device``: where it ran)."""
         return {"solver": self.solver, "loss": self.loss_name,
-                "degree": self.degree if self.is_poly else None, "model": self.model_name,
+                "degree": self.degree if self.is_poly else None,
+                "degree_chosen_per_series": self.auto_degree, "model": self.model_name,
                 "formula": FORMULAS.get(self.model_name),
                 "param_columns": [name for name, _ in self.columns()],
                 "dtype": self.dtype, "device": str(device or self.device),
                 "restarts": self.restarts}
-
-    def kwargs(self) -> dict:
-        """``fit`` keyword arguments that give these options again."""
-        return {name: getattr(self, name) for name in (
-            "degree", "p0", "param_names", "bounds", "loss", "f_scale", "solver", "lr",
-            "epochs", "tol", "init", "seed", "device", "dtype", "compile", "history_every",
-            "history_sample", "track", "restarts")} | {"model": self.model}
 
     def with_(self, **changes) -> Options:
         return replace(self, **changes)
@@ -161,6 +157,7 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
     """Check and resolve ``fit``'s options (``y``, when given, picks the default dtype)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    degree, auto_degree = parse_degree(degree)
     check_number("degree", degree, low=0, integer=True)
     if degree > MAX_DEGREE:
         raise ValueError(f"degree must be at most {MAX_DEGREE}, got {degree}")
@@ -203,6 +200,9 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
     if solver == "exact" and loss != "mse":
         name = loss if isinstance(loss, str) else "custom"
         raise ValueError(f"the exact solver fits MSE only; use newton for loss {name!r}")
+    if auto_degree and not (model is None and solver == "exact"):
+        raise ValueError("degree 'auto' chooses among least-squares polynomial fits (BIC); "
+                         "it needs loss mse, solver exact or auto and no model")
     lr = DEFAULT_LR if lr is None else lr
     check_number("lr", lr, low=0, strictly=True)
     if epochs is None and not (solver == "newton" and model is not None):
@@ -221,4 +221,4 @@ def resolve(*, degree: int = 2, model=None, p0=None, param_names=None, bounds=No
                    epochs=epochs, tol=float(tol), init=init, seed=seed,
                    device="auto" if device is None else device, dtype=dtype, compile=compile,
                    history_every=history_every, history_sample=history_sample, track=track,
-                   restarts=int(restarts))
+                   restarts=int(restarts), auto_degree=auto_degree)

@@ -10,26 +10,37 @@ tables) and writes one file; ``plot_all`` reads a job's files and writes them al
   tracked series (the seed's MSE vs epoch);
 * ``coefficients.png``: the fitted coefficients over the batch, against the truth if known;
 * ``residuals.png``: rmse and r2 over the batch, and the counts by status.
+
+Each ``plot_*`` function has a ``*_figure`` twin that returns the Figure instead of writing
+it. Axes keep to a few ticks, and large values (epoch seconds, the coefficients fitted on
+them) show their offset or power of ten once at the axis' end; an x read from timestamps or
+dates (``x_unit``, in the run's metadata) is shown as dates and times in UTC.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
+import matplotlib.dates as mdates
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
 from . import io
 from .models import FAMILIES
 from .names import STATUS_LABELS
+from .prediction import horner
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
 MAX_SCATTER = 20_000  # points drawn in a scatter over the batch (a reproducible sample)
+DPI = 90
+DATES = "seconds since 1970-01-01 UTC"  # the x_unit of timestamps and dates (io.schema)
 
 
 def _figure(rows: int, cols: int, width: float = 3.4, height: float = 2.8):
@@ -45,12 +56,70 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 def _save(fig: Figure, path: str) -> str:
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=DPI)
     return path
 
 
 def _note(ax, text: str):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _numbers(axis, bins: int = 5, integer: bool = False):
+    """Few ticks on a linear axis; a large value's common part (1.7e9 + ...) and power of
+    ten shown once, as the axis' offset text, so that the labels stay short."""
+    axis.set_major_locator(MaxNLocator(nbins=bins, steps=[1, 2, 2.5, 5, 10], integer=integer,
+                                       min_n_ticks=2))
+    axis.set_major_formatter(ScalarFormatter(useOffset=True))
+
+
+def _dates(axis):
+    locator = mdates.AutoDateLocator(minticks=2, maxticks=5)
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
+def _shown_x(x: np.ndarray, x_unit: str | None) -> np.ndarray:
+    """x as drawn: finite seconds since the epoch become matplotlib dates (days)."""
+    if x_unit != DATES:
+        return x
+    return mdates.date2num(np.round(x * 1e6).astype("int64").astype("datetime64[us]"))
+
+
+def _x_axis(ax, x_unit: str | None):
+    if x_unit == DATES:
+        _dates(ax.xaxis)
+        ax.set_xlabel("x (UTC)")
+    else:
+        _numbers(ax.xaxis, bins=4)
+        ax.set_xlabel("x" if not x_unit else f"x ({x_unit})")
+
+
+def _drawn_ticks(axis, renderer) -> tuple[list, list]:
+    """The ticks of ``axis`` inside its view that have a label: their places and boxes."""
+    low, high = sorted(axis.get_view_interval())
+    drawn = [(at, label.get_window_extent(renderer)) for at, label in
+             zip(axis.get_majorticklocs(), axis.get_majorticklabels())
+             if low <= at <= high and label.get_visible() and label.get_text()]
+    return [at for at, _ in drawn], [box for _, box in drawn]
+
+
+def _declutter(fig: Figure) -> Figure:
+    """Thin the ticks of any axis whose labels would still touch (a last resort: the
+    locators above keep to a few ticks already). Returns ``fig``, drawn."""
+    for _ in range(3):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        crowded = []
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                places, boxes = _drawn_ticks(axis, renderer)
+                if any(a.overlaps(b) for a, b in itertools.pairwise(boxes)):
+                    crowded.append((axis, places))
+        if not crowded:
+            break
+        for axis, places in crowded:  # every other tick (the view is final by now)
+            axis.set_major_locator(FixedLocator(places[::2]))
+    return fig
 
 
 def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
@@ -60,7 +129,14 @@ def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
     if any(coefficients.get(name) is None for name, _ in columns):
         return None
     if fitted["model"] == "poly":
-        return sum(coefficients[name] * x**power for name, power in columns)
+        names = [name for name, _ in columns]  # (highest power first)
+        frame = [coefficients.get(key) for key in ("x_centre", "x_scale",
+                                                     *map(io.frame_name, names))]
+        x = np.asarray(x, dtype=np.float64)
+        if all(value is not None for value in frame):  # in the fit's frame: no cancellation
+            centre, scale, *params = frame
+            return horner(np.array([params]), ((x - centre) / scale)[None])[0]
+        return horner(np.array([[coefficients[name] for name in names]]), x[None])[0]
     if fitted["model"] not in FAMILIES:
         return None  # a custom model: its code is not in the file (and never will be)
     params = [coefficients[name] for name, _ in sorted(columns, key=lambda c: c[1])]
@@ -69,46 +145,65 @@ def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
                                            torch.tensor(params, dtype=torch.float64)).numpy()
 
 
-def _series_grid(series: dict, title: str, draw) -> Figure:
+def _series_grid(series: dict, title: str, draw, x_unit: str | None = None) -> Figure:
     fig, axes = _grid_axes(len(series))
     for ax, (series_id, (x, y)) in zip(axes.flat, series.items()):
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         keep = np.isfinite(x) & np.isfinite(y)
-        ax.scatter(x[keep], y[keep], s=8, color=POINT_COLOR, alpha=0.7, label="data")
+        ax.scatter(_shown_x(x[keep], x_unit), y[keep], s=8, color=POINT_COLOR, alpha=0.7,
+                   label="data")
         count = int(keep.sum())
         ax.set_title(f"series {series_id} ({count} point{'' if count == 1 else 's'})",
                      fontsize=9)
-        ax.set_xlabel("x")
+        _x_axis(ax, x_unit)
+        _numbers(ax.yaxis)
         ax.set_ylabel("y")
         if not keep.any():
             _note(ax, "no usable points")
         draw(ax, series_id, x[keep])
-    for ax in list(axes.flat)[len(series):]:
-        ax.set_axis_off()
+    for ax in list(axes.flat)[max(len(series), 1):]:
+        ax.remove()  # the cells of the last row that no series fills
     fig.suptitle(title)
-    return fig
+    return _declutter(fig)
 
 
 def _grid_axes(n: int):
     rows, cols = _grid(max(n, 1))
     fig, axes = _figure(rows, cols)
     if n == 0:
+        axes[0, 0].set_axis_off()
         _note(axes[0, 0], "no series to show")
     return fig, axes
 
 
-def plot_data(series: dict, path: str, total: int | None = None) -> str:
-    """``series``: {id: (x, y)}; a scatter per series."""
+def data_figure(series: dict, total: int | None = None, x_unit: str | None = None) -> Figure:
+    """``series``: {id: (x, y)}; a scatter per series. ``x_unit``: the run's metadata's."""
     of = f" of {total:,}" if total else ""
-    return _save(_series_grid(series, f"Data: {len(series)} sampled series{of}",
-                              lambda ax, sid, x: None), path)
+    return _series_grid(series, f"Data: {len(series)} sampled series{of}",
+                        lambda ax, sid, x: None, x_unit)
+
+
+def plot_data(series: dict, path: str, total: int | None = None,
+              x_unit: str | None = None) -> str:
+    return _save(data_figure(series, total, x_unit), path)
 
 
 def plot_fits(series: dict, fitted: dict, model: dict, path: str, initial: dict | None = None,
               reference: dict | None = None, label: str = "fitted",
-              reference_label: str = "reference") -> str:
+              reference_label: str = "reference", x_unit: str | None = None) -> str:
+    return _save(fits_figure(series, fitted, model, initial, reference, label,
+                             reference_label, x_unit), path)
+
+
+def fits_figure(series: dict, fitted: dict, model: dict, initial: dict | None = None,
+                reference: dict | None = None, label: str = "fitted",
+                reference_label: str = "reference", x_unit: str | None = None) -> Figure:
     """Points with the fitted curve; ``initial`` ({id: coefficients}) adds the curve before
     training, ``reference`` another fit (e.g. the exact solver) for comparison. ``model``:
-    the fitted model as ``io.read_coefficients`` describes it."""
+    the fitted model as ``io.read_coefficients`` describes it (its ``x_unit`` the default
+    of ``x_unit``)."""
+    x_unit = x_unit or model.get("x_unit")
+
     def draw(ax, series_id, x):
         if len(x) == 0:
             return
@@ -120,18 +215,22 @@ def plot_fits(series: dict, fitted: dict, model: dict, path: str, initial: dict 
             row = (source or {}).get(series_id)
             values = None if row is None else curve(row, model, grid)
             if values is not None:
-                ax.plot(grid, values, style, color=color, lw=1.6, label=name,
-                        marker="o" if len(grid) == 1 else None)
+                ax.plot(_shown_x(grid, x_unit), values, style, color=color, lw=1.6,
+                        label=name, marker="o" if len(grid) == 1 else None)
         status = (fitted.get(series_id) or {}).get("status")
         if status and status != "ok":
             ax.set_title(f"{ax.get_title()}: {status}", fontsize=9)
         ax.legend(fontsize=7, loc="best")
 
     title = f"Fits: {label}" + (" (before and after training)" if initial else "")
-    return _save(_series_grid(series, title, draw), path)
+    return _series_grid(series, title, draw, x_unit)
 
 
 def plot_loss(history: pa.Table, meta: dict, path: str) -> str:
+    return _save(loss_figure(history, meta), path)
+
+
+def loss_figure(history: pa.Table, meta: dict) -> Figure:
     """Loss against epoch (log scale): median, quantile bands and tracked series."""
     fig, axes = _figure(1, 1, 7.0, 4.2)
     ax = axes[0, 0]
@@ -162,9 +261,19 @@ def plot_loss(history: pa.Table, meta: dict, path: str) -> str:
     over = f" over {sampled:,} sampled series" if sampled else ""
     ax.set_title(f"Training loss ({loss}){over}: {solver}" + (f", lr {lr:g}" if lr else ""))
     ax.set_xlabel("epoch")
+    _numbers(ax.xaxis, bins=6, integer=True)
     ax.set_ylabel(f"loss ({loss}, log scale)")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return _declutter(fig)
+
+
+def _span(values: np.ndarray, high: float) -> tuple[float, float]:
+    """A histogram's range: all of a small batch; a large one's 0.5 to ``high`` percentile
+    (a few wild series must not squeeze the rest into one bin)."""
+    if len(values) < 1000:
+        return float(values.min()), float(values.max())
+    low, high = np.percentile(values, [0.5, high])
+    return float(low), float(high)
 
 
 def _sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
@@ -175,25 +284,36 @@ def _sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 def plot_coefficients(coefficients: pa.Table, columns: list, path: str,
                       truth: pa.Table | None = None, label: str = "") -> str:
+    return _save(coefficients_figure(coefficients, columns, truth, label), path)
+
+
+def coefficients_figure(coefficients: pa.Table, columns: list, truth: pa.Table | None = None,
+                        label: str = "") -> Figure:
     """Histograms of each coefficient (``columns``: (name, index)) over the batch; with the
-    truth, fitted against true."""
-    rows = 2 if truth is not None else 1
-    fig, axes = _figure(rows, len(columns))
+    truth, fitted against true (a row drawn only where some series has both)."""
+    fitted = {name: coefficients[name].to_numpy(zero_copy_only=False).astype(float)
+              for name, _ in columns}
     matched = None
     if truth is not None:
         index = {sid: i for i, sid in enumerate(truth["series_id"].to_pylist())}
-        at = [index.get(sid, -1) for sid in coefficients["series_id"].to_pylist()]
-        matched = np.array(at)
+        matched = np.array([index.get(sid, -1) for sid in coefficients["series_id"].to_pylist()],
+                           dtype=np.int64)
+    both = {name: (np.isfinite(values) & (matched >= 0)) if matched is not None
+            and name in truth.column_names else np.zeros(len(values), bool)
+            for name, values in fitted.items()}  # the series with a fitted and a true value
+    compare = any(has.any() for has in both.values())
+    fig, axes = _figure(2 if compare else 1, max(len(columns), 1))
     for j, (name, _) in enumerate(columns):
-        fitted = coefficients[name].to_numpy(zero_copy_only=False).astype(float)
-        ok = np.isfinite(fitted)
+        values = fitted[name]
+        ok = np.isfinite(values)
         ax = axes[0, j]
-        true_all = (truth[name].to_numpy() if truth is not None and name in truth.column_names
-                    else np.zeros(0))
+        true_all = (truth[name].to_numpy(zero_copy_only=False).astype(float)
+                    if truth is not None and name in truth.column_names else np.zeros(0))
+        true_all = true_all[np.isfinite(true_all)]
         if ok.any():
-            low, high = np.percentile(np.concatenate([fitted[ok], true_all]), [0.5, 99.5])
+            low, high = _span(np.concatenate([values[ok], true_all]), 99.5)
             bins = np.linspace(low, high, 60) if high > low else 10
-            ax.hist(fitted[ok], bins=bins, color=POINT_COLOR, alpha=0.8, label="fitted")
+            ax.hist(values[ok], bins=bins, color=POINT_COLOR, alpha=0.8, label="fitted")
             if len(true_all):
                 ax.hist(true_all, bins=bins, histtype="step", color="black", label="true")
                 ax.legend(fontsize=7)
@@ -202,56 +322,76 @@ def plot_coefficients(coefficients: pa.Table, columns: list, path: str,
         ax.set_title(f"{name}: {ok.sum():,} fitted series", fontsize=10)
         ax.set_xlabel(name)
         ax.set_ylabel("series")
-        if truth is not None:
-            ax = axes[1, j]
-            has = ok & (matched >= 0)
-            if has.any() and name in truth.column_names:
-                true = truth[name].to_numpy()[matched[has]]
-                rows_drawn = _sample_rows(int(has.sum()), MAX_SCATTER)
-                ax.scatter(true[rows_drawn], fitted[has][rows_drawn], s=2, alpha=0.3,
-                           color=POINT_COLOR)
-                span = [min(true.min(), fitted[has].min()), max(true.max(), fitted[has].max())]
-                ax.plot(span, span, color=FIT_COLOR, lw=1, label="fitted = true")
-                error = np.median(np.abs(fitted[has] - true))
-                ax.set_title(f"{name}: median |error| {error:.3g}", fontsize=10)
-                ax.legend(fontsize=7)
+        _numbers(ax.xaxis, bins=4)
+        _numbers(ax.yaxis, integer=True)
+        if not compare:
+            continue
+        ax = axes[1, j]
+        has = both[name]
+        if not has.any():
+            if ok.any():  # (else the histogram above already says there is nothing)
+                ax.set_axis_off()
+                _note(ax, f"no fitted {name} with a true value")
             else:
-                _note(ax, "no fitted series with a true value")
-            ax.set_xlabel(f"true {name}")
-            ax.set_ylabel(f"fitted {name}")
+                ax.remove()
+            continue
+        true = truth[name].to_numpy(zero_copy_only=False).astype(float)[matched[has]]
+        drawn = _sample_rows(int(has.sum()), MAX_SCATTER)
+        ax.scatter(true[drawn], values[has][drawn], s=2, alpha=0.3, color=POINT_COLOR)
+        span = [np.nanmin([true.min(), values[has].min()]),
+                np.nanmax([true.max(), values[has].max()])]
+        ax.plot(span, span, color=FIT_COLOR, lw=1, label="fitted = true")
+        error = np.nanmedian(np.abs(values[has] - true))
+        ax.set_title(f"{name}: median |error| {error:.3g}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"fitted {name}")
+        _numbers(ax.xaxis, bins=4)
+        _numbers(ax.yaxis)
     fig.suptitle(f"Coefficients over {coefficients.num_rows:,} series" +
                  (f": {label}" if label else ""))
-    return _save(fig, path)
+    return _declutter(fig)
 
 
 def plot_residuals(coefficients: pa.Table, path: str) -> str:
-    """rmse and r2 over the batch, and the counts by status."""
+    return _save(residuals_figure(coefficients), path)
+
+
+def residuals_figure(coefficients: pa.Table) -> Figure:
+    """rmse and r2 over the batch, and the counts by status (horizontal bars)."""
     fig, axes = _figure(1, 3)
     for ax, name in zip(axes[0, :2], ["rmse", "r2"]):
         values = coefficients[name].to_numpy(zero_copy_only=False).astype(float)
         values = values[np.isfinite(values)]
         if len(values):
-            low, high = np.percentile(values, [0.5, 100])
+            low, high = _span(values, 100)
             ax.hist(values, bins=np.linspace(low, high, 60) if high > low else 10,
                     color=POINT_COLOR, alpha=0.8)
             ax.set_title(f"{name}: median {np.median(values):.3g}", fontsize=10)
+            ax.set_xlabel(name)
+            ax.set_ylabel("series")
+            _numbers(ax.xaxis, bins=4)
+            _numbers(ax.yaxis, integer=True)
         else:
+            ax.set_axis_off()
             _note(ax, f"no series with an {name}")
             ax.set_title(name, fontsize=10)
-        ax.set_xlabel(name)
-        ax.set_ylabel("series")
     ax = axes[0, 2]
     statuses = coefficients["status"].to_pylist()
     names = [str(label) for label in STATUS_LABELS]
     counts = [statuses.count(name) for name in names]
-    bars = ax.bar(range(len(names)), counts,
-                  color=[POINT_COLOR] + [FIT_COLOR] * (len(names) - 1))
-    ax.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=7)
-    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
-    ax.set_ylabel("series")
+    places = np.arange(len(names))
+    bars = ax.barh(places, counts, height=0.6,
+                   color=[POINT_COLOR] + [FIT_COLOR] * (len(names) - 1))
+    ax.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=8, padding=3)
+    ax.set_yticks(places, [n.replace("_", " ") for n in names], fontsize=8)
+    ax.set_ylim(len(names) - 0.4, -0.6)  # ok on top
+    ax.set_xlim(0, max(max(counts), 1) * 1.3)  # room for the counts right of the bars
+    _numbers(ax.xaxis, bins=4, integer=True)
+    ax.set_xlabel("series")
     ax.set_title("status", fontsize=10)
     fig.suptitle(f"Goodness of fit over {coefficients.num_rows:,} series")
-    return _save(fig, path)
+    return _declutter(fig)
 
 
 def choose_series(coefficients: pa.Table, sample: int, seed: int = 0,
@@ -269,7 +409,8 @@ def choose_series(coefficients: pa.Table, sample: int, seed: int = 0,
 def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
              history_path: str | None = None, truth_path: str | None = None,
              reference_path: str | None = None, series: list | None = None, sample: int = 9,
-             seed: int = 0, columns: io.ColumnSpec | None = None) -> list[str]:
+             seed: int = 0, columns: io.ColumnSpec | None = None,
+             input_format: str = "auto") -> list[str]:
     """Read a job's files and write every picture into ``out_dir``; returns their paths."""
     columns = columns or io.ColumnSpec()
     coefficients, meta = io.read_coefficients(coefficients_path)
@@ -278,7 +419,7 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
     if series:  # ids typed like the coefficients' series_id
         series = pa.array(series).cast(coefficients.schema.field("series_id").type).to_pylist()
     chosen = choose_series(coefficients, sample, seed, history_meta, series)
-    points = io.read_series(data_path, chosen, columns)
+    points = io.read_series(data_path, chosen, columns, input_format)
     points = {sid: points.get(sid, (np.zeros(0), np.zeros(0))) for sid in chosen}
     rows = {row["series_id"]: row for row in _rows_for(coefficients, chosen)}
     initial = ({t["series_id"]: t["initial"] for t in history_meta["tracked"]}
@@ -291,9 +432,11 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
     os.makedirs(out_dir, exist_ok=True)
     model = "" if meta.get("model") in ("poly", None) else f"{meta['model']}, "
     label = f"{model}{meta.get('solver', 'fitted')} ({meta.get('loss', 'mse')})"
-    paths = [plot_data(points, os.path.join(out_dir, "data.png"), coefficients.num_rows),
+    x_unit = meta.get("x_unit")
+    paths = [plot_data(points, os.path.join(out_dir, "data.png"), coefficients.num_rows,
+                       x_unit),
              plot_fits(points, rows, meta, os.path.join(out_dir, "fits.png"), initial,
-                       reference, label, reference_label)]
+                       reference, label, reference_label, x_unit)]
     if history is not None:
         paths.append(plot_loss(history, history_meta, os.path.join(out_dir, "loss.png")))
     paths.append(plot_coefficients(coefficients, meta["columns"],

@@ -103,7 +103,14 @@ class History:
 
 @dataclass(frozen=True)
 class FitResult:
-    """One fit per series. ``params[:, i]`` multiplies ``x**i`` in the input's units.
+    """One fit per series. ``params`` columns follow ``param_names``: for polynomials
+    highest power first (the quadratic's ``a, b, c``; degree D's ``pD .. p0``, ``params[:, i]``
+    multiplying ``x**(D - i)``), in the input's units.
+
+    Polynomial fits also carry their frame, in which batchfit fitted them: ``x_centre`` and
+    ``x_scale`` (B,) and ``frame_params`` (B, k), the coefficients of
+    ``t = (x - x_centre) / x_scale`` in the same order. With x far from 0 (timestamps) the raw
+    coefficients cancel when evaluated; the frame does not (``batchfit.predict`` uses it).
 
     Coefficients and their standard errors are float64 whatever the working dtype: mapping
     them back from the per-series scaled basis is ill-conditioned for offset x, and float32
@@ -124,6 +131,10 @@ class FitResult:
     history: History | None = field(default=None, repr=False)
     model: Model | None = field(default=None, repr=False)  # None: the polynomial
     converged_starts: torch.Tensor | None = field(default=None, repr=False)  # (B,) restarts
+    x_centre: torch.Tensor | None = field(default=None, repr=False)  # (B,) float64
+    x_scale: torch.Tensor | None = field(default=None, repr=False)  # (B,) float64
+    frame_params: torch.Tensor | None = field(default=None, repr=False)  # (B, k) float64
+    degrees: torch.Tensor | None = field(default=None, repr=False)  # (B,) degree="auto"
 
     @property
     def degree(self) -> int | None:
@@ -132,7 +143,7 @@ class FitResult:
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        """Names of ``params``' columns, in column order (for the quadratic: c, b, a)."""
+        """Names of ``params``' columns, in column order (for the quadratic: a, b, c)."""
         return self.output_model.param_names
 
     @property
@@ -140,6 +151,8 @@ class FitResult:
         return polynomial(self.degree) if self.model is None else self.model
 
     RECORD = ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status")
+    OPTIONAL = ("x_centre", "x_scale", "frame_params", "degrees", "converged_starts")
+    PER_PARAMETER = ("params", "stderr", "frame_params")
 
     @classmethod
     def from_record(cls, record: dict, *, solver: str, loss_name: str, model=None,
@@ -148,8 +161,8 @@ class FitResult:
         def tensor(value):
             out = torch.from_numpy(np.ascontiguousarray(value))
             return out if device is None else out.to(device)
-        return cls(**{name: tensor(record[name]) for name in cls.RECORD}, solver=solver,
-                   loss_name=loss_name, model=model)
+        return cls(**{name: tensor(record[name]) for name in cls.RECORD + cls.OPTIONAL
+                      if name in record}, solver=solver, loss_name=loss_name, model=model)
 
     def reshaped(self, batch_shape: tuple) -> FitResult:
         """The same fits with the batch laid out as ``batch_shape`` (params (..., k))."""
@@ -160,17 +173,17 @@ class FitResult:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The per-series fields this result has (``RECORD``, and ``converged_starts`` after
-        restarts)."""
-        return self.RECORD + (("converged_starts",) if self.converged_starts is not None
-                              else ())
+        """The per-series fields this result has (``RECORD``, then those of ``OPTIONAL`` it
+        carries: a polynomial's frame, its chosen degrees, a multi-start's counts)."""
+        return self.RECORD + tuple(name for name in self.OPTIONAL
+                                   if getattr(self, name) is not None)
 
     def record(self) -> dict:
         """The per-series fields as numpy arrays, one row per series whatever the batch
         shape (what the output tables are made of)."""
         k = self.params.shape[-1]
         return {name: getattr(self, name).cpu().numpy().reshape(
-            (-1, k) if name in ("params", "stderr") else (-1,)) for name in self.fields}
+            (-1, k) if name in self.PER_PARAMETER else (-1,)) for name in self.fields}
 
     def with_rows(self, rows: torch.Tensor, part: FitResult) -> FitResult:
         """This result with the series at ``rows`` taken from ``part`` (fitted apart)."""
@@ -192,9 +205,11 @@ class FitResult:
         from . import io
         from .models import output_columns
 
-        return io.fit_arrow(self.record(), output_columns(self.output_model), ids,
-                            {"solver": self.solver, "loss": self.loss_name},
-                            restarts=self.converged_starts is not None)
+        model = self.output_model
+        return io.fit_arrow(self.record(), output_columns(model), ids,
+                            {"solver": self.solver, "loss": self.loss_name,
+                             "model": model.name, "degree": self.degree,
+                             "param_columns": list(model.param_names)})
 
     def to_pandas(self, ids=None):
         """``to_arrow`` as a pandas DataFrame (needs pandas)."""

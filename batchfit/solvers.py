@@ -50,6 +50,7 @@ from .models import (
     chebyshev_eval,
     chebyshev_terms,
     from_raw_map,
+    in_user_order,
     prepare,
     to_raw_map,
     total_squares,
@@ -333,6 +334,12 @@ def random_init(seed: int, first: int, count: int, k: int, dtype=torch.float64) 
 
 
 def _initial_params(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
+    """(B, k) starting raw coefficients, lowest power first (``init`` is given as users
+    order them, highest first)."""
+    return in_user_order(None, _given_init(cfg, problem))
+
+
+def _given_init(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
     shape = (problem.batch_size, cfg.k)
     if isinstance(cfg.init, str):
         if cfg.init == "zeros":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import linalg
-from .diagnostics import coefficient_errors, finalize
+from .diagnostics import coefficient_errors, finalize, frame_of
 from .kernel import factory
 from .models import Sums, gram_from_sums, to_raw_map
 from .moments import (
@@ -341,7 +341,8 @@ def solve_kernel(degree: int, weighted: bool, refined: bool):
         summary = {"loss": sse / wsum, "rmse": torch.sqrt(sse_u / n),
                    "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
                    "params": linalg.mat_vec(to_raw_map(centre, half, k), q_full),
-                   "stderr": coefficient_errors(sums, gram, sse, consts.pivot_tol)}
+                   "stderr": coefficient_errors(sums, gram, sse, consts.pivot_tol),
+                   "frame": frame_of(centre, half, q_full)}
         count = n.to(torch.int64)
         out = finalize(summary, count, solvable, torch.ones_like(solvable),
                        torch.zeros_like(solvable))

@@ -114,7 +114,7 @@ def timestamp_digits(directory: str) -> dict:
     path = os.path.join(directory, "timestamps.parquet")
     pq.write_table(pa.table({"series_id": np.repeat(np.arange(series), points),
                              "x": x.ravel(), "y": y.ravel()}), path)
-    exact = [oracle(x[i], y[i], 2).coef for i in range(series)]  # lowest power first
+    exact = [oracle(x[i], y[i], 2).coef for i in range(series)]  # a, b, c
     digits = {}
     for method in ("batchfit", "duckdb", "polars"):
         out = os.path.join(directory, f"timestamps-{method}.parquet")
@@ -126,7 +126,7 @@ def timestamp_digits(directory: str) -> dict:
                   file=sys.stderr)
             continue
         table = pq.read_table(out).sort_by("series_id")
-        got = np.stack([table[c].to_numpy() for c in ("c", "b", "a")], 1)
+        got = np.stack([table[c].to_numpy() for c in ("a", "b", "c")], 1)
         digits[method] = min(coef_digits(got[i], exact[i]) for i in range(series))
     return digits
 

@@ -130,7 +130,8 @@ WAMPLER_STDERR = {
 
 
 def wampler_data(number: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """x, y and certified coefficients of NIST's WamplerN (N = 1..5)."""
+    """x, y and certified coefficients of NIST's WamplerN (N = 1..5), as NIST lists them
+    (B0 .. B5: lowest power first)."""
     x = np.arange(21)
     if number == 2:  # the certified data are the exact values rounded to 5 decimals
         y = [float(round(sum(Fraction(1, 10**j) * int(v) ** j for j in range(6)), 5))
@@ -159,8 +160,8 @@ class Case:
     y: np.ndarray  # (B, N) float64
     degree: int
     exact: bool = False  # noise-free by construction: stderr is 0, judge float32 by digits
-    certified: list[str] | None = None  # NIST certified coefficients, x**0 first
-    certified_stderr: list[str] | None = None
+    certified: list[str] | None = None  # NIST certified coefficients, highest power first
+    certified_stderr: list[str] | None = None  # (in the same order)
     source: str = ""
 
     @property
@@ -225,14 +226,16 @@ def build_cases(series: int = 8, points: int | None = None, groups=None) -> list
             name = f"degree {degree} on [{lo:g}, {hi:g}]"
             x = uniform(name, lo, hi, n_points(100))
             cases.append(Case(name, "degree", x, _frame_poly(name, x, degree), degree))
+    # NIST lists B0 .. BD (lowest power first); the cases hold them highest first, as batchfit
     cases.append(Case("NIST Pontius", "nist", np.array([PONTIUS_X], dtype=float),
-                      np.array([PONTIUS_Y]), 2, certified=PONTIUS_CERTIFIED[0],
-                      certified_stderr=PONTIUS_CERTIFIED[1], source=NIST_SOURCES["Pontius"]))
+                      np.array([PONTIUS_Y]), 2, certified=PONTIUS_CERTIFIED[0][::-1],
+                      certified_stderr=PONTIUS_CERTIFIED[1][::-1],
+                      source=NIST_SOURCES["Pontius"]))
     for number in range(1, 6):
         x, y, certified = wampler_data(number)
         cases.append(Case(f"NIST Wampler{number}", "nist", x[None], y[None], 5,
-                          exact=number <= 2, certified=certified,
-                          certified_stderr=WAMPLER_STDERR[number],
+                          exact=number <= 2, certified=certified[::-1],
+                          certified_stderr=WAMPLER_STDERR[number][::-1],
                           source=NIST_SOURCES[f"Wampler{number}"]))
     if groups is not None:
         cases = [case for case in cases if case.group in groups]
@@ -272,10 +275,10 @@ def _gauss_jordan(matrix: list[list[int]], columns: list[list[int]]) -> list[lis
 class Oracle:
     """The exact least-squares fit of one series' float64 points."""
 
-    coef: list[Fraction]  # coef[j] multiplies x**j
+    coef: list[Fraction]  # highest power first (batchfit's order): x**(degree - j) for j
     fitted: list[Fraction]  # exact fitted values at the points
     sse: Fraction  # exact residual sum of squares
-    stderr: np.ndarray  # sqrt(sse / (n - k) * inv(X^T X)_jj), rounded once
+    stderr: np.ndarray  # sqrt(sse / (n - k) * inv(X^T X)_jj), rounded once (coef's order)
     x_ints: list[int] = field(repr=False)  # x == x_ints / 2**x_shift
     x_shift: int = 0
 
@@ -317,7 +320,8 @@ def oracle(x: np.ndarray, y: np.ndarray, degree: int) -> Oracle:
     dof = len(big_x) - k
     stderr = np.array([math.sqrt(sse / dof * inverse[j][j] * 4 ** (sx * j)) if dof > 0
                        else math.nan for j in range(k)])
-    return Oracle(coef, fitted, sse, stderr, big_x, sx)
+    # (computed with index j = power of x; returned highest power first)
+    return Oracle(coef[::-1], fitted, sse, stderr[::-1].copy(), big_x, sx)
 
 
 # ---------------------------------------------------------------- scoring
@@ -348,11 +352,12 @@ def coef_digits(params, reference) -> float:
 
 
 def curve_digits(params, ref: Oracle) -> float:
-    """-log10(max |yhat - yhat_ref| / max |yhat_ref|) over the points, all exact."""
+    """-log10(max |yhat - yhat_ref| / max |yhat_ref|) over the points, all exact.
+    ``params``: highest power first."""
     params = np.asarray(params, dtype=np.float64)
     if not np.isfinite(params).all():
         return 0.0
-    big_p, sp = _scaled_ints(params)
+    big_p, sp = _scaled_ints(params[::-1])  # big_p[j] multiplies X**j
     degree, sx = len(params) - 1, ref.x_shift
     worst = Fraction(0)
     for xv, want in zip(ref.x_ints, ref.fitted):
@@ -380,7 +385,7 @@ def stderr_ratio(params, ref: Oracle) -> float:
 
 @dataclass
 class Fit:
-    params: np.ndarray  # (B, k) float64, params[:, j] multiplies x**j
+    params: np.ndarray  # (B, k) float64, highest power first (batchfit's order)
     status: np.ndarray  # (B,) str
     stderr: np.ndarray | None = None  # (B, k) the method's own standard errors
     seconds: float = 0.0
@@ -423,9 +428,9 @@ def _cli(dtype: str, device: str):
         order = np.argsort(table["series_id"])
         params = np.empty((batch, case.degree + 1))
         stderr = np.empty((batch, case.degree + 1))
-        for name, power in polynomial(case.degree).columns:
-            params[:, power] = np.asarray(table[name], dtype=np.float64)[order]
-            stderr[:, power] = np.asarray(table[f"{name}_stderr"], dtype=np.float64)[order]
+        for name, index in polynomial(case.degree).columns:
+            params[:, index] = np.asarray(table[name], dtype=np.float64)[order]
+            stderr[:, index] = np.asarray(table[f"{name}_stderr"], dtype=np.float64)[order]
         return Fit(params, np.asarray(table["status"])[order], stderr, seconds)
     return run
 
@@ -438,10 +443,10 @@ def _numpy(kind: str):
             warnings.simplefilter("ignore")
             for x, y in zip(case.x, case.y):
                 if kind == "polyfit":
-                    rows.append(np.polyfit(x, y, case.degree)[::-1])
-                else:
+                    rows.append(np.polyfit(x, y, case.degree))
+                else:  # (Polynomial's coef: lowest power first)
                     coef = np.polynomial.Polynomial.fit(x, y, case.degree).convert().coef
-                    rows.append(np.pad(coef, (0, case.degree + 1 - len(coef))))
+                    rows.append(np.pad(coef, (0, case.degree + 1 - len(coef)))[::-1])
         return Fit(np.array(rows, dtype=np.float64), np.full(case.shape[0], "ok"),
                    seconds=time.perf_counter() - start)
     return run

@@ -25,7 +25,8 @@ def files(path: str) -> list[str]:
 
 def floor(path: str, output: str, series: int, fmt: str):
     """pyarrow streaming the input's three columns (nothing else done with them), then
-    writing a table of the output's size (13 columns, one row per series)."""
+    writing a table of the output's size (``batchfit run``'s 18 columns, one row per series:
+    the frame's among them)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -36,9 +37,11 @@ def floor(path: str, output: str, series: int, fmt: str):
             pass
     columns = {"series_id": np.arange(series)}
     columns |= {name: np.zeros(series) for name in ("a", "b", "c", "a_stderr", "b_stderr",
-                                                     "c_stderr", "loss", "rmse", "r2")}
-    columns |= {"n_points": np.zeros(series, np.int64), "iterations": np.ones(series, np.int64),
-                "status": pa.array(["ok"] * series)}
+                                                     "c_stderr", "x_centre", "x_scale",
+                                                     "a_frame", "b_frame", "c_frame")}
+    columns |= {"n_points": np.zeros(series, np.int64)}
+    columns |= {name: np.zeros(series) for name in ("loss", "rmse", "r2")}
+    columns |= {"iterations": np.ones(series, np.int64), "status": pa.array(["ok"] * series)}
     pq.write_table(pa.table(columns), output)
 
 

@@ -133,13 +133,13 @@ def test_property_exact_matches_polyfit(coefs, x, x_scale, noise_seed):
     """Any x with at least 3 distinct values: exact equals numpy.polyfit in float64."""
     x = x * x_scale
     noise = np.random.default_rng(noise_seed).normal(0, 1, x.shape)
-    y = coefs[0] + coefs[1] * x + coefs[2] * x**2 + noise
+    y = coefs[0] * x**2 + coefs[1] * x + coefs[2] + noise
     fit = batchfit.fit(x, y, dtype="float64", compile=False)
     want, _ = polyfit_rows(x[None], y[None], 2)
     span = np.abs(x).max()
-    scale = np.abs(want[0]) * np.array([1, span, span**2])  # each term's size
+    scale = np.abs(want[0]) * np.array([span**2, span, 1])  # each term's size (a, b, c)
     assert fit.status_labels()[0] == "ok"
-    err = np.abs(fit.params[0].numpy() - want[0]) * np.array([1, span, span**2])
+    err = np.abs(fit.params[0].numpy() - want[0]) * np.array([span**2, span, 1])
     assert (err <= 1e-7 * (scale.max() + np.abs(y).max())).all()
 
 
@@ -166,7 +166,7 @@ def test_a_fit_result_as_a_table_has_the_output_columns(tmp_path, rng):
     assert fit.to_polars().columns == written.column_names
     with pytest.raises(ValueError, match="ids has 3 entries for 8 series"):
         fit.to_arrow(ids=[1, 2, 3])
-    assert repr(fit) == ("FitResult(8 series, params (c, b, a), solver=exact, loss=mse, "
+    assert repr(fit) == ("FitResult(8 series, params (a, b, c), solver=exact, loss=mse, "
                          "status: ok 8)")
 
 
@@ -217,6 +217,6 @@ def test_datetime_x_is_fitted_in_seconds(rng):
     as_times, as_seconds = batchfit.fit(times, y), batchfit.fit(seconds, y)
     assert np.allclose(as_times.params.numpy(), as_seconds.params.numpy(), rtol=1e-9)
     elapsed = batchfit.fit(times - times[0], y)
-    assert np.allclose(elapsed.params.numpy()[0, 2], as_seconds.params.numpy()[0, 2], rtol=1e-6)
+    assert np.allclose(elapsed.params.numpy()[0, 0], as_seconds.params.numpy()[0, 0], rtol=1e-6)
     times[5] = np.datetime64("NaT")
     assert int(batchfit.fit(times, y).n_points[0]) == 47

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from matplotlib.image import imread
 
 from batchfit.cli import main
 
 
+@pytest.mark.slow  # (an end-to-end run of the whole command)
 def test_quick_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert main(["bench", "--quick", "--sizes", "300", "--json", str(tmp_path / "b.json"),
                  "--plot", str(tmp_path / "b.png")]) == 0

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -43,8 +44,32 @@ def ray_output(path, out, **options):
 
 def same(a: pa.Table, b: pa.Table):
     """The same fits, under the row-order promise (Ray's partitions put points in another
-    order than one machine reads them)."""
-    assert_same_fits(a.replace_schema_metadata(None), b.replace_schema_metadata(None))
+    order than one machine reads them), on every column of the single-machine output: the
+    float columns within the promise, every other column (ids, counts, statuses) equal."""
+    a, b = a.replace_schema_metadata(None), b.replace_schema_metadata(None)
+    assert a.column_names == b.column_names
+    assert_same_fits(a, b)
+    for name in a.column_names:
+        if not pa.types.is_floating(a.schema.field(name).type):
+            assert a[name].equals(b[name]), name
+
+
+def stages(summary) -> dict:
+    """The statistics path's stage timings (absent on the point path)."""
+    return summary.metadata.get("stages", {})
+
+
+def write_parts(table: pa.Table, directory, parts: int, *, assign=None, **options):
+    """``table``'s rows over ``parts`` files: row i to file ``assign[i]`` (default: a
+    random permutation cut in ``parts``)."""
+    directory.mkdir()
+    if assign is None:
+        assign = np.arange(table.num_rows) * parts // table.num_rows
+        assign = assign[np.random.default_rng(7).permutation(table.num_rows)]
+    for i in range(parts):
+        pq.write_table(table.filter(pa.array(assign == i)), directory / f"p{i}.parquet",
+                       **options)
+    return directory
 
 
 def test_long_format_sorted(ray_cluster, tmp_path):
@@ -55,6 +80,77 @@ def test_long_format_sorted(ray_cluster, tmp_path):
     assert summary.status_counts == {"ok": 500}
     meta = batchfit.io.read_metadata(pq.ParquetDataset(tmp_path / "ray").files[0])
     assert meta["engine"] == "ray" and meta["solver"] == "exact"
+    assert stages(summary)["partial"]["tasks"] >= 1  # (statistics travelled, not points)
+
+
+def test_sorted_file_cut_between_tasks(ray_cluster, tmp_path):
+    """One sorted file of many row groups, shared out between two tasks: a series cut at
+    the boundary merges from both; --workers 1 gives one task and one partition."""
+    generate(str(tmp_path / "d.parquet"), series=400, points=25)
+    pq.write_table(pq.read_table(tmp_path / "d.parquet"), tmp_path / "groups.parquet",
+                   row_group_size=1234)
+    want = single_machine(tmp_path / "d.parquet", tmp_path / "one.parquet")
+    got, summary = ray_output(tmp_path / "groups.parquet", tmp_path / "ray")
+    same(got, want)
+    assert stages(summary)["tasks"] == 2
+    got, summary = ray_output(tmp_path / "groups.parquet", tmp_path / "ray1", workers=1)
+    same(got, want)
+    assert stages(summary)["tasks"] == 1 and stages(summary)["merge"]["tasks"] == 1
+
+
+def test_weights_degree_3_every_series_in_every_file(ray_cluster, tmp_path, rng):
+    """Weighted degree-3 fits whose points are dealt round-robin over 4 files (every series
+    has points in every file), with zero, NaN and missing weights among them."""
+    generate(str(tmp_path / "d.parquet"), series=300, points=24, degree=3, min_points=8,
+             max_points=40)
+    table = pq.read_table(tmp_path / "d.parquet")
+    weights = rng.uniform(0.2, 3.0, table.num_rows)
+    weights[rng.random(table.num_rows) < 0.05] = 0.0
+    weights[rng.random(table.num_rows) < 0.02] = np.nan
+    table = table.append_column("weight", pa.array(weights))
+    pq.write_table(table, tmp_path / "w.parquet")
+    ids = table["series_id"].to_numpy()
+    rank = np.arange(len(ids)) - np.searchsorted(ids, ids)  # point's place in its series
+    parts = write_parts(table, tmp_path / "parts", 4, assign=rank % 4)
+    for i in range(4):  # every series is in every file
+        assert pc.count_distinct(pq.read_table(parts / f"p{i}.parquet")["series_id"]).as_py() \
+            == 300
+    want = single_machine(tmp_path / "w.parquet", tmp_path / "one.parquet", degree=3)
+    got, summary = ray_output(parts, tmp_path / "ray", degree=3)
+    same(got, want)
+    assert got.column_names[1:5] == ["p3", "p2", "p1", "p0"]
+    assert stages(summary)["partial"]["tasks"] == 2
+
+
+def test_string_ids_shuffled(ray_cluster, tmp_path):
+    generate(str(tmp_path / "d.parquet"), series=300, points=15)
+    table = pq.read_table(tmp_path / "d.parquet")
+    names = pc.binary_join_element_wise("s-", pc.cast(table["series_id"], pa.string()), "")
+    table = table.set_column(0, "series_id", names)
+    pq.write_table(table, tmp_path / "s.parquet")
+    parts = write_parts(table, tmp_path / "parts", 3)
+    want = single_machine(tmp_path / "s.parquet", tmp_path / "one.parquet")
+    got, _ = ray_output(parts, tmp_path / "ray")
+    assert got.schema.field("series_id").type == pa.string()
+    same(got, want)
+
+
+def test_series_that_need_refining(ray_cluster, tmp_path):
+    """Noise-free series explain almost all their spread: the sums lose the residual, and
+    the single-machine job refines them with a second pass over the points. So does Ray's:
+    their residual moments from every task, then the refined fits (all columns agree)."""
+    generate(str(tmp_path / "exact.parquet"), series=200, points=30, noise=0.0)
+    generate(str(tmp_path / "noisy.parquet"), series=200, points=30)
+    noisy = pq.read_table(tmp_path / "noisy.parquet")
+    mixed = pa.concat_tables([pq.read_table(tmp_path / "exact.parquet"), noisy.set_column(
+        0, "series_id", pc.add(noisy["series_id"], 1000))])
+    pq.write_table(mixed, tmp_path / "m.parquet")
+    parts = write_parts(mixed, tmp_path / "parts", 3)
+    want = single_machine(tmp_path / "m.parquet", tmp_path / "one.parquet")
+    got, summary = ray_output(parts, tmp_path / "ray")
+    same(got, want)
+    assert stages(summary)["refine"]["tasks"] >= 1
+    assert stages(summary)["residual"]["tasks"] == stages(summary)["partial"]["tasks"]
 
 
 def test_long_format_shuffled_over_files(ray_cluster, tmp_path, rng):
@@ -76,6 +172,19 @@ def test_list_format(ray_cluster, tmp_path):
     want = single_machine(tmp_path / "l.parquet", tmp_path / "one.parquet")
     got, _ = ray_output(tmp_path / "l.parquet", tmp_path / "ray")
     same(got, want)
+    # over files: each task fits and writes its own series (no exchange at all)
+    parts = write_parts(pq.read_table(tmp_path / "l.parquet"), tmp_path / "parts", 2)
+    got, summary = ray_output(parts, tmp_path / "ray-parts")
+    same(got, want)
+    assert stages(summary)["fit"]["tasks"] == 2 and "merge" not in stages(summary)
+    # an id in two files is two series of one id: refused, as on one machine
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for i in range(2):
+        pq.write_table(pq.read_table(tmp_path / "l.parquet"), twice / f"p{i}.parquet")
+    with pytest.raises(ValueError, match="series ids repeat in list format"):
+        run_ray(str(twice), str(tmp_path / "ray-twice"))
+    assert not (tmp_path / "ray-twice").exists()
 
 
 def test_gpu_workers_are_scheduled(ray_cluster, tmp_path):
@@ -101,6 +210,16 @@ def test_cli_and_failed_job_leave_no_complete_output(ray_cluster, tmp_path, caps
         run_ray(str(tmp_path / "bad.parquet"), str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == ["old.parquet"]  # untouched
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp left
+    # one task of several fails (its file only): the others' work is thrown away too
+    late = pq.read_table(tmp_path / "d.parquet")
+    rows = late.num_rows
+    late = late.append_column("weight", pa.array(np.where(np.arange(rows) == rows - 3, -1.0,
+                                                          1.0)))
+    parts = write_parts(late, tmp_path / "parts", 2, assign=np.arange(rows) * 2 // rows)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        run_ray(str(parts), str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["old.parquet"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 def test_engine_options_need_the_ray_engine(tmp_path, capsys):

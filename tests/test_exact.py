@@ -37,7 +37,7 @@ def test_diagnostics_match_direct_formulas(rng):
     x, y = seed_data(30, 25, rng, noise=2.0)
     fit = batchfit.fit(x, y, dtype="float64", compile=False)
     want, _ = polyfit_rows(x, y, 2)
-    resid = y - sum(want[:, [i]] * x**i for i in range(3))
+    resid = y - sum(want[:, [i]] * x**(2 - i) for i in range(3))
     sst = ((y - y.mean(1, keepdims=True)) ** 2).sum(1)
     np.testing.assert_allclose(fit.rmse, np.sqrt((resid**2).mean(1)), rtol=1e-10)
     np.testing.assert_allclose(fit.loss, (resid**2).mean(1), rtol=1e-10)
@@ -63,7 +63,7 @@ def test_ragged_lengths_and_nan_points_are_skipped(rng):
     fit = batchfit.fit(x, y, lengths=lengths, dtype="float64", compile=False)
     for i in range(6):
         keep = (np.arange(20) < lengths[i]) & np.isfinite(x[i]) & np.isfinite(y[i])
-        want = np.polyfit(x[i][keep], y[i][keep], 2)[::-1]
+        want = np.polyfit(x[i][keep], y[i][keep], 2)
         assert rel_err(fit.params[i], want) < 1e-9
         assert fit.n_points[i] == keep.sum()
     # a boolean mask says the same thing
@@ -92,7 +92,7 @@ def test_exactly_k_points_interpolates_with_undefined_stderr():
     x = np.array([[0.0, 1.0, 2.0]])
     y = 2 * x**2 - x + 1
     fit = batchfit.fit(x, y, dtype="float64", compile=False)
-    np.testing.assert_allclose(fit.params[0], [1, -1, 2], atol=1e-12)
+    np.testing.assert_allclose(fit.params[0], [2, -1, 1], atol=1e-12)
     assert fit.status_labels()[0] == "ok" and torch.isnan(fit.stderr).all()
 
 
@@ -105,9 +105,9 @@ def test_offset_x_keeps_its_digits(offset, rng):
         fit = batchfit.fit(x, y, dtype=dtype, compile=False)
         assert (fit.status_labels() == "ok").all()
         xs = x[:, :5] - offset
-        pred_want = sum(want[:, [i]] * xs**i for i in range(3))
+        pred_want = sum(want[:, [i]] * xs**(2 - i) for i in range(3))
         p = fit.params.numpy()
-        pred = sum(p[:, [i]] * x[:, :5] ** i for i in range(3))
+        pred = sum(p[:, [i]] * x[:, :5] ** (2 - i) for i in range(3))
         scale = np.abs(y).max()
         assert np.max(np.abs(pred - pred_want)) / scale < tol + 1e-16 * offset**2 / scale
 
@@ -116,7 +116,7 @@ def test_shared_x_and_single_series(rng):
     x = np.linspace(-1, 2, 30)
     y = np.stack([3 * x**2 - x, -x**2 + 4])
     fit = batchfit.fit(x, y, dtype="float64", compile=False)
-    np.testing.assert_allclose(fit.params, [[0, -1, 3], [4, 0, -1]], atol=1e-10)
+    np.testing.assert_allclose(fit.params, [[3, -1, 0], [-1, 0, 4]], atol=1e-10)
     one = batchfit.fit(x, y[0], dtype="float64", compile=False)
     assert one.params.shape == (1, 3)
 
@@ -131,7 +131,7 @@ def test_dense_fast_path_and_careful_path_agree(rng):
     exact = 2 * x**2 + 1  # noiseless: the sums cannot give its rmse, the careful kernel does
     fit = batchfit.fit(x, exact, dtype="float32", compile=False)
     assert float(fit.rmse.max()) < 1e-5
-    np.testing.assert_allclose(fit.params, np.tile([1, 0, 2], (50, 1)), atol=1e-4)
+    np.testing.assert_allclose(fit.params, np.tile([2, 0, 1], (50, 1)), atol=1e-4)
 
 
 @pytest.mark.slow  # (compiles kernels: minutes on 2 cores with a cold cache)
@@ -184,6 +184,6 @@ def test_float32_runs_series_beyond_its_range_in_float64(scale, rng):
     assert (mixed.status_labels() == "ok").all()
     assert rel_err(mixed.params[[1, 4]], want) < 1e-9
     assert rel_err(mixed.stderr[[1, 4]], want_err) < 1e-9
-    resid = y[[1, 4]] - np.stack([np.polyval(w[::-1], xi) for w, xi in zip(want, x[[1, 4]])])
+    resid = y[[1, 4]] - np.stack([np.polyval(w, xi) for w, xi in zip(want, x[[1, 4]])])
     assert np.allclose(mixed.rmse[[1, 4]], np.sqrt((resid**2).mean(1)), rtol=1e-9)
     assert (mixed.n_points == 40).all()

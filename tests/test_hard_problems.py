@@ -11,6 +11,9 @@ import pytest
 from zoo import load_benchmark
 
 hard = load_benchmark("hard_problems")
+# The zoo fits 52 hard problems from far starts: a minute on 2 cores, so it is in the full
+# suite (README's test command), not the everyday tier.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,6 @@ def test_digits_are_measured_against_the_certified_values():
     assert hard.digits(np.full(2, np.nan), problem.certified) == 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["Misra1a", "BoxBOD", "Eckerle4"])
 def test_many_noisy_copies_in_one_call(name):
     """1,000 noisy copies from the far start, in one call: no series that is not ``ok`` is

@@ -15,7 +15,8 @@ from batchfit.cli import main
 from batchfit.generate import generate
 from batchfit.io import read_history, read_metadata
 
-OUTPUT_COLUMNS = ["series_id", "a", "b", "c", "a_stderr", "b_stderr", "c_stderr", "n_points",
+OUTPUT_COLUMNS = ["series_id", "a", "b", "c", "a_stderr", "b_stderr", "c_stderr",
+                  "x_centre", "x_scale", "a_frame", "b_frame", "c_frame", "n_points",
                   "loss", "rmse", "r2", "iterations", "status"]
 
 
@@ -150,7 +151,7 @@ def test_weights_nulls_and_nans(tmp_path, rng):
     for s in range(10):
         keep = (sid == s) & np.isfinite(yy)
         want, _ = polyfit_rows(table["x"].to_numpy()[keep][None], yy[keep][None], 2, w=w[keep][None])
-        got = [out[s]["c"], out[s]["b"], out[s]["a"]]
+        got = [out[s]["a"], out[s]["b"], out[s]["c"]]
         np.testing.assert_allclose(got, want[0], rtol=1e-8)
         assert out[s]["n_points"] == keep.sum()
 
@@ -173,7 +174,9 @@ def test_robust_loss_and_degree_options(tmp_path):
     assert run_cli("run", tmp_path / "d.parquet", "-o", tmp_path / "o.parquet", "--degree", "3",
                    "--loss", "huber", "--f-scale", "2") == 0
     schema = pq.read_schema(tmp_path / "o.parquet")
-    assert schema.names[1:5] == ["p0", "p1", "p2", "p3"] and "p3_stderr" in schema.names
+    assert schema.names[1:5] == ["p3", "p2", "p1", "p0"] and "p3_stderr" in schema.names
+    assert schema.names[9:15] == ["x_centre", "x_scale", "p3_frame", "p2_frame", "p1_frame",
+                                  "p0_frame"]
     meta = read_metadata(tmp_path / "o.parquet")
     assert meta["solver"] == "newton" and meta["loss"] == "huber"
     out = pq.read_table(tmp_path / "o.parquet")
@@ -511,7 +514,7 @@ def test_the_output_keeps_the_id_column_name_and_says_which_weights(tmp_path, ca
     out = pq.read_table(tmp_path / "o.parquet")
     assert out.column_names[0] == "sensor" and "series_id" not in out.column_names
     want, _ = polyfit_rows(x.reshape(30, 12), y.reshape(30, 12), 2, weights.reshape(30, 12))
-    assert np.allclose(np.column_stack([out["c"], out["b"], out["a"]]), want, rtol=1e-9)
+    assert np.allclose(np.column_stack([out["a"], out["b"], out["c"]]), want, rtol=1e-9)
     assert run_cli("plot", tmp_path / "d.parquet", tmp_path / "o.parquet", "-o",
                    tmp_path / "plots", "--id-col", "sensor") == 0  # reads it back
     assert run_cli("run", tmp_path / "d.parquet", "-o", tmp_path / "o2.parquet",

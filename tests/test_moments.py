@@ -24,8 +24,8 @@ cond = load_benchmark("conditioning")
 
 
 def polyfit(x, y, degree, w=None):
-    """float64 numpy.polyfit, lowest power first (``w`` batchfit weights)."""
-    return np.polyfit(x, y, degree, w=None if w is None else np.sqrt(w))[::-1]
+    """float64 numpy.polyfit, highest power first as batchfit (``w`` batchfit weights)."""
+    return np.polyfit(x, y, degree, w=None if w is None else np.sqrt(w))
 
 
 def scattered(rng, series=300, degree=2, weights=False, offset=0.0, span=1.0):
@@ -119,7 +119,7 @@ def test_a_series_spread_over_every_file_and_row_group(tmp_path, rng, make_id):
     for row in a.to_pylist():
         sid = next(k for k in truth if make_id(k) == row["series_id"])
         want = polyfit(*truth[sid][:2], 2)
-        got = np.array([row["c"], row["b"], row["a"]])
+        got = np.array([row["a"], row["b"], row["c"]])
         assert np.all(np.abs(got - want) <= 1e-9 * np.abs(want).max())
 
 
@@ -152,7 +152,7 @@ def test_default_coefficients_are_float64_grade(tmp_path):
     got = np.stack([out[c].to_numpy() for c in ("a", "b", "c")], 1)
     assert np.max(np.abs(got - want).max(1) / np.abs(want).max(1)) < 1e-9
     fitted = batchfit.fit(x.astype(np.float32), y.astype(np.float32))  # the Python API too
-    assert np.max(np.abs(fitted.params.numpy()[:, ::-1] - want).max(1)
+    assert np.max(np.abs(fitted.params.numpy() - want).max(1)
                   / np.abs(want).max(1)) < 1e-9
 
 
@@ -167,7 +167,7 @@ def test_unix_timestamps_keep_their_digits(tmp_path):
                              "y": y.ravel()}), tmp_path / "t.parquet")
     assert main(["run", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "o.parquet")]) == 0
     out = pq.read_table(tmp_path / "o.parquet")
-    got = np.stack([out[c].to_numpy() for c in ("c", "b", "a")], 1)
+    got = np.stack([out[c].to_numpy() for c in ("a", "b", "c")], 1)
     digits = [cond.coef_digits(got[i], cond.oracle(x[i], y[i], 2).coef) for i in range(12)]
     assert min(digits) >= 6.6, digits
     fitted = batchfit.fit(x, y)
@@ -192,7 +192,7 @@ def test_sums_that_lose_digits_are_refined_on_a_second_pass(tmp_path, rng):
     assert main(["run", str(tmp_path / "d.parquet"), "-o", str(tmp_path / "o.parquet")]) == 0
     for row in pq.read_table(tmp_path / "o.parquet").to_pylist():
         ref = cond.oracle(*series[row["series_id"]], 2)
-        got = [row["c"], row["b"], row["a"]]
+        got = [row["a"], row["b"], row["c"]]
         assert cond.coef_digits(got, ref.coef) >= 8
         exact_loss = float(ref.sse) / x.size
         np.testing.assert_allclose(row["loss"], exact_loss, rtol=1e-6)
@@ -214,7 +214,7 @@ def test_list_format_series_without_points_and_weights(tmp_path, rng):
     assert [r["status"] for r in rows] == ["ok", "too_few_points", "too_few_points",
                                            "too_few_points"]
     want = polyfit(np.array(x[0]), np.array(y[0]), 2, np.array(w[0]))
-    np.testing.assert_allclose([rows[0]["c"], rows[0]["b"], rows[0]["a"]], want, rtol=1e-12,
+    np.testing.assert_allclose([rows[0]["a"], rows[0]["b"], rows[0]["c"]], want, rtol=1e-12,
                                atol=1e-12 * np.abs(want).max())
 
 

@@ -7,11 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from matplotlib.image import imread
+from matplotlib.ticker import MaxNLocator
 
 from batchfit import plots
 from batchfit.cli import main
 from batchfit.demo import run_demo
 from batchfit.generate import generate
+from batchfit.names import poly_columns
 
 QUADRATIC = {"model": "poly", "degree": 2, "columns": [("a", 2), ("b", 1), ("c", 0)]}
 
@@ -87,9 +89,10 @@ def test_edge_cases_do_not_crash(tmp_path):
 def test_plot_errors_are_one_line(tmp_path, capsys):
     generate(str(tmp_path / "d.parquet"), series=5, points=5)
     assert main(["plot", str(tmp_path / "d.parquet"), str(tmp_path / "d.parquet")]) == 2
-    assert "is not a batchfit coefficients file" in capsys.readouterr().err
+    assert "is not a batchfit coefficients" in capsys.readouterr().err  # (file or table)
 
 
+@pytest.mark.slow  # (an end-to-end run of the whole command)
 def test_demo_writes_data_fits_history_and_pictures(tmp_path):
     report = run_demo(str(tmp_path / "demo"), n_series=200, points=30)
     files = set(report["files"])
@@ -101,3 +104,171 @@ def test_demo_writes_data_fits_history_and_pictures(tmp_path):
     assert exact["median_abs_error"]["a"] < gd["median_abs_error"]["a"]
     for name in ["data.png", "fits.png", "loss.png", "coefficients.png", "residuals.png"]:
         assert_png(tmp_path / "demo" / name)
+
+
+# ----------------------------------------------------------- legible pictures (matplotlib objects)
+POLY2 = {"model": "poly", "degree": 2, "columns": list(poly_columns(2))}
+EPOCH = 1.7e9  # seconds since 1970: November 2023
+
+
+def drawn_labels(fig, axis):
+    """The tick labels of ``axis`` that are drawn (their tick inside the view), with text."""
+    low, high = sorted(axis.get_view_interval())
+    pad = (high - low) * 1e-9
+    return [label for loc, label in zip(axis.get_majorticklocs(), axis.get_majorticklabels())
+            if low - pad <= loc <= high + pad and label.get_visible() and label.get_text()]
+
+
+def overlapping_labels(fig):
+    """Pairs of tick labels (or a label and the axis' offset text) that touch, any axes."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    touching = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            texts = drawn_labels(fig, axis)
+            if axis.get_offset_text().get_text():
+                texts.append(axis.get_offset_text())
+            boxes = [text.get_window_extent(renderer) for text in texts]
+            touching += [(texts[i].get_text(), texts[j].get_text())
+                         for i in range(len(boxes)) for j in range(i + 1, len(boxes))
+                         if boxes[i].overlaps(boxes[j])]
+    return touching
+
+
+def epoch_series(span, n_series=4, points=30, base=EPOCH):
+    rng = np.random.default_rng(1)
+    return {i: (base + np.sort(rng.uniform(0, span, points)), rng.normal(size=points) * 1e3)
+            for i in range(n_series)}
+
+
+@pytest.mark.parametrize("span", [3600, 30 * 86400, 365 * 86400])  # (a day: below)
+def test_epoch_second_ticks_do_not_overlap(span):
+    series = epoch_series(span, n_series=2)
+    u = 1.0 / EPOCH  # a curve of the size of the data there (whatever the column order)
+    fitted = {i: {"a": u * u, "b": -2 * u, "c": 1.0, "status": "ok"} for i in series}
+    for fig in [plots.data_figure(series), plots.fits_figure(series, fitted, POLY2)]:
+        assert overlapping_labels(fig) == []
+        ax = fig.axes[0]
+        assert ax.xaxis.get_offset_text().get_text()  # 1.7e9 (or 1e9) shown once
+        assert all(len(label.get_text()) <= 8 for label in drawn_labels(fig, ax.xaxis))
+    dates = plots.data_figure(series, x_unit=plots.DATES)
+    assert overlapping_labels(dates) == []
+    assert dates.axes[0].get_xlabel() == "x (UTC)"
+    assert "202" in dates.axes[0].xaxis.get_offset_text().get_text() + "".join(
+        label.get_text() for label in drawn_labels(dates, dates.axes[0].xaxis))
+
+
+
+def test_crowded_ticks_are_thinned():
+    fig, axes = plots._figure(1, 2)
+    for ax in axes[0]:
+        ax.plot([123456.789, 124459.0], [0, 1])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=20))  # 6-digit labels every 50
+        ax.xaxis.get_major_formatter().set_useOffset(False)
+    assert overlapping_labels(fig)
+    assert overlapping_labels(plots._declutter(fig)) == []
+    assert len(drawn_labels(fig, axes[0, 0].xaxis)) >= 3
+
+def test_large_coefficients_ticks_do_not_overlap():
+    rng = np.random.default_rng(2)
+    n = 500
+    columns = POLY2["columns"]
+    values = {"a": 2.5e-9 + 3e-10 * rng.normal(size=n), "b": -9.0 + rng.normal(size=n),
+              "c": 7.3e9 + 5e8 * rng.normal(size=n)}
+    table = pa.table({"series_id": np.arange(n), **values,
+                      "rmse": 1e18 * rng.uniform(size=n), "r2": -1e34 * rng.uniform(size=n),
+                      "status": ["ok"] * n})
+    truth = pa.table({"series_id": np.arange(n), **{k: v * 1.01 for k, v in values.items()}})
+    for fig in [plots.coefficients_figure(table, columns, truth),
+                plots.residuals_figure(table)]:
+        assert overlapping_labels(fig) == []
+
+
+def assert_no_empty_panel(fig):
+    for ax in fig.axes:
+        assert ax.get_visible()
+        assert ax.collections or ax.lines or ax.patches or ax.texts, ax.get_title()
+
+
+def test_grids_have_no_blank_cells():
+    series = {"one": (np.array([0.5]), np.array([2.0])),
+              "many": (np.linspace(0, 1, 20), np.linspace(0, 1, 20) ** 2),
+              "constant x": (np.full(5, 3.0), np.arange(5.0))}  # 3 series in a 2 x 2 grid
+    fitted = {"one": {"a": None, "b": None, "c": None, "status": "too_few_points"},
+              "many": {"a": 1.0, "b": 0.0, "c": 0.0, "status": "ok"},
+              "constant x": {"a": None, "b": None, "c": None, "status": "singular"}}
+    for fig in [plots.data_figure(series), plots.fits_figure(series, fitted, POLY2)]:
+        assert len(fig.axes) == 3
+        assert_no_empty_panel(fig)
+    five = epoch_series(3600, n_series=5)  # 5 in 2 x 3
+    assert len(plots.data_figure(five).axes) == 5
+    empty = plots.data_figure({})  # one panel, saying so
+    assert [t.get_text() for ax in empty.axes for t in ax.texts] == ["no series to show"]
+    failed = pa.table({"series_id": [1, 2], "a": [None, 1.0], "b": [None, 1.0],
+                       "c": [None, 1.0], "rmse": [None, 0.5], "r2": [None, 0.9],
+                       "status": ["singular", "ok"]})
+    truth = pa.table({"series_id": [1, 2], "a": [1.0, 2.0], "b": [0.0, 0.0], "c": [0.0, 0.0]})
+    assert_no_empty_panel(plots.coefficients_figure(failed, POLY2["columns"], truth))
+    nothing = failed.filter(pa.array([True, False]))  # no fitted value: no comparison row
+    figure = plots.coefficients_figure(nothing, POLY2["columns"], truth)
+    assert len(figure.axes) == 3
+    assert_no_empty_panel(figure)
+
+
+def test_status_labels_are_readable():
+    statuses = ["ok"] * 1200 + ["too_few_points"] * 3 + ["singular", "not_converged"] * 40
+    n = len(statuses)
+    table = pa.table({"series_id": np.arange(n), "rmse": np.ones(n), "r2": np.ones(n),
+                      "status": statuses})
+    fig = plots.residuals_figure(table)
+    assert overlapping_labels(fig) == []
+    ax = next(ax for ax in fig.axes if ax.get_title() == "status")
+    renderer = fig.canvas.get_renderer()
+    names = drawn_labels(fig, ax.yaxis)
+    assert [label.get_text() for label in names] == [
+        "ok", "too few points", "singular", "not converged", "diverged"]
+    frame = ax.get_window_extent(renderer)
+    page = fig.bbox
+    counts = list(ax.texts)
+    assert [t.get_text() for t in counts] == ["1,200", "3", "40", "40", "0"]
+    boxes = [t.get_window_extent(renderer) for t in names + counts]
+    for box in boxes:  # inside the figure
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 <= box.y1 <= page.y1
+    for box in boxes[len(names):]:  # the counts inside the frame, clear of its edge
+        assert frame.x0 < box.x0 and box.x1 < frame.x1 - 2
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+
+
+@pytest.fixture(scope="module")
+def timestamp_job(tmp_path_factory):
+    """3 series with timestamp('s') x over a day, one of them a single point."""
+    d = tmp_path_factory.mktemp("timestamps")
+    seconds = [0, 3600, 7200, 20000, 40000, 60000, 86000]
+    ids = [1] * 7 + [2] * 7 + [3]
+    x = pa.array([int(EPOCH) + s for s in seconds * 2 + [100]], pa.int64()).cast(
+        pa.timestamp("s"))
+    y = [float(s) / 86400 for s in seconds] + [2.0 * s / 86400 for s in seconds] + [1.0]
+    pq.write_table(pa.table({"series_id": ids, "x": x, "y": y}), d / "t.parquet")
+    assert main(["run", str(d / "t.parquet"), "--no-progress"]) == 0
+    return d
+
+
+def test_timestamp_x_is_shown_as_dates(timestamp_job, tmp_path):
+    from batchfit import io
+    coefficients, meta = io.read_coefficients(str(timestamp_job / "t.coeffs.parquet"))
+    assert meta["x_unit"] == plots.DATES
+    points = io.read_series(str(timestamp_job / "t.parquet"), [1, 2, 3], io.ColumnSpec())
+    rows = {row["series_id"]: row for row in coefficients.to_pylist()}
+    fig = plots.fits_figure(points, rows, meta)  # the unit from the metadata
+    assert len(fig.axes) == 3  # (2 x 2: the fourth cell removed)
+    assert_no_empty_panel(fig)
+    assert overlapping_labels(fig) == []
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "x (UTC)"
+    assert "2023-Nov-1" in ax.xaxis.get_offset_text().get_text()
+    assert {line.get_label() for line in ax.lines} >= {"fitted"}
+    assert main(["plot", str(timestamp_job / "t.parquet"), str(timestamp_job / "t.coeffs.parquet"),
+                 "-o", str(tmp_path)]) == 0
+    assert_png(tmp_path / "fits.png", min_kb=1)

@@ -47,10 +47,10 @@ def test_robust_matches_scipy_least_squares(loss, rng):
                        compile=False)
     assert (fit.status_labels() == "ok").all(), fit.status_counts()
     for i in range(len(y)):
-        start = np.polyfit(x[i], y[i], 2)[::-1]  # batchfit starts robust fits from MSE too
+        start = np.polyfit(x[i], y[i], 2)  # batchfit starts robust fits from MSE too
 
         def residuals(p, i=i):
-            return p[0] + p[1] * x[i] + p[2] * x[i] ** 2 - y[i]
+            return p[0] * x[i] ** 2 + p[1] * x[i] + p[2] - y[i]
 
         ref = least_squares(residuals, start, loss=loss, f_scale=f_scale, method="trf",
                             xtol=1e-15, ftol=1e-15, gtol=1e-15)

@@ -6,13 +6,13 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-SEED_TRUTH = np.array([-3.0, 5.0, 20.0])  # c, b, a of the seed's 20x^2 + 5x - 3
+SEED_TRUTH = np.array([20.0, 5.0, -3.0])  # a, b, c of the seed's 20x^2 + 5x - 3
 
 
 def seed_data(batch: int, points: int, rng, noise: float = 1.0, dtype=np.float64):
     """The seed's problem at batch scale: x in [0, 1], y = 20x^2 + 5x - 3 + noise."""
     x = rng.uniform(0, 1, (batch, points))
-    y = SEED_TRUTH[2] * x**2 + SEED_TRUTH[1] * x + SEED_TRUTH[0] + rng.normal(0, noise, x.shape)
+    y = SEED_TRUTH[0] * x**2 + SEED_TRUTH[1] * x + SEED_TRUTH[2] + rng.normal(0, noise, x.shape)
     return x.astype(dtype), y.astype(dtype)
 
 
@@ -25,7 +25,8 @@ def random_polys(batch: int, points: int, degree: int, rng, noise=0.1, offset=0.
 
 
 def polyfit_rows(x, y, degree, w=None):
-    """numpy.polyfit per row in float64; coefficients lowest power first, plus stderr.
+    """numpy.polyfit per row in float64; coefficients in its native order, highest power
+    first (batchfit's ``params`` order), plus stderr in the same order.
 
     ``w`` are batchfit weights (multiplying squared residuals); polyfit wants their sqrt.
     """
@@ -35,21 +36,23 @@ def polyfit_rows(x, y, degree, w=None):
         wi = None if w is None else np.sqrt(w[i][keep])
         if keep.sum() > degree + 1:
             p, cov = np.polyfit(x[i][keep], y[i][keep], degree, w=wi, cov=True)
-            errors.append(np.sqrt(np.diag(cov))[::-1])
+            errors.append(np.sqrt(np.diag(cov)))
         else:  # exactly determined: polyfit cannot scale a covariance
             p = np.polyfit(x[i][keep], y[i][keep], degree, w=wi)
             errors.append(np.full(degree + 1, np.nan))
-        params.append(p[::-1])
+        params.append(p)
     return np.array(params), np.array(errors)
 
 
 def naive_descent(x, y, p0, lr, epochs, adam=False):
     """The seed's loop, batched the obvious way: vmap(grad) of the MSE over the raw points.
 
-    Returns the final parameters and the loss of every series at every epoch.
+    ``p0`` (B, k): coefficients highest power first (batchfit's ``init`` order). Returns the
+    final parameters (in that order) and the loss of every series at every epoch.
     """
     def loss(p, x, y):
-        pred = sum(p[i] * x**i for i in range(p.shape[0]))
+        degree = p.shape[0] - 1
+        pred = sum(p[i] * x**(degree - i) for i in range(degree + 1))
         return ((pred - y) ** 2).mean()
 
     step = vmap(grad(loss))
@@ -88,8 +91,10 @@ def load_benchmark(name: str):
 # series in the same order with the same counts and statuses, coefficients within REORDER_RTOL
 # of their series' largest, the other numbers within REORDER_RTOL of themselves (an exactly
 # fitted series' rmse and standard errors: within REORDER_RTOL of its largest coefficient,
-# its loss within the square of that: both are rounding noise then).
+# its loss within the square of that: both are rounding noise then). A polynomial's fits in
+# their frames (x_centre, x_scale, <name>_frame) keep the same promise.
 REORDER_RTOL = 1e-12
+FRAME_COLUMNS = ("x_centre", "x_scale")  # a polynomial's frame (FitResult.x_centre, x_scale)
 
 
 def assert_same_fits(a, b, rtol: float = REORDER_RTOL):
@@ -98,15 +103,32 @@ def assert_same_fits(a, b, rtol: float = REORDER_RTOL):
     for name in ("series_id", "n_points", "iterations", "status"):
         assert a[name].equals(b[name]), name
     names = a.column_names
-    coefficients = [n for n in names[1:names.index("n_points")] if not n.endswith("_stderr")]
+    fitted = names[1:names.index("n_points")]
+    coefficients = [n for n in fitted if not n.endswith(("_stderr", "_frame"))
+                    and n not in FRAME_COLUMNS]
+    # A polynomial's fits in their frames: coefficients in t, in the same sense as the raw ones;
+    # the frame's centre and scale within REORDER_RTOL of themselves.
+    framed = [n for n in fitted if n.endswith("_frame")]
 
     def values(table, column):
         return table[column].to_numpy(zero_copy_only=False).astype(float)
 
-    pa_, pb = (np.stack([values(t, n) for n in coefficients], 1) for t in (a, b))
-    assert np.array_equal(np.isnan(pa_), np.isnan(pb))
-    scale = np.nanmax(np.abs(pa_), axis=1, keepdims=True)
-    assert np.all(np.nan_to_num(np.abs(pa_ - pb)) <= rtol * np.nan_to_num(scale) + 1e-300)
+    def close(group):
+        """Coefficients within rtol of their series' largest; returns that largest (B, 1)."""
+        pa_, pb = (np.stack([values(t, n) for n in group], 1) for t in (a, b))
+        assert np.array_equal(np.isnan(pa_), np.isnan(pb)), group
+        largest = np.nanmax(np.abs(pa_), axis=1, keepdims=True)
+        assert np.all(np.nan_to_num(np.abs(pa_ - pb)) <= rtol * np.nan_to_num(largest) + 1e-300), \
+            group
+        return largest
+
+    scale = close(coefficients)
+    if framed:
+        close(framed)
+    for name in [n for n in FRAME_COLUMNS if n in fitted]:
+        x, y = values(a, name), values(b, name)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        assert np.all(np.nan_to_num(np.abs(x - y)) <= rtol * np.nan_to_num(np.abs(x))), name
     for name in [n for n in names if n.endswith("_stderr")] + ["loss", "rmse", "r2"]:
         x, y = values(a, name), values(b, name)
         assert np.array_equal(np.isnan(x), np.isnan(y)), name

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 
-from .. import native
+import numpy as np
+
+from .. import degrees, native
 from ..options import Options
 
 
@@ -64,12 +66,22 @@ class Moments:
 
         return TorchAggregator(self.opts.degree, weighted, self.device, rows)
 
-    def solve(self, table, weighted: bool, step=None) -> dict:
+    def solve(self, table, weighted: bool, step=None, degree: int | None = None) -> dict:
+        """``native.solve``'s record of a table of ``degree`` (default the options')."""
+        degree = self.opts.degree if degree is None else degree
         if not self.uses_torch:
-            return native.solve(table, self.opts.degree, weighted, step)
+            return native.solve(table, degree, weighted, step)
         from .core import solve_moments
 
-        return solve_moments(table, weighted, step, self.opts)
+        return solve_moments(table, weighted, step, self.opts.with_(degree=degree))
+
+    def fits(self, table, weighted: bool) -> dict:
+        """Every row's record: at the options' degree, or with ``auto_degree`` at each
+        row's chosen degree (with ``degrees``)."""
+        if not self.opts.auto_degree:
+            return self.solve(table, weighted)
+        return degrees.choose(np.asarray(table), self.opts.degree, weighted,
+                              lambda part, degree: self.solve(part, weighted, degree=degree))
 
 
 def moments(opts: Options) -> Moments:

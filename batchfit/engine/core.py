@@ -25,12 +25,14 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from .. import aot, cache, native, stats
+from .. import aot, cache, moments, native, stats
+from ..degrees import choose as choose_degrees
+from ..degrees import padded
 from ..diagnostics import PRECISION_LIMITED
 from ..kernel import key_of
 from ..loop import SolverConfig
 from ..losses import resolve_loss
-from ..models import Model, resolve_model, with_param_count
+from ..models import Model, in_user_order, polynomial, resolve_model, with_param_count
 from ..nonlinear import solve_model
 from ..options import Options, resolve
 from ..problem import (
@@ -301,23 +303,52 @@ _CONFIGURED: list = []
 NATIVE_MIN_ROWS = 8192  # rows per thread of the native kernel, at least
 
 
-def _exact(inputs: Inputs, cfg: SolverConfig, vectorize) -> FitResult:
+def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitResult:
     """The exact fit of dense inputs from their moment tables (``batchfit.moments``): on the
     CPU gathered and solved by the native kernel (rows shared out over the threads), else
     (CUDA, or no C compiler) by its torch twin on the inputs' device. Series whose sums lost
-    digits are fitted again on their points."""
+    digits are fitted again on their points. ``opts.auto_degree``: each series' degree is
+    chosen (``batchfit.degrees``) and its refit made at that degree."""
     def points(rows):
         return problem_of(inputs.take(rows), dtype=torch.float64)
 
-    if inputs.y.device.type != "cpu" or native.library() is None:
+    torch_twin = inputs.y.device.type != "cpu" or native.library() is None
+    if torch_twin and not opts.auto_degree:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
         return solve_exact(table, weighted, cfg, vectorize, points)
-    record = _solve_native(inputs, cfg.degree)
+    if torch_twin:
+        table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
+        record = _solved_table(table.cpu().numpy(), weighted, opts)
+    else:
+        record = _solve_native(inputs, opts)
     result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
-                                   model=cfg.model)
-    redo = torch.from_numpy(np.flatnonzero(~record["trusted"]))
-    return result.with_rows(redo, refit_exact(points(redo), cfg, vectorize)) \
-        if redo.numel() else result
+                                   model=cfg.model, device=inputs.y.device)
+    redo = np.flatnonzero(~record["trusted"])
+    degrees = record.get("degrees", np.full(len(record["status"]), cfg.degree))
+    for degree in np.unique(degrees[redo]):
+        rows = redo[degrees[redo] == degree]
+        part = refit_exact(points(torch.from_numpy(rows)),
+                           dataclasses.replace(cfg, degree=int(degree),
+                                               model=polynomial(int(degree))), vectorize)
+        if opts.auto_degree:
+            part = FitResult.from_record(padded(part.record(), int(degree), cfg.degree),
+                                         solver="exact", loss_name=cfg.loss.name,
+                                         model=cfg.model, device=inputs.y.device)
+        result = result.with_rows(torch.from_numpy(rows), part)
+    return result
+
+
+def _solved_table(table: np.ndarray, weighted: bool, opts: Options) -> dict:
+    """A moment table's record: ``native.solve``'s, or with ``auto_degree`` the record of
+    each row's chosen degree (on the CPU: native; else the torch twin)."""
+    def solve(part, degree):
+        if native.library() is not None:
+            return native.solve(part, degree, weighted)
+        return solve_moments(part, weighted, None, opts.with_(degree=degree))
+
+    if opts.auto_degree:
+        return choose_degrees(table, opts.degree, weighted, solve)
+    return solve(table, opts.degree)
 
 
 def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tensor, bool]:
@@ -328,7 +359,7 @@ def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tens
     return torch.stack(rows, dim=1), weighted
 
 
-def _solve_native(inputs: Inputs, degree: int) -> dict:
+def _solve_native(inputs: Inputs, opts: Options) -> dict:
     """``native.solve``'s record of dense inputs, each thread gathering and solving its own
     share of the rows."""
     x, y, w, lengths, mask = inputs
@@ -350,10 +381,11 @@ def _solve_native(inputs: Inputs, degree: int) -> dict:
     bounds = np.linspace(0, batch, parts + 1).astype(int)
 
     def part(lo: int, hi: int) -> dict:
-        agg = native.Aggregator(degree, ws is not None, dtype == np.float64, rows=hi - lo)
+        agg = native.Aggregator(opts.degree, ws is not None, dtype == np.float64,
+                                rows=hi - lo)
         agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
                       None if ws is None else ws[lo:hi])
-        return native.solve(agg.finish(hi - lo), degree, ws is not None)
+        return _solved_table(agg.finish(hi - lo), ws is not None, opts)
 
     records = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
     return records[0] if parts == 1 else {
@@ -380,11 +412,16 @@ def solve_moments(table, weighted: bool, step, opts: Options) -> dict:
         step = (tuple(m[:k]), tuple(m[k:2 * k]), m[2 * k], tuple(m[2 * k + 1:3 * k + 1]),
                 m[3 * k + 1])
     out = stats.solve(table, degree, weighted, vectorizer(opts), step)
-    record = {name: (torch.stack(value, 1) if isinstance(value, tuple) else value).cpu().numpy()
-              for name, value in out.items()}
+
+    def column(name, value):
+        if name in FitResult.PER_PARAMETER:  # (computed lowest power first)
+            value = in_user_order(None, value)
+        return (torch.stack(value, 1) if isinstance(value, tuple) else value).cpu().numpy()
+
+    record = {name: column(name, value) for name, value in out.items()}
     record["n_points"] = record["n_points"].astype(np.int64)
     record["iterations"] = np.isin(record["status"], (0, 4)).astype(np.int64)
-    return record
+    return moments.exact_r2(record)
 
 
 @contextlib.contextmanager
@@ -423,7 +460,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     weights : (B, N), >= 0; a weight multiplies the point's squared residual (as in WLS).
     lengths : (B,) ints, points beyond them are padding. ``mask`` (B, N) bool does the same.
         Points with a non-finite x, y or weight, or weight 0, are skipped.
-    degree : polynomial degree, 0 to 10.
+    degree : polynomial degree, 0 to 10; or ``"auto"`` / ``"auto:D"``: each series' degree in
+        0..D (default 3) chosen by BIC (``FitResult.degrees``; higher coefficients 0).
     model : ``None``/``"poly"`` (the polynomial of ``degree``), a built-in family (``"exp"``,
         ``"gauss"``, ``"logistic"``, ``"power"``, see batchfit.models.FAMILIES), or a callable
         ``f(x, params)`` on ONE series (1-D ``x``, 1-D ``params``), like the seed's ``f``.
@@ -438,11 +476,12 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
     lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
-        or an array); Newton: epochs is the iteration cap (default 50; for a model 100 (k + 1),
-        MINPACK's budget). ``tol``: converged when half the squared Newton decrement is
-        below tol * |loss| (default 1e-6; 1e-10 for nonlinear models in float64, whose last
-        steps converge linearly); Newton then keeps stepping while the loss does not rise and a
-        parameter still moves by more than sqrt(eps) of itself.
+        or an array, highest power first as ``params``); Newton: epochs is the iteration cap
+        (default 50; for a model 100 (k + 1), MINPACK's budget). ``tol``: converged when half
+        the squared Newton decrement is below tol * |loss| (default 1e-6; 1e-10 for nonlinear
+        models in float64, whose last steps converge linearly); Newton then keeps stepping
+        while the loss does not rise and a parameter still moves by more than sqrt(eps) of
+        itself.
     device, dtype : ``auto|cpu|cuda``; the working precision of the iterative solvers and
         of GPU kernels, float32 (default) or float64. The exact solver accumulates its
         statistics in float64 whatever the dtype (float64-grade coefficients).
@@ -462,10 +501,13 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     Returns
     -------
     FitResult
-        ``params`` (B, k) float64 in the column order of ``param_names`` (for the quadratic
-        ``c, b, a``: ``params[:, i]`` multiplies ``x**i``), ``stderr``, ``loss``, ``rmse``,
-        ``r2``, ``n_points``, ``iterations``, ``status`` (``status_labels()``), and for
-        iterative solvers ``history``.
+        ``params`` (B, k) float64 in the column order of ``param_names`` (polynomials highest
+        power first, the quadratic's ``a, b, c``: ``params[:, i]`` multiplies
+        ``x**(degree - i)``), ``stderr``, ``loss``, ``rmse``,
+        ``r2``, ``n_points``, ``iterations``, ``status`` (``status_labels()``), for
+        polynomials the frame they were fitted in (``x_centre``, ``x_scale``,
+        ``frame_params``: evaluate with ``batchfit.predict``), and for iterative solvers
+        ``history``.
     """
     opts = resolve(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
                    loss=loss, f_scale=f_scale, solver=solver, lr=lr, epochs=epochs, tol=tol,
@@ -538,46 +580,46 @@ def vectorizer(opts: Options) -> _Vectorizer:
 
 
 def solve(x, y, weights, lengths, mask, opts: Options) -> FitResult:
-    """``fit`` on resolved options."""
+    """``fit`` on resolved options: one precision pass, then the solve (a float32 fit's
+    series that float32 cannot hold, or whose fit it limits, solved again in float64)."""
     configure_threads()
-    device = resolve_device(opts.device, x, y)
-    cfg, solver, dtype = config(opts), opts.solver, getattr(torch, opts.dtype)
-    model_spec, loss_spec, p0 = cfg.model, cfg.loss, opts.p0
-    vectorize = vectorizer(opts)
-    options = {**opts.kwargs(), "device": device}
-    options.pop("dtype")
-    if solver == "exact":  # float64 statistics whatever the dtype: one pass, then a solve
-        inputs = checked_inputs(x, y, weights, lengths, mask, device=device)
+    opts = opts.with_(device=resolve_device(opts.device, x, y))
+    if opts.solver == "exact":  # float64 statistics whatever the dtype: one pass, then a solve
+        inputs = checked_inputs(x, y, weights, lengths, mask, device=opts.device)
         if inputs.y.numel() == 0:
-            return solve_without_points(inputs.y.shape[0], device, cfg, solver)
-        return _exact(inputs, cfg, vectorize)
-    wide = None
-    if dtype == torch.float32 and float32_overflows(y):  # huge |y| would cast to inf
+            return solve_without_points(inputs.y.shape[0], opts.device, config(opts),
+                                        opts.solver)
+        return _exact(inputs, config(opts), vectorizer(opts), opts)
+    if opts.dtype == "float32" and float32_overflows(y):  # huge |y| would cast to inf
         wide = float32_unsafe_rows(y)
         if wide.any():
-            return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
-    problem = make_problem(x, y, weights, lengths, mask, dtype=dtype, device=device,
-                           centre_x=model_spec.is_poly)
-    if loss_spec.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
+            return _fit_wide_apart(x, y, weights, lengths, mask, wide, opts)
+    result = _solve_points(x, y, weights, lengths, mask, opts)
+    wide = _needs_float64(result, y) if opts.dtype == "float32" else None
+    if wide is None:
+        return result
+    if result.history is None and np.ndim(y) == 2:
+        # Rows are independent: redo only the flagged ones (a history would need them
+        # merged back in, which the group path does).
+        return _with_float64_rows(result, x, y, weights, lengths, mask, wide, opts)
+    return _fit_wide_apart(x, y, weights, lengths, mask, wide, opts)
+
+
+def _solve_points(x, y, weights, lengths, mask, opts: Options) -> FitResult:
+    """The iterative solvers' fit in ``opts.dtype``, on the points."""
+    cfg, vectorize = config(opts), vectorizer(opts)
+    problem = make_problem(x, y, weights, lengths, mask, dtype=getattr(torch, opts.dtype),
+                           device=opts.device, centre_x=cfg.model.is_poly)
+    if cfg.loss.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
                          "weighted or non-finite points; return per-point losses instead")
     if problem.y.numel() == 0:
-        return solve_without_points(problem.batch_size, problem.device, cfg, solver)
-    if not model_spec.is_poly:
-        result = solve_model(problem, cfg, vectorize, solver, p0)
-    elif solver == "newton":
-        result = solve_newton(problem, cfg, vectorize)
-    else:
-        result = solve_descent(problem, cfg, vectorize, solver)
-    if wide is None and dtype == torch.float32:
-        wide = _needs_float64(result, y)
-        if wide is not None and result.history is None and np.ndim(y) == 2:
-            # Rows are independent: redo only the flagged ones (a history would need them
-            # merged back in, which the group path below does).
-            return _with_float64_rows(result, x, y, weights, lengths, mask, wide, options)
-        if wide is not None:
-            return _fit_wide_apart(x, y, weights, lengths, mask, wide, options)
-    return result
+        return solve_without_points(problem.batch_size, problem.device, cfg, opts.solver)
+    if not cfg.model.is_poly:
+        return solve_model(problem, cfg, vectorize, opts.solver, opts.p0)
+    if opts.solver == "newton":
+        return solve_newton(problem, cfg, vectorize)
+    return solve_descent(problem, cfg, vectorize, opts.solver)
 
 
 def _resolved_model(model, degree, p0, param_names, bounds) -> Model:
@@ -615,32 +657,30 @@ def _needs_float64(result: FitResult, y) -> np.ndarray | None:
 
 
 def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np.ndarray,
-                       options: dict) -> FitResult:
+                       opts: Options) -> FitResult:
     """``result`` with its ``wide`` rows fitted again in float64."""
     rows = np.flatnonzero(wide)
-    per_series = {name: _take_rows(options[name], rows, 2) for name in ("init", "p0")}
-    part = fit(_take_rows(x, rows, 2), _take_rows(y, rows, 2), _take_rows(weights, rows, 2),
-               _take_rows(lengths, rows, 1), mask=_take_rows(mask, rows, 2),
-               dtype=torch.float64, **{**options, **per_series, "track": []})
-    index = torch.from_numpy(rows).to(result.params.device)
-    return dataclasses.replace(result, **{
-        name: getattr(result, name).index_put((index,), getattr(part, name))
-        for name in result.fields})
+    part = _solve_points(_take_rows(x, rows, 2), _take_rows(y, rows, 2),
+                         _take_rows(weights, rows, 2), _take_rows(lengths, rows, 1),
+                         _take_rows(mask, rows, 2),
+                         opts.with_(dtype="float64", init=_take_rows(opts.init, rows, 2),
+                                    p0=_take_rows(opts.p0, rows, 2), track=()))
+    return result.with_rows(torch.from_numpy(rows), part)
 
 
-def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, options: dict):
+def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, opts: Options):
     """Fit the ``wide`` series (beyond float32's range, or limited by its rounding) in
     float64, the others in float32."""
-    def fit_group(rows, **group_options):
-        return fit(_take_rows(x, rows, 2), _take_rows(y, rows, 2),
-                   _take_rows(weights, rows, 2), _take_rows(lengths, rows, 1),
-                   mask=_take_rows(mask, rows, 2),
-                   dtype=torch.float64 if wide[rows[0]] else torch.float32, **group_options)
+    def fit_group(rows, group: Options):
+        return _solve_points(_take_rows(x, rows, 2), _take_rows(y, rows, 2),
+                             _take_rows(weights, rows, 2), _take_rows(lengths, rows, 1),
+                             _take_rows(mask, rows, 2),
+                             group.with_(dtype="float64" if wide[rows[0]] else "float32"))
 
     if np.ndim(y) == 1:  # one series
-        return fit(x, y, weights, lengths, mask=mask, dtype=torch.float64, **options)
+        return _solve_points(x, y, weights, lengths, mask, opts.with_(dtype="float64"))
     groups = [rows for rows in (np.flatnonzero(~wide), np.flatnonzero(wide)) if len(rows)]
-    return _fit_in_groups(groups, len(wide), fit_group, options)
+    return _fit_in_groups(groups, len(wide), fit_group, opts)
 
 
 def _gather(values: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
@@ -661,47 +701,40 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
     which other series share its batch. Results come back in series order, with the groups'
     training histories merged (``track`` and ``history_sample`` refer to the whole batch).
     """
+    opts = resolve(**options, y=y)
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths, starts = np.diff(offsets), offsets[:-1]
     groups = [np.flatnonzero(lengths == length) for length in np.unique(lengths)]
     if not groups:
-        return fit(np.zeros((0, 1)), np.zeros((0, 1)), **options)
+        return solve(np.zeros((0, 1)), np.zeros((0, 1)), None, None, None, opts)
 
-    def fit_group(rows, **group_options):
+    def fit_group(rows, group: Options):
         at, length = starts[rows], lengths[rows[0]]
-        return fit(_gather(x, at, length), _gather(y, at, length),
-                   None if weights is None else _gather(weights, at, length), **group_options)
+        return solve(_gather(x, at, length), _gather(y, at, length),
+                     None if weights is None else _gather(weights, at, length), None, None,
+                     group)
 
-    return _fit_in_groups(groups, len(lengths), fit_group, options)
+    return _fit_in_groups(groups, len(lengths), fit_group, opts)
 
 
 def _fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
-                   options: dict) -> FitResult:
-    """Fit a batch as disjoint groups of rows, ``fit_group(rows, **options)`` each; results
-    and training histories come back in row order. ``track``, ``history_sample`` and a
-    random ``init`` refer to the whole batch, so no number depends on the grouping."""
-    options = dict(options)
-    track = options.pop("track", None)
+                   opts: Options) -> FitResult:
+    """Fit a batch as disjoint groups of rows, ``fit_group(rows, group_options)`` each;
+    results and training histories come back in row order. ``track``, ``history_sample``
+    and a random ``init`` refer to the whole batch, so no number depends on the grouping."""
+    track = opts.track
     if track is None:  # the default spread, over the whole batch
         track = sorted({round(i * (batch - 1) / 4) for i in range(5)}) if batch else []
     track = np.asarray(track, dtype=np.int64)
-    sample = options.pop("history_sample", 1 << 14)
-    init = options.pop("init", "random")
-    if isinstance(init, str) and init == "random" and options.get("solver") in ("gd", "adam"):
+    init = opts.init
+    if isinstance(init, str) and init == "random" and opts.solver in ("gd", "adam"):
         # (by position in the whole batch; Newton starts from the exact fit instead)
-        init = random_init(options.get("seed", 0), 0, batch, options.get("degree", 2) + 1)
-    per_series = not isinstance(init, str) and np.ndim(init) == 2
-    if per_series:
-        init = torch.as_tensor(init)
-    p0 = options.pop("p0", None)
-    p0_rows = p0 is not None and not callable(p0) and np.ndim(p0) == 2
-    if p0_rows:
-        p0 = torch.as_tensor(p0)
-    parts = [fit_group(rows, track=np.flatnonzero(np.isin(rows, track)).tolist(),
-                       history_sample=-(-sample * len(rows) // batch),
-                       init=init[torch.from_numpy(rows)] if per_series else init,
-                       p0=p0[torch.from_numpy(rows)] if p0_rows else p0, **options)
-             for rows in groups]
+        init = random_init(opts.seed, 0, batch, opts.degree + 1)
+
+    parts = [fit_group(rows, opts.with_(
+        track=tuple(np.flatnonzero(np.isin(rows, track)).tolist()),
+        history_sample=-(-opts.history_sample * len(rows) // batch),
+        init=_take_rows(init, rows, 2), p0=_take_rows(opts.p0, rows, 2))) for rows in groups]
     positions = [torch.from_numpy(rows) for rows in groups]
     histories = [part.history for part in parts]
     history = None if histories[0] is None else History.merge(histories, positions)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
-from .read import list_files, open_parquet, table_chunks
-from .schema import ColumnSpec, describe, first_line
+from .read import list_files
+from .schema import first_line
 
 
 def read_metadata(path: str) -> dict:
@@ -59,13 +58,20 @@ def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
 
 def read_coefficients(path: str) -> tuple[pa.Table, dict]:
     """An output file of ``batchfit run``: its table (the id column as ``series_id``) and
-    ``batchfit`` metadata."""
-    table = read_parquet(path)
+    ``batchfit`` metadata (see ``coefficient_table``)."""
+    return coefficient_table(read_parquet(path), path)
+
+
+def coefficient_table(table: pa.Table, source: str) -> tuple[pa.Table, dict]:
+    """An output table (``source`` names it in errors): the table with its id column as
+    ``series_id``, and its ``batchfit`` metadata with ``model``, ``degree`` and ``columns``
+    ((name, parameter index) of the coefficients) read from the columns there."""
+    path = source
     names = table.column_names
     meta = _json_object((table.schema.metadata or {}).get(b"batchfit", b"{}"))
     id_name = meta.get("id_column") if meta.get("id_column") in names else "series_id"
     if "status" not in names or id_name not in names:
-        raise ValueError(f"{path} is not a batchfit coefficients file")
+        raise ValueError(f"{path} is not a batchfit coefficients table")
     if id_name != "series_id":  # (the output keeps the input's name; here it is series_id)
         names = ["series_id" if name == id_name else name for name in names]
         table = table.rename_columns(names)
@@ -85,22 +91,3 @@ def read_coefficients(path: str) -> tuple[pa.Table, dict]:
         return table, {**meta, "model": None, "degree": None,
                        "columns": [(name, i) for i, name in enumerate(stated)]}
     raise ValueError(f"{path} has no coefficient columns")
-
-
-def read_series(path: str, ids: list, spec: ColumnSpec) -> dict:
-    """The points of the given series of a dataset, as {id: (x, y)} float64 arrays in
-    canonical order (reads only row groups that can hold them)."""
-    if not ids:
-        return {}
-    first = open_parquet(list_files(path)[0])
-    layout = describe(first.schema_arrow, spec, path)
-    table = read_parquet(path, columns=layout.columns[:3],
-                        filters=[(spec.series_id, "in", list(ids))])
-    found = {}
-    for chunk in table_chunks(table, ColumnSpec(spec.series_id, spec.x, spec.y,
-                                                format=layout.format)):
-        for i, series_id in enumerate(chunk.ids.to_pylist()):
-            lo, hi = chunk.offsets[i], chunk.offsets[i + 1]
-            found[series_id] = (chunk.x[lo:hi].astype(np.float64),
-                                chunk.y[lo:hi].astype(np.float64))
-    return found

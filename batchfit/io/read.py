@@ -1,11 +1,15 @@
-"""Reading series datasets: a Parquet file or directory as a stream of decoded batches.
+"""Reading series datasets: a Parquet, CSV or Arrow IPC file, or a directory of them, as a
+stream of decoded batches.
 
-Two ways to read, for two kinds of solver:
+Each file is a ``Source`` (``ParquetSource``, ``CsvSource``, ``IpcSource``): its schema, its
+row count when the format records one, and its rows as a stream of record batches, read a
+bounded piece at a time. ``Dataset`` holds the logic, the same for every format. Two ways to
+read, for two kinds of solver:
 
-* ``Dataset.batches`` (the aggregation path of MSE polynomial fits): row groups decoded in
-  parallel threads (pyarrow releases the GIL), handed over in input order as flat numpy
-  arrays with each point's series code (``SeriesCodes``). Nothing is sorted or gathered: a
-  series may be spread anywhere.
+* ``Dataset.batches`` (the aggregation path of MSE polynomial fits): row groups (of a CSV
+  or IPC input: its files) decoded in parallel threads (pyarrow releases the GIL), handed
+  over in input order as flat numpy arrays with each point's series code (``SeriesCodes``).
+  Nothing is sorted or gathered: a series may be spread anywhere.
 * ``Dataset.chunks`` (solvers that need each series' points together: robust losses,
   nonlinear models, GD/Adam): whole series back to back, in a canonical point order, so that
   a series' fit never depends on how the input was laid out.
@@ -19,11 +23,14 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
 from .schema import (
@@ -34,6 +41,7 @@ from .schema import (
     first_line,
     has_types,
     is_list_type,
+    is_temporal,
     single,
     to_float,
     unified,
@@ -67,17 +75,106 @@ class Chunk:
                         self.offsets[start:stop + 1] - lo)
 
 
-def list_files(path: str) -> list[str]:
+INPUT_FORMATS = ("auto", "parquet", "csv", "ipc")
+EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"),
+              "csv": (".csv", ".csv.gz", ".csv.bz2", ".csv.zst"),  # (pyarrow decompresses)
+              "ipc": (".arrow", ".arrows", ".feather", ".ipc")}
+LABELS = {"parquet": "Parquet", "csv": "CSV", "ipc": "Arrow IPC", "feather1": "Feather v1"}
+# Bytes of CSV text parsed at a time (the first block's also give the column types):
+# pyarrow's default, and here its fastest and leanest (a 340 MB file streamed through in
+# 1.9 s with 40 MiB of Arrow memory at the peak; 16 MiB blocks: 2.8 s and 340 MiB).
+CSV_BLOCK = 1 << 20
+COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")  # what pyarrow decompresses, by the name
+
+
+def format_by_name(name: str) -> str | None:
+    """The format a file's extension names (None: no known extension)."""
+    lower = name.lower()
+    return next((kind for kind, ends in EXTENSIONS.items() if lower.endswith(ends)), None)
+
+
+def _format_by_content(file: str) -> str | None:
+    """The format a file's first bytes show: Parquet ("PAR1"), an Arrow IPC file ("ARROW1")
+    or stream (the continuation marker 0xFFFFFFFF); None for anything else (CSV has none)."""
+    head = _head(file)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
+        return "ipc"
+    return "feather1" if head.startswith(b"FEA1") else None
+
+
+def _head(file: str) -> bytes:
+    try:
+        with open(file, "rb") as f:
+            return f.read(8)
+    except OSError as exc:
+        raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+
+
+def file_format(file: str, input_format: str = "auto") -> str:
+    """How ``file`` is read: ``input_format`` if given, else by its extension, else by its
+    first bytes. A file whose first bytes show another binary format is refused."""
+    check_input_format(input_format)
+    named = input_format if input_format != "auto" else format_by_name(file)
+    content = _format_by_content(file)
+    kind = named or content
+    if content == "feather1" and kind in ("ipc", "feather1"):
+        return "feather1"  # (refused when opened, with what to do)
+    if kind is None:
+        raise ValueError(f"cannot tell the format of {file} from its name or its first bytes: "
+                         "set input_format to parquet, csv or ipc")
+    if content is not None and content != kind:
+        said = "input_format says" if input_format != "auto" else "its name says"
+        article = "an" if LABELS[content][0] in "AEIOU" else "a"
+        raise ValueError(f"{file} is {article} {LABELS[content]} file (by its first bytes), not "
+                         f"{LABELS[kind]} as {said}")
+    return kind
+
+
+def check_input_format(input_format: str):
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got "
+                         f"{input_format!r}")
+
+
+def list_files(path: str, input_format: str = "parquet") -> list[str]:
+    """The files of a dataset path: the file itself, or the files of a directory whose
+    extension is ``input_format``'s (auto: any format's; names starting with . or _ are
+    not data). The default, Parquet, is what batchfit's own outputs are."""
+    check_input_format(input_format)
     if not os.path.exists(path):
         raise ValueError(f"input not found: {path}")
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                       if name.lower().endswith(".parquet") and name[0] not in "._"
-                       and os.path.isfile(os.path.join(path, name)))
-        if not files:
-            raise ValueError(f"no Parquet files (*.parquet) in directory {path}")
-        return files
-    return [path]
+    if not os.path.isdir(path):
+        return [path]
+    kinds = list(EXTENSIONS) if input_format == "auto" else [input_format]
+    files = sorted(os.path.join(path, name) for name in os.listdir(path)
+                   if format_by_name(name) in kinds and name[0] not in "._"
+                   and os.path.isfile(os.path.join(path, name)))
+    if not files:
+        patterns = ", ".join(f"*{end}" for kind in kinds for end in EXTENSIONS[kind])
+        others = [LABELS[kind] for kind in kinds if kind != "parquet"]
+        what = "Parquet files" if "parquet" in kinds else f"{others.pop(0)} files"
+        if others:
+            what += f" (nor {' or '.join(others)} files)"
+        raise ValueError(f"no {what} ({patterns}) in directory {path}")
+    return files
+
+
+def dataset_files(path: str, input_format: str = "auto") -> list[tuple[str, str]]:
+    """(file, format) of every file of a dataset path. The files of a directory must be of
+    one format (a CSV copy beside the Parquet original would count every point twice): a
+    directory holding several is refused, unless ``input_format`` picks one."""
+    files = [(file, file_format(file, input_format))
+             for file in list_files(path, input_format)]
+    kinds = sorted({kind for _, kind in files})
+    if len(kinds) > 1:
+        firsts = [next(file for file, k in files if k == kind) for kind in kinds]
+        raise ValueError(f"directory {path} holds files of more than one format ("
+                         + ", ".join(f"{LABELS[k]}: {os.path.basename(f)}"
+                                     for k, f in zip(kinds, firsts))
+                         + "): set input_format to read one of them")
+    return files
 
 
 def open_parquet(file: str) -> pq.ParquetFile:
@@ -89,31 +186,297 @@ def open_parquet(file: str) -> pq.ParquetFile:
         raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
 
 
+def open_source(file: str, kind: str, spec: ColumnSpec) -> Source:
+    if kind == "parquet":
+        return ParquetSource(file)
+    if kind == "csv":
+        return CsvSource(file, spec)
+    if kind == "ipc":
+        return IpcSource(file)
+    raise ValueError(f"{file} is a Feather version 1 file, which cannot be streamed: write it "
+                     "again as Feather version 2 (pyarrow.feather.write_feather) or Parquet")
+
+
+class Source:
+    """One input file as the reader sees it, whatever its format: its schema, its row count
+    when known without reading it, and its rows as a stream of record batches. The
+    Dataset's logic is the same for every format; only these methods differ."""
+
+    kind = label = ""
+    num_rows: int | None = None  # None: not known before reading the file through
+    has_rows = True
+    schema_arrow: pa.Schema
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def iter_batches(self, columns: list[str], rows: int,
+                     points_of: str | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's rows of ``columns`` in file order, at most ``rows`` at a time
+        (``points_of``: a list column; then at most about ``rows`` of its elements)."""
+        with self._reading():
+            for batch in self._batches(columns, rows):
+                yield from _slices(batch, rows, points_of)
+
+    def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def units(self, rows: int, layout: Layout) -> list[tuple]:
+        """Pieces of work for parallel decoding, in file order: (unit, number of pieces it
+        yields, None if not known before reading it)."""
+        return [(None, None)]
+
+    def read_unit(self, unit, layout: Layout, rows: int, skip: int) -> Iterator:
+        """The pieces of ``unit`` after its first ``skip`` (``rows`` points each, or so)."""
+        points_of = layout.spec.x if layout.format == "list" else None
+        pieces = self.iter_batches(layout.columns, rows, points_of)
+        for part, piece in enumerate(pieces):
+            if part >= skip:
+                yield piece
+
+    def id_bounds(self, column: str) -> tuple[int, int] | None:
+        """The smallest and largest integer id, from metadata (None: unknown)."""
+        return None
+
+    def rows_of(self, columns: list[str], id_column: str, value_set: pa.Array) -> Iterator:
+        """The rows whose id is in ``value_set`` (for plots: a few series)."""
+        for batch in self.iter_batches(columns, BATCH_ROWS):
+            ids = batch.column(id_column)
+            try:
+                wanted = value_set.cast(ids.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue  # (no id of this file can be one of them)
+            yield batch.filter(pc.is_in(ids, value_set=wanted))
+
+    @contextmanager
+    def _reading(self):
+        try:
+            yield
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {self.file} as {self.label}: "
+                             f"{first_line(exc)}") from None
+
+
+def _slices(batch: pa.RecordBatch, rows: int, points_of: str | None) -> Iterator:
+    """A batch in even pieces of at most ``rows`` rows (``points_of``: of about ``rows``
+    elements of that list column); a small batch as it is."""
+    points = batch.num_rows
+    if points_of is not None and batch.num_rows:
+        lengths = pc.list_value_length(batch.column(points_of))
+        points = int(pc.sum(lengths).as_py() or 0)
+    parts = _parts(points, rows)
+    if parts == 1:
+        yield batch
+        return
+    per = -(-batch.num_rows // parts)
+    for start in range(0, batch.num_rows, per):
+        yield batch.slice(start, per)
+
+
+class ParquetSource(Source):
+    """A Parquet file: row counts, row groups and id statistics from its footer."""
+
+    kind, label = "parquet", "Parquet"
+
+    def __init__(self, file: str):
+        super().__init__(file)
+        self.handle = open_parquet(file)
+        self.schema_arrow = self.handle.schema_arrow
+        self.num_rows = self.handle.metadata.num_rows
+        self.has_rows = bool(self.num_rows)
+
+    def iter_batches(self, columns, rows, points_of=None):
+        # (rows per batch, in either format: a row group's list columns come whole)
+        try:
+            yield from self.handle.iter_batches(batch_size=rows, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {self.file}: {first_line(exc)}") from None
+
+    def units(self, rows, layout):
+        units = []
+        metadata = self.handle.metadata
+        for group in range(metadata.num_row_groups):
+            meta = metadata.row_group(group)
+            # a piece holds about ``rows`` points (in list format far fewer rows)
+            points = _leaf_values(meta, layout.spec.x) if layout.format == "list" \
+                else meta.num_rows
+            parts = _parts(points, rows)
+            units.append(((group, -(-meta.num_rows // parts)), parts))
+        return units
+
+    def read_unit(self, unit, layout, rows, skip):
+        group, per = unit  # (rows per piece of this row group)
+        file, metadata = self.file, self.handle.metadata
+        try:
+            # (a reader of its own: this runs in a decoding thread)
+            reader = pq.ParquetFile(file, metadata=metadata, pre_buffer=False,
+                                    page_checksum_verification=True)
+            if metadata.row_group(group).num_rows <= per:
+                pieces = iter([reader.read_row_group(group, columns=layout.columns,
+                                                     use_threads=False)])
+            else:  # a big row group: streamed, a piece at a time, its columns decoded in
+                # parallel by pyarrow (the pieces of one row group come one after another)
+                pieces = reader.iter_batches(batch_size=per, row_groups=[group],
+                                             columns=layout.columns, use_threads=True)
+            for part, piece in enumerate(pieces):
+                if part >= skip:
+                    yield piece
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+
+    def id_bounds(self, column):
+        meta = self.handle.metadata
+        index = self.schema_arrow.get_field_index(column)
+        if index < 0:
+            return None
+        lo, hi = None, None
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(index).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            if not isinstance(stats.min, int) or not isinstance(stats.max, int):
+                return None
+            lo = stats.min if lo is None else min(lo, stats.min)
+            hi = stats.max if hi is None else max(hi, stats.max)
+        return None if lo is None else (lo, hi)
+
+    def rows_of(self, columns, id_column, value_set):
+        # (row groups whose statistics exclude every id are not read)
+        try:
+            yield pq.read_table(self.file, columns=columns,
+                                filters=[(id_column, "in", value_set.to_pylist())])
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"cannot read {self.file}: {first_line(exc)}") from None
+
+
+class CsvSource(Source):
+    """A CSV file with a header row, streamed by pyarrow's CSV reader a block at a time
+    (``CSV_BLOCK``). Column types are inferred from the first block and then held for the
+    whole file (and every pass): ids as inferred (integers, else strings), timestamps and
+    dates as inferred, integer or empty value columns as float64 (so that a later "1.5" is
+    a number, not an error). CSV holds long format only."""
+
+    kind, label = "csv", "CSV"
+
+    def __init__(self, file: str, spec: ColumnSpec):
+        super().__init__(file)
+        with self._reading():
+            reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(
+                block_size=CSV_BLOCK))
+            first, inferred = _next_batch(reader), reader.schema
+            reader.close()
+        # (the first block held the whole file: its rows are counted)
+        whole = not file.lower().endswith(COMPRESSED) and \
+            os.path.getsize(file) < CSV_BLOCK // 2
+        values = (spec.x, spec.y, spec.weight)
+        self.schema_arrow = pa.schema([
+            field.with_type(pa.float64()) if field.name in values and (
+                pa.types.is_integer(field.type) or pa.types.is_null(field.type)) else field
+            for field in inferred])
+        rows = 0 if first is None else first.num_rows
+        self.num_rows = rows if whole else None
+        self.has_rows = rows > 0
+        if spec.format == "list":
+            raise ValueError(f"{file} is CSV, which holds long format only (a row per "
+                             "point): list format needs Parquet or Arrow IPC")
+        x = inferred.field(spec.x) if spec.x in inferred.names else None
+        if rows and x is not None and pa.types.is_string(x.type):
+            texts = pc.drop_null(first.column(spec.x))
+            if len(texts) and str(texts[0].as_py()).lstrip().startswith("["):
+                raise ValueError(f"column {spec.x!r} of {file} holds lists as text; CSV holds "
+                                 "long format only (a row per point): write list format "
+                                 "as Parquet or Arrow IPC")
+
+    def _batches(self, columns, rows):
+        types = {name: self.schema_arrow.field(name).type for name in columns}
+        convert = pacsv.ConvertOptions(column_types=types, include_columns=columns)
+        yield from pacsv.open_csv(self.file, convert_options=convert,
+                                  read_options=pacsv.ReadOptions(block_size=CSV_BLOCK))
+
+
+class IpcSource(Source):
+    """An Arrow IPC file (Feather v2) or stream, memory-mapped: batches are read in place
+    (decompressed if compressed), only the columns asked for."""
+
+    kind, label = "ipc", "Arrow IPC"
+
+    def __init__(self, file: str):
+        super().__init__(file)
+        self.stream = not _head(file).startswith(b"ARROW1")  # (else a stream)
+        with self._reading(), pa.memory_map(file) as source:
+            if self.stream:
+                reader = paipc.open_stream(source)
+                self.schema_arrow = reader.schema
+                self.has_rows = any(batch.num_rows for batch in reader)
+            else:
+                reader = paipc.open_file(source)
+                self.schema_arrow = reader.schema
+                self.num_rows = reader.count_rows()
+                self.has_rows = bool(self.num_rows)
+
+    def _batches(self, columns, rows):
+        fields = [self.schema_arrow.get_field_index(name) for name in columns]
+        options = paipc.IpcReadOptions(included_fields=sorted(fields))
+        with pa.memory_map(self.file) as source:
+            if self.stream:
+                batches = paipc.open_stream(source, options=options)
+            else:
+                reader = paipc.open_file(source, options=options)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            for batch in batches:
+                yield batch.select(columns)
+
+
+def _next_batch(reader) -> pa.RecordBatch | None:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
 
 class Dataset:
-    """A validated Parquet dataset of series, read as a stream of whole-series chunks."""
+    """A validated dataset of series (a Parquet, CSV or Arrow IPC file, or a directory of
+    them), read as a stream of decoded batches or of whole-series chunks."""
 
-    def __init__(self, path: str, spec: ColumnSpec):
+    def __init__(self, path: str, spec: ColumnSpec, input_format: str = "auto"):
         self.path = path
-        self.files = [(file, open_parquet(file)) for file in list_files(path)]
+        self.files = [(file, open_source(file, kind, spec))
+                      for file, kind in dataset_files(path, input_format)]
         # A file without rows holds no series: it is not read, and its schema is not held
         # against the others (an empty pandas frame writes null-typed columns, say).
-        self._read = [(file, handle) for file, handle in self.files
-                      if handle.metadata.num_rows]
+        self._read = [(file, source) for file, source in self.files if source.has_rows]
         if not self._read:
             raise ValueError(f"empty input: {path} has no rows")
-        self.layout = unified([describe(handle.schema_arrow, spec, file)
-                                for file, handle in self._read],
+        self.layout = unified([describe(source.schema_arrow, spec, file)
+                                for file, source in self._read],
                                [file for file, _ in self._read])
-        self.num_rows = sum(handle.metadata.num_rows for _, handle in self._read)
         self._scanned = None
+        self._counted = None  # rows seen by the scan
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the input: from metadata where the format has it, else counted (by the
+        one pass over the ids that ``chunks`` needs anyway)."""
+        counts = [source.num_rows for _, source in self._read]
+        if None not in counts:
+            return sum(counts)
+        self._scan()
+        return self._counted
 
     def _scan(self):
         """One pass over the ids (for ``chunks``): are the series contiguous, how many are
         there, and their distinct ids, sorted, when they are not contiguous."""
         if self._scanned is None:
-            self._scanned = _scan_ids(self._batches([self.layout.spec.series_id], 1 << 20),
-                                      self.layout)
+            counted = [0]
+
+            def counting(batches):
+                for batch in batches:
+                    counted[0] += batch.num_rows
+                    yield batch
+
+            self._scanned = _scan_ids(
+                counting(self._batches([self.layout.spec.series_id], 1 << 20)), self.layout)
+            self._counted = counted[0]
         return self._scanned
 
     @property
@@ -133,6 +496,11 @@ class Dataset:
         return self.layout.format
 
     @property
+    def file_format(self) -> str:
+        """The files' format: parquet, csv or ipc (a dataset holds one)."""
+        return self.files[0][1].kind
+
+    @property
     def point_dtype(self):
         """The dtype decoded points come in: float32 when x, y (and w) are all float32."""
         values = [value_type.value_type if is_list_type(value_type) else value_type
@@ -149,14 +517,44 @@ class Dataset:
         """Batches of ``columns`` in the read types, file after file (a file whose types
         differ is cast, so that batches of different files concatenate)."""
         schema = self.layout.schema(columns)
-        for file, handle in self._read:
-            try:
-                for batch in handle.iter_batches(batch_size=rows, columns=columns):
-                    if not has_types(batch, schema):
+        for file, source in self._read:
+            for batch in source.iter_batches(columns, rows):
+                if not has_types(batch, schema):
+                    try:
                         batch = cast_to(batch, schema, self.layout.spec.series_id)
-                    yield batch
-            except (pa.ArrowException, OSError) as exc:
-                raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+                    except (pa.ArrowException, OSError) as exc:
+                        raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+                yield batch
+
+    def rows_of(self, ids: list, columns: list[str]) -> pa.Table:
+        """The rows of the series ``ids`` (a few: for plots), ``columns`` in the read types."""
+        schema = self.layout.schema(columns)
+        id_column = self.layout.spec.series_id
+        value_set = ids_of_type(ids, self.layout.id_type, "the series asked for")
+        tables = []
+        for _, source in self._read:
+            for piece in source.rows_of(columns, id_column, value_set):
+                if not has_types(piece, schema):
+                    piece = cast_to(piece, schema, id_column)
+                tables.append(piece if isinstance(piece, pa.Table)
+                              else pa.Table.from_batches([piece]))
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+
+    def csv_convert_options(self) -> pacsv.ConvertOptions:
+        """The CSV column types of this (CSV) dataset's columns, one for every file (for a
+        reader other than batchfit's own, such as Ray Data's): ids as the layout's, numbers
+        as float64, a time column as the files give it (the same in every file)."""
+        spec, layout = self.layout.spec, self.layout
+        types = {spec.series_id: layout.id_type}
+        for column in layout.columns[1:]:
+            kinds = {source.schema_arrow.field(column).type for _, source in self._read}
+            if len(kinds) > 1 and any(is_temporal(kind) for kind in kinds):
+                raise ValueError(f"column {column!r} holds times of different types in the "
+                                 f"files of {self.path} ({', '.join(map(str, kinds))})")
+            kind = kinds.pop()
+            types[column] = kind if is_temporal(kind) else pa.float64()
+        return pacsv.ConvertOptions(column_types=types, include_columns=list(types))
+
 
     # ------------------------------------------------------------ decoded batches
 
@@ -164,40 +562,48 @@ class Dataset:
         """Codes for this dataset's series ids: the ids themselves (offset) when the files'
         statistics show integer ids spread over few enough values, else a hash table."""
         if pa.types.is_integer(self.layout.id_type):
-            bounds = _id_bounds([handle for _, handle in self._read], self.layout.spec.series_id)
+            bounds = [source.id_bounds(self.layout.spec.series_id) for _, source in self._read]
             memory = _available_memory() or (8 << 30)
-            if bounds is not None:
-                span = bounds[1] - bounds[0] + 1  # at most one code per row of the input
+            if None not in bounds:
+                lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+                span = hi - lo + 1  # at most one code per row of the input
                 if span <= self.num_rows and span * DENSE_ROW_BYTES <= memory // 4:
-                    return DenseCodes(bounds[0], bounds[1], self.layout.id_type, unique_rows)
+                    return DenseCodes(lo, hi, self.layout.id_type, unique_rows)
         return HashedCodes(self.layout.id_type, unique_rows)
 
     def batches(self, codes: SeriesCodes, *, workers: int = 1, rows: int = BATCH_ROWS,
                 start: int = 0) -> Iterator[Batch]:
         """The input's points in input order, ``rows`` at a time (or so): row groups are
         decoded ``workers`` at a time in threads, handed over in order, and coded by ``codes``
-        in this thread. ``start``: skip the first ``start`` batches (without decoding)."""
-        tasks, first = [], 0
-        for file, handle in self._read:
-            for group in range(handle.metadata.num_row_groups):
-                meta = handle.metadata.row_group(group)
-                # a piece holds about ``rows`` points (in list format far fewer rows)
-                points = _leaf_values(meta, self.layout.spec.x) if self.format == "list" \
-                    else meta.num_rows
-                parts = _parts(points, rows)
-                if first + parts > start:
-                    tasks.append((first, file, handle, group, -(-meta.num_rows // parts),
-                                  max(0, start - first)))
-                first += parts
+        in this thread. ``start``: skip the first ``start`` batches (Parquet: without decoding
+        them)."""
+        # Tasks (units of a file) wholly before ``start`` are skipped without being opened,
+        # while every count so far is known (Parquet's row groups); after a unit of unknown
+        # length (a CSV file, an IPC file or stream) the pieces are counted as they come.
+        tasks, first, index = [], 0, None
+        for _, source in self._read:
+            for unit, parts in source.units(rows, self.layout):
+                if first is not None and parts is not None and first + parts <= start:
+                    first += parts
+                    continue
+                # (a unit of unknown length cannot skip for itself: its pieces are counted)
+                skip = 0 if first is None or parts is None else max(0, start - first)
+                if index is None:
+                    index = first + skip  # (the first piece decoded)
+                tasks.append((source, unit, rows, skip))
+                first = None if first is None or parts is None else first + parts
         layout = self.layout
-        for index, ids, x, y, w, file in _ordered_streams(
+        for ids, x, y, w, file in _ordered_streams(
                 tasks, lambda task: _decode(task, layout, codes), workers):
+            index += 1
+            if index <= start:
+                continue  # (decoded only to be counted)
             points, series = codes.encode(ids)  # (after the ids' own errors: weights')
             if w is not None and bool((w < 0).any()):  # (NaN: a point to skip)
                 raise ValueError(f"weights must be >= 0 (a weight multiplies a squared "
                                  f"residual): column {layout.spec.weight!r} of {file} has "
                                  "negative values")
-            yield Batch(index, points, x, y, w, codes.offset, series)
+            yield Batch(index - 1, points, x, y, w, codes.offset, series)
 
     def chunks(self, rows_per_read: int = 1 << 20) -> Iterator[Chunk]:
         """Whole-series chunks in a canonical point order (see module docstring)."""
@@ -211,9 +617,8 @@ class Dataset:
         split by ranges of the (sorted) series ids into partitions of about
         ``rows_per_read`` rows, kept in memory; each partition, holding whole series, is
         then sorted on its own (small sorts stay in cache). Refused when memory is short."""
-        need = MIN_FREE_MEMORY_FACTOR * sum(
-            handle.metadata.num_rows * _row_bytes(handle.schema_arrow, self.layout.columns)
-            for _, handle in self._read)
+        need = MIN_FREE_MEMORY_FACTOR * self.num_rows * _row_bytes(self.layout.schema(),
+                                                                   self.layout.columns)
         free = _available_memory()
         if free is not None and need > free:
             raise ValueError(
@@ -333,24 +738,14 @@ def _ordered_streams(tasks: list, stream, workers: int, depth: int = 2) -> Itera
 
 
 def _decode(task, layout: Layout, codes) -> Iterator[tuple]:
-    """The pieces of one row group, decoded in turn: (index, ids, x, y, w) with x, y, w flat
-    float arrays of one dtype and ids per point (long format) or per series (list)."""
-    first, file, handle, group, rows, skip = task
-    try:
-        reader = pq.ParquetFile(file, metadata=handle.metadata, pre_buffer=False,
-                                page_checksum_verification=True)
-        if handle.metadata.row_group(group).num_rows <= rows:
-            pieces = iter([reader.read_row_group(group, columns=layout.columns,
-                                                 use_threads=False)])
-        else:  # a big row group: streamed, a piece at a time, its columns decoded in
-            # parallel by pyarrow (the pieces of one row group come one after another)
-            pieces = reader.iter_batches(batch_size=rows, row_groups=[group],
-                                         columns=layout.columns, use_threads=True)
-        for part, piece in enumerate(pieces):
-            if part >= skip:
-                yield (first + part, *_piece(piece, layout, codes, file))
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+    """The pieces of one unit of a file, decoded in turn: (ids, x, y, w, file) with x, y, w
+    flat float arrays of one dtype and ids per point (long format) or per series (list)."""
+    source, unit, rows, skip = task
+    for piece in source.read_unit(unit, layout, rows, skip):
+        try:
+            yield _piece(piece, layout, codes, source.file)
+        except (pa.ArrowException, OSError) as exc:  # (a cast: an id that does not fit)
+            raise ValueError(f"cannot read {source.file}: {first_line(exc)}") from None
 
 
 def _piece(piece, layout: Layout, codes, file: str) -> tuple:
@@ -381,26 +776,6 @@ def _flat(layout: Layout, x, y, w, file: str = ""):
         x, y = x.astype(np.float64, copy=False), y.astype(np.float64, copy=False)
         w = None if w is None else w.astype(np.float64, copy=False)
     return x, y, w, file
-
-
-def _id_bounds(handles: list, column: str) -> tuple[int, int] | None:
-    """The smallest and largest id over every row group's statistics; None if some row
-    group has none."""
-    lo, hi = None, None
-    for handle in handles:
-        meta = handle.metadata
-        index = handle.schema_arrow.get_field_index(column)
-        if index < 0:
-            return None
-        for group in range(meta.num_row_groups):
-            stats = meta.row_group(group).column(index).statistics
-            if stats is None or not stats.has_min_max:
-                return None
-            if not isinstance(stats.min, int) or not isinstance(stats.max, int):
-                return None
-            lo = stats.min if lo is None else min(lo, stats.min)
-            hi = stats.max if hi is None else max(hi, stats.max)
-    return None if lo is None else (lo, hi)
 
 
 class SeriesCodes:
@@ -762,3 +1137,23 @@ def arrow_table(data) -> pa.Table:
     raise ValueError("table must be a pyarrow Table, a pandas or polars DataFrame, or an "
                      "object with the Arrow PyCapsule stream interface; got "
                      f"{type(data).__name__}")
+
+
+def read_series(path: str, ids: list, spec: ColumnSpec, input_format: str = "auto") -> dict:
+    """The points of the given series of a dataset, as {id: (x, y)} float64 arrays in
+    canonical order (Parquet: reads only row groups that can hold them; the other formats
+    are streamed through, keeping only those series' rows)."""
+    if not ids:
+        return {}
+    dataset = Dataset(path, ColumnSpec(spec.series_id, spec.x, spec.y, spec.weight,
+                                       format=spec.format), input_format)
+    layout = dataset.layout
+    table = dataset.rows_of(list(ids), layout.columns[:3])
+    found = {}
+    for chunk in table_chunks(table, ColumnSpec(spec.series_id, spec.x, spec.y,
+                                                format=layout.format)):
+        for i, series_id in enumerate(chunk.ids.to_pylist()):
+            lo, hi = chunk.offsets[i], chunk.offsets[i + 1]
+            found[series_id] = (chunk.x[lo:hi].astype(np.float64),
+                                chunk.y[lo:hi].astype(np.float64))
+    return found

@@ -16,22 +16,37 @@ import pyarrow.parquet as pq
 from ..names import STATUS_LABELS
 from .schema import first_line
 
+FRAME_COLUMNS = ("x_centre", "x_scale")
 
-def output_schema(id_type: pa.DataType, columns, metadata: dict,
-                  restarts: bool = False, id_name: str = "series_id") -> pa.Schema:
+
+def frame_name(name: str) -> str:
+    """The column of coefficient ``name`` in the fit's frame."""
+    return f"{name}_frame"
+
+
+def output_schema(id_type: pa.DataType, columns, metadata: dict, *, restarts: bool = False,
+                  id_name: str = "series_id", frame: bool = False,
+                  degrees: bool = False) -> pa.Schema:
     """The contract's output columns, in order, with the ``batchfit`` metadata entry.
     ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``);
-    ``restarts``: a multi-start fit, which adds ``converged_starts``; ``id_name``: the
-    input's id column, whose name the output keeps (first)."""
+    ``id_name``: the input's id column, whose name the output keeps (first); ``frame``: a
+    polynomial's fits in their frames (``x_centre``, ``x_scale``, ``<name>_frame``, see
+    ``FitResult``); ``degrees``: the degree chosen per series (``degree``); ``restarts``: a
+    multi-start fit, which adds ``converged_starts``."""
     names = [name for name, _ in columns]
     metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns],
                 "id_column": id_name}
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(name, pa.float64()) for name in names]
     fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
+    if frame:
+        fields += [pa.field(name, pa.float64()) for name in FRAME_COLUMNS]
+        fields += [pa.field(frame_name(name), pa.float64()) for name in names]
     fields += [pa.field("n_points", pa.int64()), pa.field("loss", pa.float64()),
                pa.field("rmse", pa.float64()), pa.field("r2", pa.float64()),
                pa.field("iterations", pa.int64()), pa.field("status", pa.string())]
+    if degrees:
+        fields.append(pa.field("degree", pa.int64()))
     if restarts:
         fields.append(pa.field("converged_starts", pa.int64()))
     if id_name in [field.name for field in fields[1:]]:
@@ -65,9 +80,16 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
         return pa.array(np.asarray(values, dtype=np.float64), from_pandas=True)
 
     columns = {schema.names[0]: ids}
+    framed = FRAME_COLUMNS[0] in schema.names
     for name, index in coefficient_columns(schema):
         columns[name] = floats(params[:, index])
         columns[f"{name}_stderr"] = floats(stderr[:, index])
+        if framed:
+            columns[frame_name(name)] = floats(record["frame_params"][:, index])
+    if framed:
+        columns.update({name: floats(record[name]) for name in FRAME_COLUMNS})
+    if "degree" in schema.names:
+        columns["degree"] = pa.array(np.asarray(record["degrees"], np.int64))
     columns.update(n_points=pa.array(np.asarray(record["n_points"], np.int64)),
                    loss=floats(record["loss"]), rmse=floats(record["rmse"]),
                    r2=floats(record["r2"]),
@@ -78,7 +100,7 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
     return pa.table([columns[field.name] for field in schema], schema=schema)
 
 
-def fit_arrow(record: dict, columns, ids, metadata: dict, restarts: bool = False) -> pa.Table:
+def fit_arrow(record: dict, columns, ids, metadata: dict) -> pa.Table:
     """A FitResult's record as the output table (``FitResult.to_arrow``): ``ids`` any
     sequence or Arrow array of one id per series, or None for 0 .. B-1."""
     n = len(record["status"])
@@ -93,7 +115,9 @@ def fit_arrow(record: dict, columns, ids, metadata: dict, restarts: bool = False
             raise ValueError(f"ids cannot be an id column: {first_line(exc)}") from None
     if len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries for {n} series")
-    return result_table(ids, record, output_schema(ids.type, columns, metadata, restarts))
+    return result_table(ids, record, output_schema(
+        ids.type, columns, metadata, restarts="converged_starts" in record,
+        frame="frame_params" in record, degrees="degrees" in record))
 
 
 def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:
@@ -281,8 +305,8 @@ def history_table(history, tracked_ids: list, coefficients: list[tuple[str, int]
         columns[column] = pa.array(history.tracked_loss[:, j].numpy().astype(np.float64),
                                    from_pandas=True)
         tracked.append({"series_id": series_id, "column": column,
-                        "initial": {name: float(initial[j, power])
-                                    for name, power in coefficients}})
+                        "initial": {name: float(initial[j, index])
+                                    for name, index in coefficients}})
     entry = {**metadata, "tracked": tracked, "sampled_series": int(history.sample_loss.shape[1])}
     schema = pa.table(columns).schema.with_metadata(
         {"batchfit_history": json.dumps(entry, sort_keys=True, default=str)})

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .. import cache, moments
+from ..names import Status
 
 SOURCES = ("aggregate.c", "sums.h", "sums_all.h")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
@@ -287,7 +288,8 @@ def merge(dst: np.ndarray, src: np.ndarray, degree: int, weighted: bool):
 def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | None = None
           ) -> dict:
     """Every row's fit (see ``bf_solve`` in aggregate.c): a record of numpy arrays, params
-    and stderr (rows, k) in raw units (column i multiplies x**i), loss, rmse, r2, n_points,
+    and stderr (rows, k) in raw units (highest power first), the frame (``x_centre``,
+    ``x_scale``, ``frame_params``), loss, rmse, r2, n_points,
     status (Status codes), trusted (the sums kept their digits; else refine on the points),
     q (rows, k) (Chebyshev coefficients of y - yref in the frame). ``step``: a refinement
     step's moments per row, (rows, 3k + 2): q0, sum w r T_j, sum w r^2, and the same
@@ -310,4 +312,16 @@ def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | Non
                                                     "n_points", "status", "trusted", "q")))
     out["trusted"] = out["trusted"].astype(bool)
     out["iterations"] = (out["status"] == 0).astype(np.int64) | (out["status"] == 4)
-    return out
+    return in_user_order(out, table)
+
+
+def in_user_order(record: dict, table: np.ndarray) -> dict:
+    """A solved table's record as ``FitResult.record()`` has it: coefficients highest power
+    first, and the fits in their frames (``moments.frame_coefficients``), blank (NaN) where
+    the fit is not identified."""
+    record = {**record, "params": record["params"][:, ::-1].copy(),
+              "stderr": record["stderr"][:, ::-1].copy()}
+    record.update(moments.frame_coefficients(table, record["q"]))
+    unidentified = np.isin(record["status"], (int(Status.TOO_FEW_POINTS), int(Status.SINGULAR)))
+    record["frame_params"][unidentified] = np.nan
+    return moments.exact_r2(record)
