@@ -23,7 +23,7 @@ from .losses import Loss
 from .models import (
     Sums,
     chebyshev_eval,
-    frame_coefficients,
+    monomial_coefficients,
     to_raw_map,
     total_squares,
     weighted_gram,
@@ -57,7 +57,7 @@ def frame_of(centre_raw, half, q) -> dict:
     """A polynomial fit in its own frame (``FitResult.x_centre``, ``x_scale``,
     ``frame_params``): ``q`` Chebyshev coefficients of y in ``t = (x - centre) / half``."""
     return {"x_centre": centre_raw.to(torch.float64), "x_scale": half.to(torch.float64),
-            "frame_params": frame_coefficients(q)}
+            "frame_params": monomial_coefficients(q)}
 
 
 def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:

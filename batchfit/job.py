@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, degrees, engine, io, moments, native
+from . import __version__, degrees, engine, io, moments
 from .options import Options, resolve
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
@@ -148,13 +148,8 @@ def _statistics_job(dataset: io.Dataset, opts: Options, backend, schema, writer,
         done = checkpoint.restore_statistics(agg, codes)
     workers = engine.usable_cpus()
     gather_statistics(dataset, codes, agg, workers=workers, start=done, checkpoint=checkpoint)
-    table = np.asarray(agg.finish(codes.size))
-    present = agg.seen_codes()
-    runs = agg.runs()
-    grouped = runs is not None and len(runs) == len(present)
-    order = runs if grouped else codes.sorted_by_id(present)
-    chunks, records = solve_statistics(backend, table, order, weighted, batch_size, workers)
-    _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers)
+    chunks, records, order, grouped = _fits_of_gathered(dataset, codes, agg, backend,
+                                                        weighted, batch_size, workers)
     counts, n_points, written = Counter(), 0, 0
     for chunk, record in zip(chunks, records):
         writer.write(io.result_table(codes.ids(chunk), record, schema))
@@ -181,6 +176,22 @@ def gather_statistics(dataset, codes, agg, *, workers: int = 1, start: int = 0,
             agg.flush()  # (an uninterrupted --resume run flushes at the same places)
             checkpoint.save_statistics(agg, codes, done)
     return rows
+
+
+def _fits_of_gathered(dataset, codes, agg, backend, weighted: bool, batch_size: int,
+                      workers: int):
+    """The fits of the series whose statistics ``agg`` gathered from ``dataset`` (refined
+    where the sums lost digits): (chunks of table rows, their records, the rows in output
+    order, whether each series' rows were together in the input). Output order is input
+    order when they were, else by id."""
+    table = np.asarray(agg.finish(codes.size))
+    present = agg.seen_codes()
+    runs = agg.runs()
+    grouped = runs is not None and len(runs) == len(present)
+    order = runs if grouped else codes.sorted_by_id(present)
+    chunks, records = solve_statistics(backend, table, order, weighted, batch_size, workers)
+    _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers)
+    return chunks, records, order, grouped
 
 
 def solve_statistics(backend, table, order: np.ndarray, weighted: bool, batch_size: int,
@@ -319,13 +330,8 @@ def fit_part(part, codes, backend, weighted: bool, double: bool, batch_size: int
     rows read)."""
     agg = backend.aggregator(weighted, double, rows=max(codes.size, 1))
     rows = gather_statistics(part, codes, agg)
-    table = np.asarray(agg.finish(codes.size))
-    present = agg.seen_codes()
-    runs = agg.runs()
-    order = runs if runs is not None and len(runs) == len(present) else \
-        codes.sorted_by_id(present)
-    chunks, records = solve_statistics(backend, table, order, weighted, batch_size)
-    _refine(part, codes, agg, backend, table, chunks, records, weighted, 1)
+    chunks, records, _, _ = _fits_of_gathered(part, codes, agg, backend, weighted, batch_size,
+                                              workers=1)
     return chunks, records, rows
 
 
@@ -333,21 +339,10 @@ def merge_statistics(rows_of_parts: list, tables: list, n: int, backend,
                      weighted: bool) -> np.ndarray:
     """One statistics table of ``n`` series from tables of parts: part j's rows belong to
     series ``rows_of_parts[j]`` (each at most once per part); merged in part order."""
-    degree = backend.opts.degree
-    table = moments.new_table(n, degree, weighted)
+    table = moments.new_table(n, backend.opts.degree, weighted)
     for rows, part in zip(rows_of_parts, tables):
-        merged = table[rows]
-        part = np.ascontiguousarray(part, dtype=np.float64)
-        if backend.uses_torch:
-            import torch
-
-            from .stats import merge_tables
-
-            merged = merge_tables(torch.from_numpy(merged), torch.from_numpy(np.array(part)),
-                                  degree, weighted).numpy()
-        else:
-            native.merge(merged, part, degree, weighted)
-        table[rows] = merged
+        table[rows] = backend.merge(table[rows], np.ascontiguousarray(part, dtype=np.float64),
+                                    weighted)
     return table
 
 

@@ -107,7 +107,7 @@ def from_raw_map(centre_raw: torch.Tensor, half: torch.Tensor, k: int) -> Mat:
     return mat_mat(_MONO_TO_CHEB[k], shift)
 
 
-def frame_coefficients(q: Vec) -> Vec:
+def monomial_coefficients(q: Vec) -> Vec:
     """The monomial coefficients in t (lowest power first, float64) of Chebyshev ``q``: a
     fit in its own frame, which evaluates accurately however far x lies from 0."""
     return mat_vec(_CHEB_TO_MONO[len(q)], tuple(qj.to(torch.float64) for qj in q))

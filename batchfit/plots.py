@@ -35,7 +35,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 from . import io
 from .models import FAMILIES
 from .names import STATUS_LABELS
-from .prediction import horner
+from .prediction import polynomial
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
 MAX_SCATTER = 20_000  # points drawn in a scatter over the batch (a reproducible sample)
@@ -135,8 +135,10 @@ def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
         x = np.asarray(x, dtype=np.float64)
         if all(value is not None for value in frame):  # in the fit's frame: no cancellation
             centre, scale, *params = frame
-            return horner(np.array([params]), ((x - centre) / scale)[None])[0]
-        return horner(np.array([[coefficients[name] for name in names]]), x[None])[0]
+            return polynomial(np.array([params]), np.array([centre]), np.array([scale]),
+                              x[None])[0]
+        return polynomial(np.array([[coefficients[name] for name in names]]), None, None,
+                          x[None])[0]
     if fitted["model"] not in FAMILIES:
         return None  # a custom model: its code is not in the file (and never will be)
     params = [coefficients[name] for name, _ in sorted(columns, key=lambda c: c[1])]

@@ -63,8 +63,10 @@ def horner(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _polynomial(params, centre, scale, x: np.ndarray) -> np.ndarray:
-    if centre is None:  # an older file: raw coefficients only
+def polynomial(params, centre, scale, x: np.ndarray) -> np.ndarray:
+    """(B, k) coefficients, highest power first, at (B, N) points: in the frames ``centre``
+    and ``scale`` (B,) when given, else raw (an older file: raw coefficients only)."""
+    if centre is None:
         return horner(params, x)
     with np.errstate(divide="ignore", invalid="ignore"):
         return horner(params, (x - centre[:, None]) / scale[:, None])
@@ -93,7 +95,7 @@ def _predict_result(fit, x) -> np.ndarray:
             scale = fit.x_scale.cpu().numpy().reshape(batch)
         else:
             params, centre, scale = fit.params.cpu().numpy().reshape(batch, k), None, None
-        out = _polynomial(params, centre, scale, points)
+        out = polynomial(params, centre, scale, points)
     else:
         out = _family(model.f, fit.params.cpu().numpy().reshape(batch, k), points)
     return out.reshape(*batch_shape, points.shape[-1])
@@ -111,8 +113,8 @@ def _predict_table(table, meta: dict, x) -> np.ndarray:
                      for name in ("x_centre", "x_scale", *map(io.frame_name, columns)))
         if framed:
             params = np.stack([values(io.frame_name(name)) for name in columns], axis=1)
-            return _polynomial(params, values("x_centre"), values("x_scale"), points)
-        return _polynomial(np.stack([values(name) for name in columns], 1), None, None,
+            return polynomial(params, values("x_centre"), values("x_scale"), points)
+        return polynomial(np.stack([values(name) for name in columns], 1), None, None,
                            points)
     if meta["model"] in FAMILY_PARAMS:
         from .models import FAMILIES

@@ -75,6 +75,18 @@ class Moments:
 
         return solve_moments(table, weighted, step, self.opts.with_(degree=degree))
 
+    def merge(self, dst: np.ndarray, src: np.ndarray, weighted: bool) -> np.ndarray:
+        """Rows of two tables of the same series merged (``dst`` + ``src``, exactly)."""
+        if not self.uses_torch:
+            native.merge(dst, src, self.opts.degree, weighted)
+            return dst
+        import torch
+
+        from ..stats import merge_tables
+
+        return merge_tables(torch.from_numpy(dst), torch.from_numpy(np.array(src)),
+                            self.opts.degree, weighted).numpy()
+
     def fits(self, table, weighted: bool) -> dict:
         """Every row's record: at the options' degree, or with ``auto_degree`` at each
         row's chosen degree (with ``degrees``)."""

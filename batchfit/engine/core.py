@@ -26,7 +26,6 @@ from torch.func import vmap
 from torch.utils import _pytree as pytree
 
 from .. import aot, cache, moments, native, stats
-from ..degrees import choose as choose_degrees
 from ..degrees import padded
 from ..diagnostics import PRECISION_LIMITED
 from ..kernel import key_of
@@ -56,7 +55,7 @@ from ..solvers import (
     solve_newton,
     solve_without_points,
 )
-from . import usable_cpus
+from . import Moments, usable_cpus
 
 # An in-process torch.compile costs about this much (warm inductor cache, 2 cores; a cold one
 # 10-30 s): a user callable's kernel is compiled when its estimated eager time is larger.
@@ -318,7 +317,7 @@ def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitRe
         return solve_exact(table, weighted, cfg, vectorize, points)
     if torch_twin:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
-        record = _solved_table(table.cpu().numpy(), weighted, opts)
+        record = Moments(opts, uses_torch=True).fits(table.cpu().numpy(), weighted)
     else:
         record = _solve_native(inputs, opts)
     result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
@@ -336,19 +335,6 @@ def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitRe
                                          model=cfg.model, device=inputs.y.device)
         result = result.with_rows(torch.from_numpy(rows), part)
     return result
-
-
-def _solved_table(table: np.ndarray, weighted: bool, opts: Options) -> dict:
-    """A moment table's record: ``native.solve``'s, or with ``auto_degree`` the record of
-    each row's chosen degree (on the CPU: native; else the torch twin)."""
-    def solve(part, degree):
-        if native.library() is not None:
-            return native.solve(part, degree, weighted)
-        return solve_moments(part, weighted, None, opts.with_(degree=degree))
-
-    if opts.auto_degree:
-        return choose_degrees(table, opts.degree, weighted, solve)
-    return solve(table, opts.degree)
 
 
 def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tensor, bool]:
@@ -385,7 +371,7 @@ def _solve_native(inputs: Inputs, opts: Options) -> dict:
                                 rows=hi - lo)
         agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
                       None if ws is None else ws[lo:hi])
-        return _solved_table(agg.finish(hi - lo), ws is not None, opts)
+        return Moments(opts, uses_torch=False).fits(agg.finish(hi - lo), ws is not None)
 
     records = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
     return records[0] if parts == 1 else {

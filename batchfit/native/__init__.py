@@ -312,10 +312,10 @@ def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | Non
                                                     "n_points", "status", "trusted", "q")))
     out["trusted"] = out["trusted"].astype(bool)
     out["iterations"] = (out["status"] == 0).astype(np.int64) | (out["status"] == 4)
-    return in_user_order(out, table)
+    return _as_record(out, table)
 
 
-def in_user_order(record: dict, table: np.ndarray) -> dict:
+def _as_record(record: dict, table: np.ndarray) -> dict:
     """A solved table's record as ``FitResult.record()`` has it: coefficients highest power
     first, and the fits in their frames (``moments.frame_coefficients``), blank (NaN) where
     the fit is not identified."""
