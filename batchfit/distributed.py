@@ -294,10 +294,10 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
                dataset.point_dtype == np.float64, schema,
                dataset.series_codes(unique_rows=layout.format == "list"))
     task = {"num_cpus": 1, "num_gpus": gpus or 0}
-    refs: list = []  # every task started (cancelled if the job fails)
+    refs: list = []  # every task started (waited for if the job fails)
     stages = {"start_s": begun - start, "plan_s": time.perf_counter() - begun,
               "tasks": len(shares)}
-    with _output_directory(output_path, local_output, lambda: _cancel(ray, refs)) as target:
+    with _output_directory(output_path, local_output, lambda: _settle(ray, refs)) as target:
         if layout.format == "list":
             rows, written = _whole_series(ray, shares, job, target, task, refs, stages)
         else:
@@ -354,11 +354,11 @@ def _get(ray, refs):
         raise
 
 
-def _cancel(ray, refs: list):
-    """Stop the tasks of a failed job and wait for them (none may write afterwards)."""
-    for ref in refs:
-        with contextlib.suppress(Exception):  # (finished, or gone with its worker)
-            ray.cancel(ref)
+def _settle(ray, refs: list):
+    """Wait for the tasks of a failed job to end (none may write afterwards). They are not
+    cancelled: in Ray 2.60, cancelling a task whose reply is arriving crashes the driver
+    ("Tried to complete task that was not pending"), and the tasks are short; those that
+    need a failed task's result fail at once."""
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=60)
 
