@@ -1,7 +1,8 @@
 """Where batchfit keeps what it compiles once per machine, and how it says so.
 
 Compiled kernels (the native aggregation kernel, AOTInductor packages of the torch kernels)
-are built the first time they are needed and kept under ``cache_dir()``:
+are built once per machine (when and where: ``batchfit.engine``) and kept under
+``cache_dir()``:
 ``$BATCHFIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/batchfit``, else ``~/.cache/batchfit``. Every
 entry's name carries a key of everything it depends on (source, compiler, CPU, torch
 version), so a change builds a new entry instead of loading a stale one, and writers rename

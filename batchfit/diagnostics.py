@@ -22,11 +22,11 @@ from . import linalg
 from .losses import Loss
 from .models import (
     Sums,
-    chebyshev_eval,
+    chebyshev_terms,
+    gram_from_sums,
     monomial_coefficients,
     to_raw_map,
     total_squares,
-    weighted_gram,
 )
 from .problem import Status
 
@@ -61,29 +61,41 @@ def frame_of(centre_raw, half, q) -> dict:
 
 
 def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
-    """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame."""
-    pred = chebyshev_eval(t, q)
+    """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame.
+
+    For a built-in robust loss the same pass also gives the loss's gradient and Hessian in
+    the frame at ``q`` (``gradient``, ``curvature``: what the last convergence check needs),
+    from the sums ``sum w l''(r) T_m`` that its standard errors need anyway."""
+    k = len(q)
+    robust = loss.user is None and not loss.is_mse
+    terms = chebyshev_terms(t, 2 * k - 2 if robust else k - 1)
+    pred = sum(qj * tj for qj, tj in zip(q, terms))
     r = y - pred
     sse = (w * r * r).sum()
     sst = total_squares(y, w, sums.ybar)
     out = {
         "level": torch.sqrt(sums.ybar**2 + sst / sums.wsum),  # root mean square of y
-        "loss": loss.series_loss(pred, y, w, f_scale),
         "rmse": torch.sqrt(torch.where(w > 0, r * r, 0).sum() / sums.n),
         "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
-        "params": linalg.mat_vec(to_raw_map(sums.centre_raw, sums.half, len(q)),
+        "params": linalg.mat_vec(to_raw_map(sums.centre_raw, sums.half, k),
                                  tuple(qj.to(torch.float64) for qj in q)),
         "frame": frame_of(sums.centre_raw, sums.half, q),
     }
-    if loss.user is not None:
-        out["stderr"] = tuple(torch.full_like(p, torch.nan) for p in out["params"])
-    elif loss.is_mse:
-        out["stderr"] = coefficient_errors(sums, sums.gram, sse, pivot_tol)
-    else:
-        psi, dpsi = loss.psi(r, f_scale)
-        spread = (w * psi**2).sum() / ((w * dpsi).sum() / sums.wsum) ** 2
-        out["stderr"] = coefficient_errors(sums, weighted_gram(t, w * dpsi, len(q)), spread,
-                                           pivot_tol)
+    if not robust:
+        out["loss"] = loss.series_loss(pred, y, w, f_scale)
+        out["stderr"] = tuple(torch.full_like(p, torch.nan) for p in out["params"]) \
+            if loss.user is not None else coefficient_errors(sums, sums.gram, sse, pivot_tol)
+        return out
+    value, slope, bend = loss.derivatives(r, f_scale)  # l, l' = 2 psi, l'' = 2 psi'
+    wsum = w.sum()
+    bend_sums = [(w * bend * tm).sum() for tm in terms]
+    out["loss"] = (w * value).sum() / wsum
+    out["gradient"] = tuple(-(w * slope * tj).sum() / wsum for tj in terms[:k])
+    out["curvature"] = gram_from_sums([b / wsum for b in bend_sums], k)
+    # Huber's sandwich in psi: A = sum w psi' T T^T, s^2 from sum w psi^2 / mean_w(psi')^2
+    spread = (w * slope * slope).sum() / 4 / (bend_sums[0] / 2 / sums.wsum) ** 2
+    out["stderr"] = coefficient_errors(sums, gram_from_sums([b / 2 for b in bend_sums], k),
+                                       spread, pivot_tol)
     return out
 
 

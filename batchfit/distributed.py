@@ -265,9 +265,10 @@ class _Job:
     double: bool  # points decode as float64
     schema: pa.Schema
     codes: object  # the dataset's SeriesCodes, fresh (each task codes its own share)
+    points: int  # about how many the whole job has (every task chooses its backend alike)
 
     def backend(self):
-        return engine.moments(resolve(**self.fit_options))
+        return engine.moments(resolve(**self.fit_options), self.points)
 
     def part(self, pieces) -> DatasetPart:
         return DatasetPart(pieces, self.columns, self.input_format)
@@ -292,7 +293,8 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
     shares = share_out(dataset, workers or _slots(ray, gpus))
     job = _Job(columns, kind, fit_options, layout.has_weight,
                dataset.point_dtype == np.float64, schema,
-               dataset.series_codes(unique_rows=layout.format == "list"))
+               dataset.series_codes(unique_rows=layout.format == "list"),
+               dataset.points_estimate)
     task = {"num_cpus": 1, "num_gpus": gpus or 0}
     refs: list = []  # every task started (waited for if the job fails)
     stages = {"start_s": begun - start, "plan_s": time.perf_counter() - begun,

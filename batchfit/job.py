@@ -101,7 +101,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
             raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")
     dataset = io.Dataset(input_path, columns, input_format)
-    backend = engine.moments(opts) if opts.aggregates else None
+    backend = engine.moments(opts, dataset.points_estimate) if opts.aggregates else None
     if not opts.aggregates or backend.uses_torch:  # (checks a device, custom model or loss)
         engine.config(opts)
         engine.resolve_device(opts.device)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernel import fingerprint
 from .names import BUILTIN_LOSSES
 
 
@@ -45,6 +46,56 @@ def _arctan(z):
 RHO = {"mse": _linear, "linear": _linear, "huber": _huber, "soft_l1": _soft_l1,
        "cauchy": _cauchy, "arctan": _arctan}
 
+# Each built-in loss written out in the residual r: ``l(r) = f^2 rho((r / f)^2)`` and, with
+# ``slopes``, also ``l'(r)`` and ``l''(r)``. The solvers' gradients and Hessians of built-in
+# losses come from these, with no autograd (eager, a few passes over the points instead of a
+# graph per step; compiled, a small graph); the loss itself is this one formula everywhere,
+# so a loss computed with its derivatives equals the loss computed alone, bit for bit. They
+# equal ``RHO``'s definitions and their autograd derivatives to rounding
+# (tests/test_robust.py).
+
+
+def _linear_terms(r, f, slopes):
+    value = r * r
+    return (value, 2 * r, torch.full_like(r, 2.0)) if slopes else value
+
+
+def _huber_terms(r, f, slopes):
+    a = r.abs()
+    inside = a <= f
+    value = torch.where(inside, r * r, f * (2 * a - f))
+    if not slopes:
+        return value
+    return value, 2 * r.clamp(min=-f, max=f), torch.where(inside, 2.0, 0.0).to(r.dtype)
+
+
+def _soft_l1_terms(r, f, slopes):
+    root = torch.sqrt(1 + (r / f) ** 2)
+    value = 2 * f * f * (root - 1)
+    return (value, 2 * r / root, 2 / root**3) if slopes else value
+
+
+def _cauchy_terms(r, f, slopes):
+    z = (r / f) ** 2
+    value = f * f * torch.log1p(z)
+    if not slopes:
+        return value
+    inverse = 1 / (1 + z)
+    return value, 2 * r * inverse, 2 * (1 - z) * inverse**2
+
+
+def _arctan_terms(r, f, slopes):
+    z = (r / f) ** 2
+    value = f * f * torch.arctan(z)
+    if not slopes:
+        return value
+    inverse = 1 / (1 + z * z)
+    return value, 2 * r * inverse, 2 * (1 - 3 * z * z) * inverse**2
+
+
+TERMS = {_linear: _linear_terms, _huber: _huber_terms, _soft_l1: _soft_l1_terms,
+         _cauchy: _cauchy_terms, _arctan: _arctan_terms}
+
 
 @dataclass(frozen=True)
 class Loss:
@@ -57,8 +108,12 @@ class Loss:
 
     @property
     def stable_key(self):
-        """A name that means the same in every process (None for user callables)."""
-        return None if self.user is not None else ("loss", self.name)
+        """A name that means the same in every process: a built-in loss's, a user's by its
+        code's fingerprint (None when its code has none)."""
+        if self.user is None:
+            return ("loss", self.name)
+        code = fingerprint(self.user)
+        return None if code is None else ("user loss", code, self.reduces)
 
     @property
     def is_mse(self) -> bool:
@@ -66,13 +121,16 @@ class Loss:
 
     def point_loss(self, r: torch.Tensor, f_scale: torch.Tensor) -> torch.Tensor:
         """Per-point loss of residuals ``r`` (built-in losses only)."""
-        return f_scale**2 * self.rho((r / f_scale) ** 2)
+        return TERMS[self.rho](r, f_scale, slopes=False)
+
+    def derivatives(self, r: torch.Tensor, f_scale: torch.Tensor):
+        """Per-point ``(l(r), l'(r), l''(r))`` in closed form (built-in losses only)."""
+        return TERMS[self.rho](r, f_scale, slopes=True)
 
     def psi(self, r: torch.Tensor, f_scale: torch.Tensor):
         """Per-point ``psi(r) = l'(r) / 2`` and its derivative (built-in losses only)."""
-        half_loss = lambda ri: self.point_loss(ri, f_scale) / 2
-        first = torch.func.grad(half_loss)
-        return torch.func.vmap(first)(r), torch.func.vmap(torch.func.grad(first))(r)
+        _, first, second = self.derivatives(r, f_scale)
+        return first / 2, second / 2
 
     def series_loss(self, pred, y, w, f_scale):
         """Weighted mean loss of one series; ``w`` is 0 on points that are not used."""

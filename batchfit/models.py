@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .kernel import fingerprint
 from .linalg import Mat, Vec, mat_mat, mat_vec
 from .moments import cheb_to_mono
 from .names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns, poly_names  # noqa: F401
@@ -66,10 +67,6 @@ def gram_from_sums(cheb_sums, k: int) -> Mat:
     """``sum w T_i T_j`` from the 2k - 1 sums ``sum w T_m``."""
     return tuple(tuple((cheb_sums[i + j] + cheb_sums[abs(i - j)]) / 2 for j in range(k))
                  for i in range(k))
-
-
-def weighted_gram(t: torch.Tensor, w: torch.Tensor, k: int) -> Mat:
-    return gram_from_sums([(w * tm).sum() for tm in chebyshev_terms(t, 2 * k - 2)], k)
 
 
 # Plain nested tuples of floats, made once at import, so torch.compile sees constants.
@@ -195,21 +192,39 @@ class Model:
     columns: tuple[tuple[str, int], ...] = ()
     degree: int | None = None  # the polynomial family only
     canonical: Callable | None = None  # one of several equivalent answers (sigma > 0)
+    # How the solvers may call ``f`` (the built-in families; a user's model when a probe on
+    # its data shows the same answers, see ``nonlinear.call_form``): with ``params`` as a
+    # tuple of scalars instead of a tensor, and point by point (each prediction depends on
+    # its own x only), so its Jacobian comes from one backward pass per point.
+    tuple_params: bool = False
+    pointwise: bool = False
 
     @property
     def k(self) -> int:
         return len(self.param_names)
 
     @property
+    def builtin(self) -> bool:
+        """The polynomial or a built-in family (not a user's function)."""
+        family = FAMILIES.get(self.name)
+        return self.is_poly or (family is not None and family.f is self.f
+                                and family.start is self.start)
+
+    @property
     def stable_key(self):
         """A name that means the same in every process: the polynomial and the built-in
-        families (with their bounds); None for a user's model."""
+        families (with their bounds), a user's model by its code's fingerprint (None when
+        its code has none)."""
         if self.is_poly:
             return ("poly", self.degree)
-        family = FAMILIES.get(self.name)
-        if family is None or family.f is not self.f or family.start is not self.start:
+        if self.builtin:
+            return ("model", self.name, self.param_names, self.lower, self.upper)
+        code = fingerprint(self.f)
+        if code is None or self.start is not None or self.domain is not None \
+                or self.canonical is not None:
             return None
-        return ("model", self.name, self.param_names, self.lower, self.upper)
+        return ("user model", code, self.param_names, self.lower, self.upper,
+                self.tuple_params, self.pointwise)
 
     @property
     def is_poly(self) -> bool:
@@ -314,12 +329,15 @@ def _sigma_positive(p):
     return (p[0], p[1], p[2].abs(), p[3])
 
 
+_FAST = dict(tuple_params=True, pointwise=True)  # (each family's p[i] are scalars; per point)
 FAMILIES = {
-    "exp": Model("exp", FAMILY_PARAMS["exp"], _exp, _exp_start),
+    "exp": Model("exp", FAMILY_PARAMS["exp"], _exp, _exp_start, **_FAST),
     "gauss": Model("gauss", FAMILY_PARAMS["gauss"], _gauss, _gauss_start,
-                   canonical=_sigma_positive),
-    "logistic": Model("logistic", FAMILY_PARAMS["logistic"], _logistic, _logistic_start),
-    "power": Model("power", FAMILY_PARAMS["power"], _power, _power_start, domain=_positive),
+                   canonical=_sigma_positive, **_FAST),
+    "logistic": Model("logistic", FAMILY_PARAMS["logistic"], _logistic, _logistic_start,
+                      **_FAST),
+    "power": Model("power", FAMILY_PARAMS["power"], _power, _power_start, domain=_positive,
+                   **_FAST),
 }
 
 

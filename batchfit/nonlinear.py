@@ -6,10 +6,11 @@ damping update, convergence test; GD/Adam chunks; the host loop) is ``batchfit.l
 shared with the polynomial solvers. A model's parameters are fitted in the user's own
 parametrisation and x units (no frame: a nonlinear model is not invariant under shifting x).
 
-Levenberg-Marquardt: with ``J`` the Jacobian of the predictions (k passes over the points,
-O(N k) per series; see ``jacobian``), ``v = dL/dpred`` and ``h = d2L/dpred2`` (per point,
-clipped at 0: for MSE ``2 w / sum w``; for robust losses the IRLS-like curvature of scipy's
-rho), ``loop.iterate`` steps on ``g = J^T v`` and ``A = J^T diag(h) J``. Box bounds are kept
+Levenberg-Marquardt: with ``J`` the Jacobian of the predictions (for a pointwise model one
+backward pass per point, ``point_jacobian``; else k passes, ``jacobian``), ``v = dL/dpred``
+and ``h = d2L/dpred2`` (per point, clipped at 0: closed forms for built-in losses, the
+IRLS-like curvature of scipy's rho), ``loop.iterate`` steps on ``g = J^T v`` and
+``A = J^T diag(h) J``; each step is three kernels over the points (``lm_call``). Box bounds are kept
 by projecting every step onto the box; a parameter held at a bound (its gradient pushing
 outward) is left out of the step and of the convergence test. ``restarts`` fits every series
 from more starting points and keeps the best converged fit. Standard errors come from the
@@ -20,11 +21,12 @@ M-estimator form (robust losses); NaN for user losses.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.func import grad, jacfwd, jacrev, vjp
+from torch.func import grad, jacfwd, jacrev, vjp, vmap
 
 from . import linalg, loop
 from .diagnostics import finalize
@@ -100,11 +102,48 @@ def setup_kernel(model: Model):
     return kernel
 
 
+def predict(model: Model, x: torch.Tensor, p: Vec) -> torch.Tensor:
+    """``model.f`` on one series: parameters as a tuple where the model takes one (its
+    ``p[i]`` are then the kernel's own tensors, not selections of a stacked vector, whose
+    derivatives compile to masked sums over every parameter), else stacked (the contract)."""
+    return model.f(x, tuple(p) if model.tuple_params else torch.stack(p))
+
+
+def call_form(model: Model, x: torch.Tensor, p: torch.Tensor) -> Model:
+    """``model`` with the faster ways of calling a user's ``f`` that give its own answers on
+    one series (``x`` (N,), ``p`` (k,)): ``tuple_params``, then ``pointwise``. A way that
+    fails, or answers otherwise (a model that reads ``x`` as a whole, or ``params`` as a
+    tensor), is not used; built-in models are known already."""
+    if model.builtin:
+        return model
+    tolerance = dict(rtol=1e-5 if x.dtype == torch.float32 else 1e-12, atol=0,
+                     equal_nan=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # (a probe's own complaints are not the user's)
+        expected = model.f(x, p)
+
+        def agrees(candidate: Model, evaluate: Callable) -> bool:
+            try:
+                got = evaluate(candidate)
+            except Exception:  # noqa: BLE001 (any failure: that way of calling is not used)
+                return False
+            return isinstance(got, torch.Tensor) and got.shape == expected.shape and \
+                bool(torch.allclose(got, expected, **tolerance))
+
+        params = tuple(p.unbind())
+        as_tuple = dataclasses.replace(model, tuple_params=True)
+        if agrees(as_tuple, lambda m: predict(m, x, params)):
+            model = as_tuple
+        pointwise = dataclasses.replace(model, pointwise=True)
+        if agrees(pointwise, lambda m: vmap(lambda xn: predict(m, xn, params))(x)):
+            model = pointwise
+    return model
+
+
 @factory
 def model_objective(model: Model, loss: Loss):
     def objective(p: Vec, data: ModelData, consts):
-        pred = model.f(data.x, torch.stack(p))
-        return loss.series_loss(pred, data.y, data.w, consts.f_scale)
+        return loss.series_loss(predict(model, data.x, p), data.y, data.w, consts.f_scale)
     return objective
 
 
@@ -141,76 +180,139 @@ def jacobian(predictions: Callable, p: Vec, n_points: int):
     return pred, jacrev(pullback)(torch.zeros_like(pred))
 
 
+def point_jacobian(model: Model, x: torch.Tensor, p: Vec):
+    """Predictions and Jacobian columns of a pointwise model (each prediction depends on its
+    own x only): the gradient of every point's prediction, by reverse mode per point
+    (vmapped over the points). One backward pass gives all k derivatives of a point, so
+    the cost is a few model evaluations whatever k, eager or compiled."""
+    def point(xn, *q):
+        value = predict(model, xn, q)
+        return value, value
+
+    k = len(p)
+    columns, pred = vmap(grad(point, argnums=tuple(range(1, k + 1)), has_aux=True),
+                         in_dims=(0,) + (None,) * k)(x, *p)
+    return pred, columns
+
+
+def predictions_and_jacobian(model: Model, x: torch.Tensor, p: Vec):
+    if model.pointwise:
+        return point_jacobian(model, x, p)
+    return jacobian(lambda *q: predict(model, x, q), p, x.shape[-1])
+
+
+def loss_slopes(loss: Loss, pred, data: ModelData, consts):
+    """The series' loss, and per prediction its first derivative and curvature (clipped at
+    0): in closed form for built-in losses, by torch.func for a user's."""
+    if loss.user is None:
+        value, slope, bend = loss.derivatives(data.y - pred, consts.f_scale)
+        wsum = data.w.sum()
+        return (data.w * value).sum() / wsum, -data.w * slope / wsum, \
+            (data.w * bend / wsum).clamp(min=0)
+
+    def series_loss(values):
+        return loss.series_loss(values, data.y, data.w, consts.f_scale)
+
+    curvature = grad(lambda values: grad(series_loss)(values).sum())(pred).clamp(min=0)
+    return series_loss(pred), grad(series_loss)(pred), curvature
+
+
+def normal_equations(columns, slope, curvature):
+    """``J^T slope`` and ``J^T diag(curvature) J`` of the Jacobian columns. Compiled, as k +
+    k (k + 1) / 2 sums that fuse into one pass over the points; eager, as two matrix
+    products (a BLAS call each instead of that many passes)."""
+    k = len(columns)
+    if _traced():
+        weighted = tuple(c * curvature for c in columns)
+        upper = {(i, j): (weighted[i] * columns[j]).sum() for i in range(k) for j in range(i, k)}
+        matrix = tuple(tuple(upper[min(i, j), max(i, j)] for j in range(k)) for i in range(k))
+        return tuple((c * slope).sum() for c in columns), matrix
+    stacked = torch.stack(columns)
+    matrix = (stacked * curvature) @ stacked.T
+    return tuple((stacked @ slope).unbind(0)), tuple(tuple(row.unbind(0)) for row in matrix.unbind(0))
+
+
 @factory
 def gauss_newton(model: Model, loss: Loss):
     """Per series at ``p``: loss, gradient, Gauss-Newton curvature, predictions, Jacobian
     columns and the loss's curvature per prediction."""
 
     def evaluate(p: Vec, data: ModelData, consts):
-        def predictions(*q):
-            return model.f(data.x, torch.stack(q))
-
-        pred, jac = jacobian(predictions, p, data.x.shape[-1])
-
-        def series_loss(values):
-            return loss.series_loss(values, data.y, data.w, consts.f_scale)
-
-        if loss.is_mse and loss.user is None:  # (known in closed form)
-            slope = 2 * data.w * (pred - data.y) / data.w.sum()
-            curvature = 2 * data.w / data.w.sum()
-        else:
-            slope = grad(series_loss)(pred)
-            curvature = grad(lambda values: grad(series_loss)(values).sum())(pred).clamp(min=0)
-        # (as matrix products: batched, they are one BLAS call each, not k^2 reductions)
-        columns = torch.stack(jac)
-        gradient = tuple((columns @ slope).unbind(0))
-        matrix = tuple(tuple(row.unbind(0)) for row in ((columns * curvature) @ columns.T).unbind(0))
-        return series_loss(pred), gradient, matrix, pred, jac, curvature
+        pred, jac = predictions_and_jacobian(model, data.x, p)
+        value, slope, curvature = loss_slopes(loss, pred, data, consts)
+        gradient, matrix = normal_equations(jac, slope, curvature)
+        return value, gradient, matrix, pred, jac, curvature
     return evaluate
+
+
+@factory
+def normal_kernel(model: Model, loss: Loss):
+    """Per series: the loss, its gradient and Gauss-Newton matrix at ``p`` (LM's first pass
+    over the points in a step)."""
+    evaluate = gauss_newton(model, loss)
+
+    def kernel(p: Vec, data: ModelData, consts):
+        return evaluate(p, data, consts)[:3]
+    return kernel
+
+
+@factory
+def force_kernel(model: Model, loss: Loss):
+    """Per series: the right-hand side of the geodesic acceleration of ``velocity`` at ``p``
+    (Transtrum & Sethna 2012): the second derivative of the predictions along the step, by
+    finite differences of step 0.1 (Transtrum's), pulled back through J."""
+    def kernel(p: Vec, velocity: Vec, data: ModelData, consts):
+        pred, jac = predictions_and_jacobian(model, data.x, p)
+        _, _, curvature = loss_slopes(loss, pred, data, consts)
+        # (literals: dynamo would trace a float global as a symbol that vmap rejects)
+        moved = predict(model, data.x, tuple(pj + 0.1 * v for pj, v in zip(p, velocity)))
+        along = sum(v * column for v, column in zip(velocity, jac))
+        bend = curvature * (20 * ((moved - pred) * 10 - along))
+        return tuple(-(column * bend).sum() for column in jac)
+    return kernel
 
 
 # LM's cost model, measured on a 2-core Xeon with torch 2.13 (8 parameters, 250 points):
 # eager (chunked, see the engine), about 4e-8 s per point, parameter and step, and a fit
-# takes some 15 steps; an in-process torch.compile of the step kernel took 70 s with a warm inductor cache and
-# 260 s cold (the final kernel about as long), so the engine compiles a user's model only
-# for batches whose eager fit would take longer than that.
+# takes some 15 steps. A model whose code has no fingerprint (so no kept kernels) is
+# compiled in-process only for batches whose eager fit would take longer than its LM
+# kernels' compile: 113 s cold for the 8-parameter model (inductor's cache cold).
 EAGER_S_PER_LM_POINT = 4e-8
 LM_TYPICAL_STEPS = 15
 LM_COMPILE_S = 120.0
 
 
-@factory
-def lm_step(model: Model, loss: Loss):
-    """Per series: one Levenberg-Marquardt iteration with geodesic acceleration,
-    ``loop.iterate`` on the Gauss-Newton curvature of the free parameters, every candidate
-    projected onto the box."""
-    evaluate = gauss_newton(model, loss)
-    objective = model_objective(model, loss)
+def lm_call(model: Model, loss: Loss, vectorize, consts, cost: float, policy: dict):
+    """``train``'s call for Levenberg-Marquardt: one iteration with geodesic acceleration
+    for the whole batch, ``loop.iterate`` on the Gauss-Newton curvature of the free
+    parameters, every candidate projected onto the box. Its passes over the points are
+    per-series kernels (``normal_kernel``, ``force_kernel``, ``model_objective``), each
+    vmapped and compiled by the engine's policy; the small k x k algebra between them runs
+    on the whole batch at once."""
+    normal, force, objective = normal_kernel(model, loss), force_kernel(model, loss), \
+        model_objective(model, loss)
 
-    def step(p: Vec, damping: loop.Damping, iterations, frozen, data: ModelData, floor, consts):
-        value, gradient, matrix, pred, jac, curvature = evaluate(p, data, consts)
+    def call(state: LoopState, inputs, _):
+        p, damping, iterations, frozen = state
+        data, floor = inputs
+        value, gradient, matrix = vectorize(normal, p, data, consts, eager_s=cost, **policy)
         gradient, matrix, held = _free(model, p, gradient, matrix)
 
-        def accelerate(velocity: Vec, damped: Mat) -> Vec:
-            # (second derivative of the predictions along the step, by finite differences
-            # of step 0.1, Transtrum's; literals, as dynamo would trace a float global as a
-            # symbol that vmap rejects)
-            moved = model.f(data.x, torch.stack([pj + 0.1 * v for pj, v in zip(p, velocity)]))
-            along = sum(v * column for v, column in zip(velocity, jac))
-            bend = 20 * ((moved - pred) * 10 - along)
-            force = tuple(-(curvature * column * bend).sum() for column in jac)
-            if held is not None:
-                force = tuple(torch.where(h, 0, f) for h, f in zip(held, force))
-            acceleration, _ = linalg.solve(damped, force, consts.pivot_tol)
-            finite = torch.isfinite(torch.stack(acceleration)).all()
-            return tuple(torch.where(finite, a, 0) for a in acceleration)
+        def accelerate(velocity: Vec) -> Vec:
+            pull = vectorize(force, p, velocity, data, consts, eager_s=cost, **policy)
+            if held is None:
+                return pull
+            return tuple(torch.where(h, 0, f) for h, f in zip(held, pull))
+
+        def candidate_loss(candidate):
+            return vectorize(objective, candidate, data, consts, eager_s=cost / 3, **policy)
 
         p, value, damping, converged, stopped = loop.iterate(
-            p, value, gradient, matrix, damping, frozen,
-            lambda candidate: objective(candidate, data, consts),
-            lambda candidate: _project(model, candidate), floor, consts, accelerate)
-        return p, damping, iterations + (~frozen & ~converged), stopped, value
-    return step
+            p, value, gradient, matrix, damping, frozen, candidate_loss,
+            lambda candidate: _project(model, candidate), floor, consts, accelerate,
+            run=loop.algebra(vectorize, cost))
+        return LoopState(p, damping, iterations + (~frozen & ~converged), stopped), value
+    return call
 
 
 @factory
@@ -236,8 +338,8 @@ def final_kernel(model: Model, loss: Loss, newton: bool):
             psi, dpsi = loss.psi(r, consts.f_scale)
             weights = data.w * dpsi
             spread = (data.w * psi**2).sum() / (weights.sum() / wsum) ** 2
-        information = tuple(tuple((weights * ci * cj).sum() for cj in jac)
-                            for ci in jac)
+        # (the information matrix of every column pair: the normal equations' layout)
+        _, information = normal_equations(jac, torch.zeros_like(weights), weights)
         cov, identified = linalg.inverse(information, consts.pivot_tol)
         sigma2 = spread / (n - k).clamp(min=1)
         stderr = tuple(torch.where((n > k) & identified,
@@ -321,42 +423,39 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         return multi_start(problem, cfg, vectorize, solver, p0)
     model, loss = cfg.model, cfg.loss
     consts = consts_of(cfg, problem)
-    one_pass = EAGER_S_PER_POINT["careful"] * problem.y.numel()
+    if solver == "newton":  # (the whole fit's uncompiled time: every kernel of it is weighed by it)
+        cost = EAGER_S_PER_LM_POINT * model.k * problem.y.numel() * LM_TYPICAL_STEPS
+        policy = {"compile_s": LM_COMPILE_S, "fan_out": model.k}
+    else:  # (a model's GD/Adam epoch costs some tens of passes over the points)
+        cost = eager_seconds(solver, False, problem.batch_size, problem.y.numel(),
+                             cfg.epochs) * 10
+        policy = {}
     data, n, sst, ybar, wsum = vectorize(setup_kernel(model), Series.of(problem), consts,
-                                         eager_s=one_pass)
+                                         eager_s=cost)
     eps = torch.finfo(problem.dtype).eps
     floor = eps * sst / wsum.clamp(min=eps) + torch.finfo(problem.dtype).tiny
     start = initial_params(model, problem, data, p0)
+    model = call_form(model, data.x[0], start[0])
+    cfg = dataclasses.replace(cfg, model=model)
     p = _project(model, columns(start))
     structural = n < model.k
     objective = model_objective(model, loss)
-    loss0 = vectorize(objective, p, data, consts, eager_s=one_pass)
+    loss0 = vectorize(objective, p, data, consts, eager_s=cost)
     tracked = tracked_series(cfg, problem.batch_size, problem.device)
     recorder = Recorder(cfg, problem.batch_size, tracked, stack(p)[tracked].to(torch.float64),
                          structural)
     if solver == "newton":
-        step = lm_step(model, loss)
-        cost = EAGER_S_PER_LM_POINT * model.k * problem.y.numel() * LM_TYPICAL_STEPS
-        policy = {"compile_s": LM_COMPILE_S, "fan_out": model.k}
-        final_s = cost / LM_TYPICAL_STEPS
-
-        def call(state: LoopState, inputs, _):
-            *new, value = vectorize(step, *state, *inputs, consts, eager_s=cost, **policy)
-            return LoopState(*new), value
-
+        call = lm_call(model, loss, vectorize, consts, cost, policy)
         state = LoopState(p, loop.start(zeros(problem), model.k), zeros(problem, torch.int64),
                           structural)
         state = train(call, state, (data, floor), cfg, recorder, loss0, per_call=1,
                        sync_every=1)
     else:
-        # (a model's GD/Adam epoch costs some tens of passes over the points)
-        cost = eager_seconds(solver, False, problem.batch_size, problem.y.numel(),
-                             cfg.epochs) * 10
-        policy, final_s = {}, cost / max(cfg.epochs, 1)
         chunk = descent_chunk(objective, solver, cfg.unroll, model.lower, model.upper)
         identity = tuple(tuple(torch.ones_like(n, dtype=problem.dtype) if i == j else
                                torch.zeros_like(n, dtype=problem.dtype)
                                for j in range(model.k)) for i in range(model.k))
+
         def call(state: LoopState, inputs, epoch0: int):
             epoch = torch.tensor(epoch0, device=problem.device)
             *new, value = vectorize(chunk, *state, *inputs, epoch, consts, eager_s=cost)
@@ -367,5 +466,5 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         state = train(call, state, (identity, data, floor), cfg, recorder, loss0,
                        per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
     out = vectorize(final_kernel(model, loss, solver == "newton"), state.params, data, n, sst,
-                    ybar, wsum, floor, loss0, consts, eager_s=final_s, **policy)
+                    ybar, wsum, floor, loss0, consts, eager_s=cost, **policy)
     return fit_result(out, state.iterations, cfg, solver, recorder.history())

@@ -257,10 +257,15 @@ def _as_tensor(name: str, value, device) -> torch.Tensor:
         array = datetime_seconds(array)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    return shared_tensor(array, device=device)
+
+
+def shared_tensor(array: np.ndarray, dtype=None, device=None) -> torch.Tensor:
+    """``torch.as_tensor`` of an array that may be read-only (zero-copy from Arrow): fine,
+    since batchfit never writes its inputs, so torch's warning about it is not shown."""
     with warnings.catch_warnings():
-        # Read-only arrays (e.g. zero-copy from Arrow) are fine: batchfit never writes inputs.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.as_tensor(array, device=device)
+        return torch.as_tensor(array, dtype=dtype, device=device)
 
 
 def datetime_seconds(values: np.ndarray) -> np.ndarray:

@@ -2,9 +2,12 @@
 
 Each is a pure function ``(problem, config, vectorize) -> FitResult``. The maths is written
 for ONE series and handed to ``vectorize(fn, *args, eager_s=...)``, the engine's hook that
-vmaps it over the batch and compiles it when the estimated eager run time ``eager_s`` makes
-that pay (``eager_seconds`` is the cost model); nothing here picks devices or compiles. Per-series vectors are tuples of scalars
-(see linalg.py), so batched they are tuples of contiguous (B,) tensors.
+vmaps it over the batch and runs it compiled when its policy says so (``eager_s``: the fit's
+estimated uncompiled time, ``eager_seconds`` the cost model); nothing here picks devices or
+compiles. Per-series vectors are tuples of scalars (see linalg.py), so batched they are
+tuples of contiguous (B,) tensors. Built-in losses come with closed-form derivatives, so
+the uncompiled kernels are a few passes over the points with no autograd, and GD/Adam on
+MSE run on the sums as batched ops, with no kernel at all.
 
 Every fit happens in the series' own frame (t in [-1, 1], Chebyshev basis; see models.py).
 MSE never revisits the points: its loss, gradient and Hessian come from the per-series sums.
@@ -21,7 +24,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.func import grad
 
 from . import linalg, loop, stats
 from .diagnostics import finalize, summarise
@@ -38,7 +40,7 @@ from .loop import (
     convergence_check,
     descent_chunk,
     fit_result,
-    hessian,
+    keep_frozen,
     stack,
     tracked_series,
     train,
@@ -50,6 +52,7 @@ from .models import (
     chebyshev_eval,
     chebyshev_terms,
     from_raw_map,
+    gram_from_sums,
     in_user_order,
     prepare,
     to_raw_map,
@@ -106,18 +109,46 @@ def moment_objective(q: Vec, data: MomentData, consts: Consts):
     return (quad - 2 * linalg.dot(qc, data.rhs_c) + data.sst) / data.wsum
 
 
-def moment_hessian(q: Vec, data: MomentData, consts: Consts) -> Mat:
-    """The MSE Hessian, 2 G / wsum: constant, so no autograd is spent on it."""
+def moment_hessian(data: MomentData) -> Mat:
+    """The MSE Hessian, 2 G / wsum: constant."""
     return tuple(tuple(2 * g / data.wsum for g in row) for row in data.gram)
 
 
-moment_objective.hessian = moment_hessian  # (loop.hessian uses it instead of autograd)
+def moment_derivatives(q: Vec, data: MomentData, consts: Consts):
+    """MSE's loss, gradient ``2 (G qc - rhs_c) / wsum`` and Hessian from the sums alone."""
+    qc = (q[0] - data.ybar,) + tuple(q[1:])
+    gram_q = mat_vec(data.gram, qc)
+    value = (linalg.dot(qc, gram_q) - 2 * linalg.dot(qc, data.rhs_c) + data.sst) / data.wsum
+    gradient = tuple(2 * (g - r) / data.wsum for g, r in zip(gram_q, data.rhs_c))
+    return value, gradient, moment_hessian(data)
+
+
+moment_objective.derivatives = moment_derivatives  # (loop.derivatives: no autograd)
 
 
 @factory
 def point_objective(loss: Loss) -> Callable:
+    """A loss on the raw points in the frame. For built-in losses its gradient and Hessian
+    are written out (``Loss.derivatives``): ``-sum w l'(r) T_j / wsum`` and
+    ``sum w l''(r) T_i T_j / wsum``, the latter from the 2k - 1 sums ``sum w l'' T_m``."""
     def objective(q: Vec, data: PointData, consts: Consts):
         return loss.series_loss(chebyshev_eval(data.t, q), data.y, data.w, consts.f_scale)
+
+    def closed_form(q: Vec, data: PointData, consts: Consts):
+        k = len(q)
+        terms = chebyshev_terms(data.t, 2 * k - 2)[1:]  # (T_0 = 1 is left out of products)
+        pred = sum((qj * tj for qj, tj in zip(q[1:], terms)), q[0])  # (chebyshev_eval's order)
+        value, slope, bend = loss.derivatives(data.y - pred, consts.f_scale)
+        wsum = data.w.sum()
+        share = data.w / wsum
+        slope, bend = slope * share, bend * share
+        gradient = (-slope.sum(),) + tuple(-(slope * tj).sum() for tj in terms[:k - 1])
+        bend_sums = [bend.sum()] + [(bend * tm).sum() for tm in terms]
+        # (the loss exactly as ``objective`` computes it: both see the same values)
+        return (data.w * value).sum() / wsum, gradient, gram_from_sums(bend_sums, k)
+
+    if loss.user is None:
+        objective.derivatives = closed_form
     return objective
 
 
@@ -128,22 +159,15 @@ def _objective(loss: Loss) -> Callable:
 # ---------------------------------------------------------------- per-series kernels
 
 @factory
-def prepare_kernel(degree: int) -> Callable:
-    """Per series: frame, sums, spread of y, the exact MSE solution and whether it exists."""
+def prepare_kernel(degree: int, points: bool) -> Callable:
+    """Per series: frame, sums, spread of y, the exact MSE solution and whether it exists;
+    with ``points``, also the points in the frame (``PointData``, for losses other than MSE)."""
     def kernel(series: Series, consts: Consts):
         w, x, y = used_points(series)
-        sums, _ = prepare(x, y, w, series.x_offset, degree)
+        sums, t = prepare(x, y, w, series.x_offset, degree)
         q, solvable = linalg.solve(sums.gram, sums.rhs, consts.pivot_tol)
-        return sums, total_squares(y, w, sums.ybar), q, solvable
-    return kernel
-
-
-@factory
-def points_kernel(degree: int) -> Callable:
-    def kernel(series: Series, consts: Consts):
-        w, x, y = used_points(series)
-        _, t = prepare(x, y, w, series.x_offset, degree)
-        return PointData(t, y, w)
+        out = sums, total_squares(y, w, sums.ybar), q, solvable
+        return out + (PointData(t, y, w),) if points else out
     return kernel
 
 
@@ -156,12 +180,21 @@ def final_kernel(loss: Loss, degree: int, newton: bool) -> Callable:
 
     def kernel(series: Series, sums: Sums, solvable, q: Vec, params, data, floor, loss0,
                consts: Consts):
-        value, converged = check(q, data, floor, consts)
-        w, x, y = used_points(series)
-        _, t = prepare(x, y, w, series.x_offset, degree)
+        if isinstance(data, PointData):
+            t, y, w = data
+        else:  # (MSE kept the sums only)
+            w, x, y = used_points(series)
+            _, t = prepare(x, y, w, series.x_offset, degree)
+        closed_form = loss.user is None and not loss.is_mse
+        if not closed_form:  # (a robust loss's check comes with its summary)
+            value, converged = check(q, data, floor, consts)
         if newton and loss.is_mse:
             q = refine(t, y, w, sums.gram, q, consts.pivot_tol)
         summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
+        if closed_form:
+            value = summary["loss"]
+            converged = loop.decrement_ok(summary["curvature"], summary["gradient"], value,
+                                          floor, consts)
         diverged = ~torch.isfinite(value) | (value > 10 * loss0)
         return finalize(summary, sums.n, solvable, converged, diverged, params,
                         check_precision=newton)
@@ -202,18 +235,11 @@ def _frame_to_raw(sums: Sums, q: Vec) -> Vec:
 
 
 @factory
-def newton_step(objective: Callable) -> Callable:
-    """Per series: one damped Newton iteration in the frame (``loop.iterate``), on the exact
-    Hessian. It starts undamped, so MSE lands on its minimum in one step."""
-    def step(q: Vec, damping: loop.Damping, iterations, frozen, data, floor, consts: Consts):
-        value = objective(q, data, consts)
-        gradient = grad(objective)(q, data, consts)
-        curvature = hessian(objective, q, data, consts)
-        q, value, damping, converged, stopped = loop.iterate(
-            q, value, gradient, curvature, damping, frozen,
-            lambda candidate: objective(candidate, data, consts), lambda c: c, floor, consts)
-        return q, damping, iterations + (~frozen & ~converged), stopped, value
-    return step
+def derivatives_kernel(objective: Callable) -> Callable:
+    """Per series: ``(loss, gradient, Hessian)`` of ``objective`` at ``q``."""
+    def kernel(q: Vec, data, consts: Consts):
+        return loop.derivatives(objective, q, data, consts)
+    return kernel
 
 
 # ---------------------------------------------------------------- front doors
@@ -288,30 +314,29 @@ class _Setup(NamedTuple):
         return (self.sums.n < k) | ~self.solvable
 
 
-def _setup(problem: Problem, cfg: SolverConfig, vectorize) -> _Setup:
+def _setup(problem: Problem, cfg: SolverConfig, vectorize, fit_s: float) -> _Setup:
+    """``fit_s``: the whole fit's estimated uncompiled time (the compile policy weighs every
+    kernel of a fit by it: they are kept, or not, together)."""
     consts = consts_of(cfg, problem)
     series = Series.of(problem)
-    one_pass = EAGER_S_PER_POINT["careful"] * problem.y.numel()
-    sums, sst, q_exact, solvable = vectorize(prepare_kernel(cfg.degree), series, consts,
-                                             eager_s=one_pass)
+    sums, sst, q_exact, solvable, *points = vectorize(
+        prepare_kernel(cfg.degree, not cfg.loss.is_mse), series, consts, eager_s=fit_s)
     if cfg.loss.is_mse:
         rhs_c = tuple(r - sums.ybar * row[0] for r, row in zip(sums.rhs, sums.gram))
         data = MomentData(sums.gram, rhs_c, sst, sums.wsum, sums.ybar)
     else:
-        data = vectorize(points_kernel(cfg.degree), series, consts, eager_s=one_pass)
+        data, = points
     eps = torch.finfo(problem.dtype).eps
     floor = eps * sst / sums.wsum.clamp(min=eps) + torch.finfo(problem.dtype).tiny
     return _Setup(consts, series, sums, q_exact, solvable, data, floor)
 
 
 def _finish(cfg, vectorize, setup: _Setup, q: Vec, iterations, loss0, recorder, solver,
-            params: Vec | None = None) -> FitResult:
+            fit_s: float, params: Vec | None = None) -> FitResult:
     """Final convergence check, diagnostics and statuses of an iterative fit."""
-    # The last check needs the Hessian: over the points (and autograd) unless the loss is MSE.
-    cost = EAGER_S_PER_POINT["careful"] * setup.series.y.numel() * (1 if cfg.loss.is_mse else 10)
-    out = vectorize(final_kernel(cfg.loss, cfg.degree, solver == "newton"), setup.series, setup.sums,
-                    setup.solvable, q, params, setup.data, setup.floor, loss0, setup.consts,
-                    eager_s=cost)
+    out = vectorize(final_kernel(cfg.loss, cfg.degree, solver == "newton"), setup.series,
+                    setup.sums, setup.solvable, q, params, setup.data, setup.floor, loss0,
+                    setup.consts, eager_s=fit_s)
     return fit_result(out, iterations, cfg, solver, recorder.history())
 
 
@@ -354,9 +379,68 @@ def _given_init(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
     return p0.expand(shape)
 
 
+class MomentSlope(NamedTuple):
+    """MSE's gradient in the raw coefficients p of every series: ``slope p - offset``, with
+    ``slope = 2 A^T G A / wsum`` and ``offset = 2 A^T (ybar G e_0 + rhs_c) / wsum`` (``q = A p``
+    maps p into the frame), formed once in float64. It is the gradient of
+    ``moment_objective(A p)``, the chain rule written out, so GD and Adam on the sums need no
+    autograd, only a few batched ops per epoch."""
+
+    slope: Mat
+    offset: Vec
+
+
+def moment_slope(sums: Sums, data: MomentData, dtype) -> MomentSlope:
+    k = len(data.gram)
+    to_frame = from_raw_map(sums.centre_raw, sums.half, k)
+    gram = tuple(_cast(row, torch.float64) for row in data.gram)
+    scale = 2 / data.wsum.to(torch.float64)
+    across = linalg.transpose(to_frame)
+    slope = linalg.mat_mat(across, linalg.mat_mat(gram, to_frame))
+    shift = tuple(row[0] * data.ybar.to(torch.float64) + r.to(torch.float64)
+                  for row, r in zip(gram, data.rhs_c))
+    return MomentSlope(tuple(tuple((s * scale).to(dtype) for s in row) for row in slope),
+                       tuple((o * scale).to(dtype) for o in mat_vec(across, shift)))
+
+
+def moment_descent(cfg: SolverConfig, solver: str, consts: Consts) -> Callable:
+    """``train``'s call for GD/Adam on MSE sums: ``cfg.unroll`` epochs on the whole batch as
+    stacked (k, B) tensors, then the convergence check (closed form, on the batch), with
+    the per-series kernels' semantics: frozen series keep their state (``torch.where``),
+    active ones count their epochs."""
+    optimizer, check = OPTIMIZERS[solver](), convergence_check(moment_objective)
+
+    def call(state: LoopState, inputs, epoch0: int):
+        p, aux, iterations, frozen = state
+        slope, offset, to_frame, data, floor = inputs
+        columns_of_slope = [torch.stack([row[j] for row in slope]) for j in range(len(p))]
+        offset, moving = torch.stack(offset), torch.stack(p)
+        aux = tuple(torch.stack(part) for part in aux)
+        active = ~frozen
+        epochs = min(cfg.unroll, cfg.epochs - epoch0)
+        for i in range(epochs):
+            g = columns_of_slope[0] * moving[0]
+            for column, pj in zip(columns_of_slope[1:], moving[1:]):
+                g = torch.addcmul(g, column, pj)
+            step = torch.tensor(epoch0 + i + 1, dtype=moving.dtype, device=moving.device)
+            delta, new_aux = optimizer.update(g - offset, aux, step, consts.lr)
+            moving = torch.where(active, moving + delta, moving)
+            aux = keep_frozen(active, new_aux, aux)
+        p = tuple(moving.unbind(0))
+        value, converged = check(mat_vec(to_frame, p), data, floor, consts)
+        finite = torch.isfinite(value) & torch.isfinite(moving).all(dim=0)
+        aux = tuple(tuple(part.unbind(0)) for part in aux)
+        return LoopState(p, aux, iterations + active * epochs,
+                         frozen | converged | ~finite), value
+    return call
+
+
 def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -> FitResult:
     """The seed's training loop at batch scale: GD (``solver='gd'``) or Adam on raw coefficients."""
-    setup = _setup(problem, cfg, vectorize)
+    # (MSE's epochs are batched ops, no kernel: only its two passes over the points count)
+    cost = 2 * EAGER_S_PER_POINT["careful"] * problem.y.numel() if cfg.loss.is_mse else \
+        eager_seconds(solver, False, problem.batch_size, problem.y.numel(), cfg.epochs)
+    setup = _setup(problem, cfg, vectorize, cost)
     structural = setup.structural(cfg.k)
     objective = _objective(cfg.loss)
     to_frame = vectorize(_raw_to_frame, setup.sums, cfg.k, problem.dtype)
@@ -367,25 +451,32 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
     tracked = tracked_series(cfg, problem.batch_size, problem.device)
     recorder = Recorder(cfg, problem.batch_size, tracked, p0[tracked].to(torch.float64),
                          structural)
-    chunk = descent_chunk(objective, solver, cfg.unroll)
-    cost = eager_seconds(solver, cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
-                         cfg.epochs)
+    if cfg.loss.is_mse:  # a few batched ops per epoch, no kernel to vmap or compile
+        call = moment_descent(cfg, solver, setup.consts)
+        inputs = moment_slope(setup.sums, setup.data, problem.dtype) + (to_frame, setup.data,
+                                                                        setup.floor)
+    else:
+        chunk = descent_chunk(objective, solver, cfg.unroll)
 
-    def call(state: LoopState, inputs, epoch0: int):
-        epoch = torch.tensor(epoch0, device=problem.device)
-        *new, loss = vectorize(chunk, *state, *inputs, epoch, setup.consts, eager_s=cost)
-        return LoopState(*new), loss
+        def call(state: LoopState, inputs, epoch0: int):
+            epoch = torch.tensor(epoch0, device=problem.device)
+            *new, loss = vectorize(chunk, *state, *inputs, epoch, setup.consts, eager_s=cost)
+            return LoopState(*new), loss
 
-    state = train(call, state, (to_frame, setup.data, setup.floor), cfg, recorder, loss0,
-                   per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
+        inputs = (to_frame, setup.data, setup.floor)
+    state = train(call, state, inputs, cfg, recorder, loss0, per_call=cfg.unroll,
+                  sync_every=max(1, 1000 // cfg.unroll))
     q = mat_vec(to_frame, state.params)
-    return _finish(cfg, vectorize, setup, q, state.iterations, loss0, recorder, solver,
+    return _finish(cfg, vectorize, setup, q, state.iterations, loss0, recorder, solver, cost,
                    params=state.params)
 
 
 def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     """Damped Newton in each series' frame; robust losses start from the exact MSE fit."""
-    setup = _setup(problem, cfg, vectorize)
+    # (per step: one pass for the derivatives, one for the candidate's loss; MSE's are O(k^2))
+    cost = eager_seconds("newton", cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
+                         cfg.epochs)
+    setup = _setup(problem, cfg, vectorize, cost)
     structural = setup.structural(cfg.k)
     objective = _objective(cfg.loss)
     if not isinstance(cfg.init, str):
@@ -401,15 +492,22 @@ def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     tracked = tracked_series(cfg, problem.batch_size, problem.device)
     raw0 = stack(vectorize(_frame_to_raw, setup.sums, q0))[tracked]
     recorder = Recorder(cfg, problem.batch_size, tracked, raw0, structural)
-    step = newton_step(objective)
-    cost = eager_seconds("newton", cfg.loss.is_mse, problem.batch_size, problem.y.numel(),
-                         cfg.epochs)
+    evaluate = derivatives_kernel(objective)
 
     def call(state: LoopState, inputs, _):
-        *new, loss = vectorize(step, *state, *inputs, setup.consts, eager_s=cost)
-        return LoopState(*new), loss
+        q, damping, iterations, frozen = state
+        data, floor = inputs
+        value, gradient, curvature = vectorize(evaluate, q, data, setup.consts, eager_s=cost)
+
+        def candidate_loss(candidate):
+            return vectorize(objective, candidate, data, setup.consts, eager_s=cost)
+
+        q, value, damping, converged, stopped = loop.iterate(
+            q, value, gradient, curvature, damping, frozen, candidate_loss, lambda c: c,
+            floor, setup.consts, run=loop.algebra(vectorize, cost))
+        return LoopState(q, damping, iterations + (~frozen & ~converged), stopped), value
 
     state = train(call, state, (setup.data, setup.floor), cfg, recorder, loss0, per_call=1,
                    sync_every=1)
     return _finish(cfg, vectorize, setup, state.params, state.iterations, loss0, recorder,
-                   "newton")
+                   "newton", cost)

@@ -33,7 +33,7 @@ from .moments import (
     block_size,
     new_table,
 )
-from .problem import used_points
+from .problem import shared_tensor, used_points
 
 # ---------------------------------------------------------------- frames, in torch
 
@@ -136,14 +136,14 @@ class TorchAggregator:
 
     def add(self, codes, x, y, w=None, offset: int = 0, series=None):
         dev = self.device
-        codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64, device=dev) - offset
+        codes = shared_tensor(np.asarray(codes), torch.int64, dev) - offset
         if series is not None:  # list format: the rows are the runs, points or not
-            rows = torch.as_tensor(np.asarray(series), dtype=torch.int64, device=dev) - offset
+            rows = shared_tensor(np.asarray(series), torch.int64, dev) - offset
             self._note_runs(rows)
             self.seen[rows] = True
-        x = torch.as_tensor(np.asarray(x), device=dev).to(torch.float64)
-        y = torch.as_tensor(np.asarray(y), device=dev).to(torch.float64)
-        w = None if w is None else torch.as_tensor(np.asarray(w), device=dev).to(torch.float64)
+        x = shared_tensor(np.asarray(x), device=dev).to(torch.float64)
+        y = shared_tensor(np.asarray(y), device=dev).to(torch.float64)
+        w = None if w is None else shared_tensor(np.asarray(w), device=dev).to(torch.float64)
         if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.rows):
             raise ValueError("a series code is outside the table (a bug in batchfit)")
         if series is None:
@@ -241,11 +241,11 @@ class TorchAggregator:
                  offset: int = 0):
         """As ``native.Aggregator.residual``: residual moments of the flagged rows' points."""
         dev, k = self.device, self.degree + 1
-        codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64, device=dev) - offset
-        x = torch.as_tensor(np.asarray(x), device=dev).to(torch.float64)
-        y = torch.as_tensor(np.asarray(y), device=dev).to(torch.float64)
+        codes = shared_tensor(np.asarray(codes), torch.int64, dev) - offset
+        x = shared_tensor(np.asarray(x), device=dev).to(torch.float64)
+        y = shared_tensor(np.asarray(y), device=dev).to(torch.float64)
         w = torch.ones_like(x) if w is None else \
-            torch.as_tensor(np.asarray(w), device=dev).to(torch.float64)
+            shared_tensor(np.asarray(w), device=dev).to(torch.float64)
         keep = torch.as_tensor(flagged, device=dev)[codes].bool() & torch.isfinite(x) \
             & torch.isfinite(y) & torch.isfinite(w) & (w > 0)
         codes, x, y, w = codes[keep], x[keep], y[keep], w[keep]

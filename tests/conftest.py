@@ -1,10 +1,14 @@
 """Shared fixtures. Compiled kernels are cached per process (and on disk by inductor), so
 tests that compile reuse each other's work; keep shapes to a few buckets."""
 
+import math
 import os
 import tempfile
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# No background compiles while the suite runs (they would compete with it for the cores);
+# tests/test_compile_policy.py turns them on where it checks them.
+os.environ["BATCHFIT_BACKGROUND"] = "0"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "batchfit-inductor-cache"))
 
@@ -26,3 +30,12 @@ def device(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernel():
+    """The tests run with this machine's native kernel built (as after ``batchfit warmup``);
+    test_compile_policy.py checks what a first run on a machine without it does."""
+    from batchfit import native
+
+    native.library(points=math.inf)

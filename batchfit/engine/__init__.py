@@ -55,9 +55,11 @@ class Moments:
             self.device = str(resolve_device(opts.device))
 
     @classmethod
-    def choose(cls, opts: Options) -> Moments:
+    def choose(cls, opts: Options, points: float = 0) -> Moments:
+        """``points``: about how many the job has (whether building the native kernel, the
+        first time on a machine, pays back within it; see ``batchfit.native``)."""
         on_cpu = opts.device == "auto" or str(opts.device).startswith("cpu")
-        return cls(opts, uses_torch=not (on_cpu and native.library() is not None))
+        return cls(opts, uses_torch=not (on_cpu and native.library(points) is not None))
 
     def aggregator(self, weighted: bool, double: bool, rows: int):
         if not self.uses_torch:
@@ -96,9 +98,10 @@ class Moments:
                               lambda part, degree: self.solve(part, weighted, degree=degree))
 
 
-def moments(opts: Options) -> Moments:
-    """Where an MSE polynomial job's moment tables are gathered and solved."""
-    return Moments.choose(opts)
+def moments(opts: Options, points: float = 0) -> Moments:
+    """Where an MSE polynomial job (of about ``points`` points) gathers and solves its
+    moment tables."""
+    return Moments.choose(opts, points)
 
 
 def __getattr__(name):

@@ -1,17 +1,20 @@
 """The engine's torch side: the front door ``fit``, devices, vmap and compilation.
 
 Solvers hand per-series functions to ``_Vectorizer``, which vmaps them over the batch (inputs
-with a leading batch axis are mapped, scalars are shared) and, when it pays, runs them
-compiled: batchfit's own kernels ahead of time, once per machine (``batchfit.aot``, kept in
-the user's cache and loaded in milliseconds by every later process), user callables with an
-in-process ``torch.compile(dynamic=True)``. Either serves every batch size and series length.
-The compile policy lives here and nowhere else.
+with a leading batch axis are mapped, scalars are shared) and runs them compiled where this
+machine keeps a kernel for them (``batchfit.aot``: built once, ahead of time, loaded in
+milliseconds by every later process; users' models and losses too, by the fingerprint of
+their code). A missing kernel is built now only when that pays back within the call, else
+in the background after the process ends (``engine.background``); a callable with no
+fingerprint is compiled in-process (``torch.compile(dynamic=True)``) when its eager run
+would outlast that compile. The compile policy lives here and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -55,7 +58,7 @@ from ..solvers import (
     solve_newton,
     solve_without_points,
 )
-from . import Moments, usable_cpus
+from . import Moments, background, usable_cpus
 
 # An in-process torch.compile costs about this much (warm inductor cache, 2 cores; a cold one
 # 10-30 s): a user callable's kernel is compiled when its estimated eager time is larger.
@@ -99,17 +102,18 @@ def _in_dims(args):
         lambda a: 0 if isinstance(a, torch.Tensor) and a.ndim > 0 else None, args)
 
 
-# Eager, a kernel whose intermediates are ``fan_out`` times its points (a model's Jacobian:
-# k) runs in chunks of series of about this many elements each: past it its temporaries leave
-# the caches and the allocator maps fresh pages for every op (measured: the 8-parameter,
-# 250-point model on 1e4 series took 35 s in one piece, 13 s in chunks of 500 series).
+# Eager, a kernel over the points runs in chunks of series whose largest intermediate (the
+# points times ``fan_out``: a model's forward-mode Jacobian has k values per point) holds
+# about this many elements: past it the temporaries leave the caches and the allocator maps
+# fresh pages for every op; much below it the per-op overhead of each chunk adds up
+# (measured: the 8-parameter, 250-point model on 1e4 series took 35 s in one piece, 13 s in
+# chunks of 500 series; huber on 1e5 x 100 took 6.5 s in one piece, 7.3 s in chunks of 260
+# series, 3.2-4.3 s in chunks of 1,000-16,000).
 EAGER_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunk_size(args, fan_out: int) -> int | None:
     """Series per eager chunk, or None for the whole batch at once."""
-    if fan_out <= 1:
-        return None
     shapes = [a.shape for a in pytree.tree_leaves(args)
               if isinstance(a, torch.Tensor) and a.ndim >= 2]
     if not shapes:
@@ -122,14 +126,24 @@ def _chunk_size(args, fan_out: int) -> int | None:
 class _Vectorizer:
     """``vectorize(fn, *args, eager_s=0)``: run per-series ``fn`` over the batch.
 
-    ``eager_s`` estimates the kernel's uncompiled run time. With ``compile="auto"`` a kernel
-    compiled ahead of time for this machine (``batchfit.aot``) is used when there is one, and
-    built (once, for every later process too) when ``eager_s`` reaches AOT_WORTH_S; kernels
-    of user callables, which cannot be kept, are compiled in-process when ``eager_s`` exceeds
-    ``compile_s``, the solver's estimate of that kernel's compile (default COMPILE_COST_S).
+    ``eager_s`` estimates the uncompiled run time of the fit this call belongs to (times a
+    job's number of calls: see ``many_calls``). The policy, ``compile="auto"``:
+
+    * a kernel compiled ahead of time for this machine (``batchfit.aot``) is used when there
+      is one; batchfit's kernels, and a user's whose code has a fingerprint
+      (``batchfit.kernel``), are kept across processes;
+    * a missing one worth having (``eager_s`` of at least AOT_WORTH_S) is built in the
+      foreground only when the build pays back within the call (``eager_s`` above
+      AOT_BUILD_S); otherwise this call runs uncompiled and the build goes to the
+      background (``batchfit.engine.background``), which later calls pick up;
+    * a kernel with no key (made from a callable with no fingerprint) is compiled
+      in-process when ``eager_s`` exceeds ``compile_s``, the cost of that compile.
+
+    ``compile=True`` compiles every kernel above TRIVIAL_S now: ahead of time and kept,
+    where it has a key, else in-process; ``compile=False`` never compiles.
     ``fan_out``: intermediates per point (see EAGER_CHUNK_ELEMENTS), for eager chunking.
-    ``compile=True`` compiles every kernel above TRIVIAL_S in-process (unless one is kept
-    already); ``compile=False`` never compiles.
+    ``batched``: ``fn``'s code is elementwise on tuples of tensors, so uncompiled it runs on
+    the batch's tuples directly (no vmap, no per-op batching overhead).
     """
 
     def __init__(self, compile, fullgraph: bool):
@@ -137,34 +151,43 @@ class _Vectorizer:
         self.fullgraph = fullgraph
 
     def __call__(self, fn: Callable, *args, eager_s: float = 0,
-                 compile_s: float = COMPILE_COST_S, fan_out: int = 1):
-        in_dims = _in_dims(args)
-        weight = eager_s * _SCALE[0]  # (a job's many calls: see many_calls)
+                 compile_s: float = COMPILE_COST_S, fan_out: int = 1, batched: bool = False):
+        weight = eager_s * _SCALE[0]
         if self.compile is not False:
-            ahead = _ahead_of_time(fn, in_dims, args, weight, build=self.compile == "auto")
+            tensors: list = []
+            signature = (fn, aot.structure(args, tensors))
+            ahead = _BY_SIGNATURE.get(signature)  # (this process has looked it up already)
+            now = time.monotonic()
+            if ahead is None and now - _LOOKED.get(signature, -LOOK_AGAIN_S) >= LOOK_AGAIN_S:
+                _LOOKED.put(signature, now)  # (a kernel building elsewhere: look again later)
+                ahead = _ahead_of_time(fn, _in_dims(args), args, weight, self.compile)
+                if ahead is not None:
+                    _BY_SIGNATURE.put(signature, ahead)
             if ahead is not None:
-                return ahead(*args)
+                return ahead.run(tensors)
         hot = eager_s >= TRIVIAL_S if self.compile is True else (
             self.compile == "auto" and key_of(fn) is None and weight >= compile_s)
+        in_dims = _in_dims(args)
         key = (fn, in_dims)
         if hot:
-            batched = _COMPILED.get(key)
-            if batched is None:
-                batched = torch.compile(_own_entry(vmap(fn, in_dims=in_dims)), dynamic=True,
-                                        fullgraph=self.fullgraph)
-                _COMPILED.put(key, batched)
+            batched_fn = _COMPILED.get(key)
+            if batched_fn is None:
+                batched_fn = torch.compile(_own_entry(vmap(fn, in_dims=in_dims)), dynamic=True,
+                                           fullgraph=self.fullgraph)
+                _COMPILED.put(key, batched_fn)
             with warnings.catch_warnings():
                 # inductor's own lowering calls a deprecated torch helper: not the user's business
                 warnings.filterwarnings("ignore", message="`torch._prims_common.check` is "
                                         "deprecated", category=FutureWarning)
-                return batched(*args)
-        else:
-            chunk = _chunk_size(args, fan_out)
-            batched = _VMAPPED.get((key, chunk))
-            if batched is None:
-                batched = vmap(fn, in_dims=in_dims, chunk_size=chunk)
-                _VMAPPED.put((key, chunk), batched)
-        return batched(*args)
+                return batched_fn(*args)
+        if batched:  # (elementwise code on tuples: it runs on the whole batch as it is)
+            return fn(*args)
+        chunk = _chunk_size(args, fan_out)
+        batched_fn = _VMAPPED.get((key, chunk))
+        if batched_fn is None:
+            batched_fn = vmap(fn, in_dims=in_dims, chunk_size=chunk)
+            _VMAPPED.put((key, chunk), batched_fn)
+        return batched_fn(*args)
 
 
 class _Bounded(OrderedDict):
@@ -189,12 +212,17 @@ class _Bounded(OrderedDict):
 
 _VMAPPED = _Bounded(256)
 _COMPILED = _Bounded(64)
-# Building an ahead-of-time kernel takes ~30-90 s on 2 cores, once per machine: worth it when
-# the uncompiled call would take this long (``batchfit warmup`` builds the common ones).
+# A kernel is worth keeping for this machine when the uncompiled fit would take AOT_WORTH_S;
+# building one takes 7-40 s on 2 cores (huber's three: 21, 8 and 26-40 s; a model's LM
+# kernels 7-22 s each), so a build only runs in the foreground when the fit's uncompiled
+# time exceeds AOT_BUILD_S, where it pays back within the call.
 AOT_WORTH_S = 1.0
+AOT_BUILD_S = 120.0
 _AHEAD: dict = {}  # name -> loaded kernel, or False (failed to build)
 _BY_SIGNATURE = _Bounded(256)  # the loaded kernels by (fn, argument structure)
-_BUILD_ALL: list = []  # non-empty while ``warmup`` runs: build every keyed kernel
+_LOOKED = _Bounded(256)  # when each signature without a loaded kernel was last looked up
+LOOK_AGAIN_S = 1.0
+_BUILD_ALL: list = []  # non-empty while ``warmup`` or a background build runs: build all
 
 
 def _source_digest() -> str:
@@ -216,7 +244,7 @@ def _source_digest() -> str:
 _SOURCE: list = []
 _NO_KERNELS = {"io", "native", "__pycache__", "job.py", "cli.py", "bench.py", "plots.py",
                "generate.py", "demo.py", "distributed.py", "peers.py", "cache.py",
-               "__main__.py"}
+               "background.py", "__main__.py"}
 
 
 def _describe(key) -> str:
@@ -224,18 +252,14 @@ def _describe(key) -> str:
     return f"{name}{args!r}" if args else name
 
 
-def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
+def _ahead_of_time(fn, in_dims, args, eager_s: float, compile):
     """The kernel compiled ahead of time for these arguments' structure, dtypes and device:
-    loaded from the cache, or built now when worth it; None to run it another way."""
+    loaded from the cache, or built when the policy (``_Vectorizer``, ``compile`` True or
+    "auto") says so; None to run it another way now."""
     key = key_of(fn)
     if key is None:
         return None
     tensors, constants, spec = aot.split(args)
-    signature = (fn, repr(in_dims), tuple((t.dtype, t.ndim, t.device.type) for t in tensors),
-                 repr(constants), spec)
-    known = _BY_SIGNATURE.get(signature)  # (this process has looked it up already)
-    if known is not None:
-        return known
     sizes = [t.shape[d] for t in tensors for d in range(min(t.ndim, 2))]
     if not tensors or min(sizes, default=aot.MIN_BATCH) < aot.MIN_BATCH:
         return None
@@ -245,39 +269,46 @@ def _ahead_of_time(fn, in_dims, args, eager_s: float, build: bool):
                         _source_digest())
     known = _AHEAD.get(name)
     if known is not None:
-        if known:
-            _BY_SIGNATURE.put(signature, known)
         return known or None
     directory = cache.cache_dir("aot", f"torch-{torch.__version__}")
     path = os.path.join(directory, f"{name}.pt2")
-    failed = path + ".failed"
     if os.path.exists(path) and os.path.exists(path + ".json"):
         _AHEAD[name] = aot.load(path) or False
-        if _AHEAD[name]:
-            _BY_SIGNATURE.put(signature, _AHEAD[name])
         return _AHEAD[name] or None
-    if os.path.exists(failed):
+    if os.path.exists(path + ".failed"):
         _AHEAD[name] = False
         return None
-    if not (_BUILD_ALL or (build and eager_s >= AOT_WORTH_S)):
+    if not _BUILD_ALL and compile is True and eager_s < TRIVIAL_S:
         return None
+    if not _BUILD_ALL and compile == "auto":
+        if eager_s < AOT_WORTH_S:
+            return None
+        if eager_s < AOT_BUILD_S:  # (it cannot pay back within this call)
+            background.request(_describe(key), fn, in_dims, args, path)
+            return None
     if _SCALE[0] > 1:  # a big job: build all its kernels now (each is needed many times)
         _BUILD_ALL.append(True)
+    _AHEAD[name] = build_kernel(fn, in_dims, args, path, _describe(key)) or False
+    return _AHEAD[name] or None
+
+
+def build_kernel(fn, in_dims, args, path: str, what: str):
+    """Build and load one ahead-of-time kernel (a failure is kept beside it, so no later
+    process retries; the kernel then runs uncompiled)."""
     try:
         with warnings.catch_warnings():  # (torch's internals warn about their own APIs)
             warnings.simplefilter("ignore", FutureWarning)
             seconds = aot.build(fn, in_dims, args, path)
     except Exception as exc:  # noqa: BLE001 (any failure of torch's export/compile: run uncompiled)
-        with open(failed, "w") as f:
-            f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n")
-        cache.notice(f"could not compile {_describe(key)} ahead of time ({type(exc).__name__});"
-                     " it runs uncompiled")
-        _AHEAD[name] = False
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        with open(path + ".failed", "w") as f:
+            f.write(f"{type(exc).__name__}: {first}\n")
+        cache.notice(f"could not compile {what} ahead of time ({type(exc).__name__}); it runs "
+                     "uncompiled")
         return None
-    cache.notice(f"compiled {_describe(key)} for this machine in {seconds:.0f} s (once; kept "
-                 f"in {directory})")
-    _AHEAD[name] = aot.load(path) or False
-    return _AHEAD[name] or None
+    cache.notice(f"compiled {what} for this machine in {seconds:.0f} s (once; kept in "
+                 f"{os.path.dirname(path)})")
+    return aot.load(path)
 
 
 _POOL: list = []
@@ -311,7 +342,7 @@ def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitRe
     def points(rows):
         return problem_of(inputs.take(rows), dtype=torch.float64)
 
-    torch_twin = inputs.y.device.type != "cpu" or native.library() is None
+    torch_twin = inputs.y.device.type != "cpu" or native.library(inputs.y.numel()) is None
     if torch_twin and not opts.auto_degree:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
         return solve_exact(table, weighted, cfg, vectorize, points)
@@ -425,6 +456,16 @@ def many_calls(count: int):
 
 
 _SCALE = [1]
+
+
+@contextlib.contextmanager
+def building_all():
+    """Within this block every keyed kernel that is not kept yet is built now (``warmup``)."""
+    _BUILD_ALL.append(True)
+    try:
+        yield
+    finally:
+        _BUILD_ALL.pop()
 
 
 def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=None, p0=None,
@@ -747,15 +788,14 @@ def warmup(losses=("huber",), dtypes=("float32",), degree: int = 2) -> list[str]
     is built already is only loaded. Returns what was done, a line each."""
     done = []
     start = time.perf_counter()
-    if native.library() is None:
+    if native.library(points=math.inf) is None:
         done.append("native kernel: not available (no working C compiler); torch is used")
     else:
         done.append(f"native kernel: ready ({time.perf_counter() - start:.1f} s)")
     rng = np.random.default_rng(0)
     x = np.linspace(0.0, 1.0, 64)
     y = 20 * x**2 + 5 * x - 3 + rng.normal(0, 1, (256, 64))
-    _BUILD_ALL.append(True)
-    try:
+    with building_all():
         for loss in losses:
             for dtype in dtypes:
                 begun = time.perf_counter()
@@ -767,6 +807,4 @@ def warmup(losses=("huber",), dtypes=("float32",), degree: int = 2) -> list[str]
         problem = make_problem(x, y, dtype=torch.float64, device=torch.device("cpu"))
         refit_exact(problem, cfg, _Vectorizer("auto", fullgraph=True))
         done.append(f"exact refinement: ready ({time.perf_counter() - begun:.0f} s)")
-    finally:
-        _BUILD_ALL.clear()
     return done
