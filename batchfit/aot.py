@@ -83,6 +83,20 @@ def _dynamic_shapes(tensors: list) -> tuple:
                  for t in tensors)
 
 
+def _own_memory(tensors: list) -> list:
+    """Contiguous copies that share no memory: tracing merges inputs that alias (a damping
+    that starts as one zero tensor for every parameter), and the kernel would then read one
+    input for all of them when later called with distinct ones."""
+    seen, owned = set(), []
+    for t in tensors:
+        t = t.contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        owned.append(t)
+    return owned
+
+
 def build(fn: Callable, in_dims, args, path: str) -> float:
     """Compile ``vmap(fn, in_dims)(*args)`` into an AOTInductor package at ``path``; returns
     the seconds it took. Raises whatever tracing, export or compilation raises."""
@@ -92,7 +106,7 @@ def build(fn: Callable, in_dims, args, path: str) -> float:
 
     start = time.perf_counter()
     tensors, constants, spec = split(args)
-    tensors = [t.contiguous() for t in tensors]
+    tensors = _own_memory(tensors)
     module = _Batched(fn, in_dims, constants, spec)
 
     def flat(*inputs):

@@ -382,15 +382,17 @@ def _given_init(cfg: SolverConfig, problem: Problem) -> torch.Tensor:
 class MomentSlope(NamedTuple):
     """MSE's gradient in the raw coefficients p of every series: ``slope p - offset``, with
     ``slope = 2 A^T G A / wsum`` and ``offset = 2 A^T (ybar G e_0 + rhs_c) / wsum`` (``q = A p``
-    maps p into the frame), formed once in float64. It is the gradient of
+    maps p into the frame), formed once and kept in float64. It is the gradient of
     ``moment_objective(A p)``, the chain rule written out, so GD and Adam on the sums need no
-    autograd, only a few batched ops per epoch."""
+    autograd, only a few batched ops per epoch. (In float64 because the two terms cancel to
+    the residual's scale: in float32 the gradient's noise, about eps |y|, kept some Adam
+    fits hovering above a tight ``tol``; rounded once, it is exact to float32.)"""
 
     slope: Mat
     offset: Vec
 
 
-def moment_slope(sums: Sums, data: MomentData, dtype) -> MomentSlope:
+def moment_slope(sums: Sums, data: MomentData) -> MomentSlope:
     k = len(data.gram)
     to_frame = from_raw_map(sums.centre_raw, sums.half, k)
     gram = tuple(_cast(row, torch.float64) for row in data.gram)
@@ -399,8 +401,8 @@ def moment_slope(sums: Sums, data: MomentData, dtype) -> MomentSlope:
     slope = linalg.mat_mat(across, linalg.mat_mat(gram, to_frame))
     shift = tuple(row[0] * data.ybar.to(torch.float64) + r.to(torch.float64)
                   for row, r in zip(gram, data.rhs_c))
-    return MomentSlope(tuple(tuple((s * scale).to(dtype) for s in row) for row in slope),
-                       tuple((o * scale).to(dtype) for o in mat_vec(across, shift)))
+    return MomentSlope(tuple(tuple(s * scale for s in row) for row in slope),
+                       tuple(o * scale for o in mat_vec(across, shift)))
 
 
 def moment_descent(cfg: SolverConfig, solver: str, consts: Consts) -> Callable:
@@ -419,11 +421,13 @@ def moment_descent(cfg: SolverConfig, solver: str, consts: Consts) -> Callable:
         active = ~frozen
         epochs = min(cfg.unroll, cfg.epochs - epoch0)
         for i in range(epochs):
-            g = columns_of_slope[0] * moving[0]
-            for column, pj in zip(columns_of_slope[1:], moving[1:]):
+            wide = moving.to(offset.dtype)
+            g = columns_of_slope[0] * wide[0]
+            for column, pj in zip(columns_of_slope[1:], wide[1:]):
                 g = torch.addcmul(g, column, pj)
             step = torch.tensor(epoch0 + i + 1, dtype=moving.dtype, device=moving.device)
-            delta, new_aux = optimizer.update(g - offset, aux, step, consts.lr)
+            delta, new_aux = optimizer.update((g - offset).to(moving.dtype), aux, step,
+                                              consts.lr)
             moving = torch.where(active, moving + delta, moving)
             aux = keep_frozen(active, new_aux, aux)
         p = tuple(moving.unbind(0))
@@ -453,7 +457,7 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
                          structural)
     if cfg.loss.is_mse:  # a few batched ops per epoch, no kernel to vmap or compile
         call = moment_descent(cfg, solver, setup.consts)
-        inputs = moment_slope(setup.sums, setup.data, problem.dtype) + (to_frame, setup.data,
+        inputs = moment_slope(setup.sums, setup.data) + (to_frame, setup.data,
                                                                         setup.floor)
     else:
         chunk = descent_chunk(objective, solver, cfg.unroll)

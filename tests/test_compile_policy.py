@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -182,3 +183,25 @@ def test_a_first_small_job_never_waits_for_the_native_kernel(tmp_path):
     a, b = pq.read_table(first), pq.read_table(second)
     for name in ("a", "b", "c", "rmse"):
         np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-9)
+
+
+@pytest.mark.slow  # (builds one small AOTInductor package: about half a minute on 2 cores)
+def test_a_kernel_built_from_one_tensor_passed_thrice_reads_three_inputs(tmp_path):
+    """A damping starts as one zero tensor for every parameter; tracing once merged such
+    inputs, and the kept kernel then read the first of them for all three (robust Newton
+    compiled took other steps than uncompiled)."""
+    import torch
+
+    from batchfit import aot
+
+    def scaled(a, b, c):
+        return a * 2, b * 3, c * 4
+
+    zero = torch.zeros(4, dtype=torch.float64)
+    path = str(tmp_path / "kernel.pt2")
+    with warnings.catch_warnings():  # (torch's internals warn about their own APIs)
+        warnings.simplefilter("ignore", FutureWarning)
+        aot.build(scaled, 0, (zero, zero, zero), path)
+    a, b, c = (torch.arange(4, dtype=torch.float64) + shift for shift in (1, 10, 100))
+    for got, want in zip(aot.load(path)(a, b, c), scaled(a, b, c)):
+        assert torch.equal(got, want)

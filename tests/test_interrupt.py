@@ -19,8 +19,9 @@ from batchfit.generate import generate
 
 pytestmark = pytest.mark.slow  # (real CLI subprocesses, signalled mid-run)
 
-# GD keeps the run busy for a few seconds on 2 cores, in many small checkpointed pieces.
-JOB = ["--batch-size", "5000", "--no-progress", "--solver", "gd", "--epochs", "400",
+# GD keeps the run busy for several seconds on 2 cores (~8 s: GD on the sums costs about
+# 0.6 ns a series an epoch), in many small checkpointed pieces.
+JOB = ["--batch-size", "5000", "--no-progress", "--solver", "gd", "--epochs", "2000",
        "--no-compile"]
 
 
