@@ -8,6 +8,7 @@ the solvers' torch-level configuration (``engine.config``) and checks what needs
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, replace
 
@@ -30,10 +31,18 @@ DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 DEFAULT_LR = 1e-3
 
 
+INTEGER_LIMIT = 2**63  # (integer options become int64 tensors and counters)
+
+
 def check_number(name, value, *, low=None, integer=False, strictly=False):
+    """A finite number (an integer below 2**63 in size if ``integer``), above ``low``."""
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if integer and abs(value) >= INTEGER_LIMIT:
+        raise ValueError(f"{name} must be below 2**63 in size, got {value!r}")
     if low is not None and (value <= low if strictly else value < low):
         raise ValueError(f"{name} must be {'>' if strictly else '>='} {low}, got {value!r}")
     return value

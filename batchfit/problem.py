@@ -372,7 +372,7 @@ def checked_inputs(x, y, weights=None, lengths=None, mask=None, *, device) -> In
             w = w[None]
         if w.shape != y_in.shape:
             raise ValueError(f"weights have shape {tuple(w.shape)} but y has {tuple(y_in.shape)}")
-        if bool((w < 0).any()):
+        if bool(((w < 0) & torch.isfinite(w)).any()):  # (NaN and -inf, like inf: skipped)
             raise ValueError("weights must be >= 0 (a weight multiplies a squared residual)")
     if lengths is not None:
         lengths = _as_tensor("lengths", lengths, device).reshape(-1)

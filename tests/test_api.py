@@ -59,6 +59,10 @@ def test_robust_user_loss_per_point(rng):
     (dict(lr=-1.0, solver="gd"), "lr must be > 0"),
     (dict(epochs=-5, solver="gd"), "epochs must be >= 0"),
     (dict(tol=-1e-3), "tol must be >= 0"),
+    (dict(lr=float("nan"), solver="gd"), "lr must be finite"),  # (nan passed every bound)
+    (dict(tol=float("nan")), "tol must be finite"),
+    (dict(f_scale=float("inf")), "f_scale must be finite"),
+    (dict(epochs=10**20, solver="gd"), r"epochs must be below 2\*\*63"),  # (not an overflow)
     (dict(dtype="float16"), "dtype must be float32 or float64"),
     (dict(device="tpu"), "unknown device"),
     (dict(compile="yes"), "compile must be"),

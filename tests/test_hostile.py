@@ -723,3 +723,34 @@ def test_no_internal_status_code_reaches_a_result(solver):
     codes = set(fit.status.tolist()) | set(fit.record()["status"].tolist())
     assert PRECISION_LIMITED not in codes and codes <= {int(s) for s in Status}
     assert fit.status_labels().tolist() == ["ok"] * 6
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "nan", "--lr must be finite"),
+    ("--tol", "nan", "--tol must be finite"),
+    ("--f-scale", "inf", "--f-scale must be finite"),
+    ("--epochs", str(10**20), "--epochs must be below 2**63"),
+])
+def test_numeric_options_that_are_not_finite_or_too_large(tmp_path, points, capsys, option,
+                                                           value, message):
+    """Once accepted (every series then flagged) or an overflow: now one line, exit 2."""
+    path = tmp_path / "data.parquet"
+    pq.write_table(points[0], path)
+    bad(tmp_path, ["run", str(path), "--solver", "gd", option, value], message, capsys)
+
+
+def test_infinite_weights_of_either_sign_are_skipped_points(tmp_path, points):
+    """README: a point whose weight is infinite is skipped. -inf was refused as negative."""
+    table, series = points
+    weight = np.ones(table.num_rows)
+    weight[[3, 50]] = [-np.inf, np.inf]
+    path = tmp_path / "data.parquet"
+    pq.write_table(table.append_column("weight", pa.array(weight)), path)
+    kept = pq.read_table(path).filter(pa.array(np.isfinite(weight)))
+    expected = tmp_path / "kept.parquet"
+    pq.write_table(kept, expected)
+    assert_same_fits(fit(tmp_path, path), fit(tmp_path, expected))
+    x, y = (np.array([1.0, 2, 3, 4]), np.array([[1.0, 4, 9, 17]]))
+    weights = np.array([[1.0, -np.inf, 1, 1]])
+    both = batchfit.fit(x, y, weights=weights, degree=1, dtype="float64")
+    np.testing.assert_allclose(both.params[0], np.polyfit(x[[0, 2, 3]], y[0, [0, 2, 3]], 1))

@@ -605,7 +605,7 @@ class Dataset:
             if index <= start:
                 continue  # (decoded only to be counted)
             points, series = codes.encode(ids)  # (after the ids' own errors: weights')
-            if w is not None and bool((w < 0).any()):  # (NaN: a point to skip)
+            if w is not None and bool(((w < 0) & np.isfinite(w)).any()):  # (NaN, inf: skipped)
                 raise ValueError(f"weights must be >= 0 (a weight multiplies a squared "
                                  f"residual): column {layout.spec.weight!r} of {file} has "
                                  "negative values")
