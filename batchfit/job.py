@@ -95,8 +95,11 @@ def run_job(input_path: str, output_path: str | None = None, *,
         if opts.solver == "exact":
             raise ValueError("history_path needs an iterative solver (solver gd, adam or "
                              "newton): the exact solver does not train")
-        io.check_writable(history_path)
+        io.check_writable(history_path, what="history")
         io.check_apart(history_path, input_path, "history")
+        if os.path.realpath(history_path) == os.path.realpath(output_path):
+            raise ValueError(f"history {history_path} is also the output; give them two "
+                             "names")
         if resume:
             raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")

@@ -10,6 +10,7 @@ import decimal
 import faulthandler
 import io
 import os
+import stat
 import struct
 
 import numpy as np
@@ -754,3 +755,65 @@ def test_infinite_weights_of_either_sign_are_skipped_points(tmp_path, points):
     weights = np.array([[1.0, -np.inf, 1, 1]])
     both = batchfit.fit(x, y, weights=weights, degree=1, dtype="float64")
     np.testing.assert_allclose(both.params[0], np.polyfit(x[[0, 2, 3]], y[0, [0, 2, 3]], 1))
+
+
+# ---------------------------------------------------------------- output paths (issue 20)
+
+
+def refused(capsys, *args, message):
+    """Exit 2 with one line naming the problem, before any work."""
+    assert run_cli("run", *args, "--no-progress", "--no-compile") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchfit: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_a_special_file_as_output_is_refused_and_kept(tmp_path, points, capsys):
+    """-o FIFO (or a device: here a link to /dev/null) once exited 0 with a regular file in
+    its place; as root, -o /dev/null replaced /dev/null."""
+    path = tmp_path / "data.parquet"
+    pq.write_table(points[0], path)
+    fifo, device = tmp_path / "fifo", tmp_path / "null"
+    os.mkfifo(fifo)
+    os.symlink(os.devnull, device)
+    for special in (fifo, device):
+        refused(capsys, str(path), "-o", str(special), message="is not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.parquet", "fifo", "null"]
+
+
+def test_history_and_output_of_one_name_are_refused(tmp_path, points, capsys):
+    path = tmp_path / "data.parquet"
+    pq.write_table(points[0], path)
+    same = str(tmp_path / "same.parquet")
+    refused(capsys, str(path), "-o", same, "--solver", "gd", "--history", same,
+            message="is also the output")
+    assert not os.path.exists(same)
+
+
+@pytest.mark.parametrize("name", ["newdir/", "existing.parquet/"])
+def test_an_output_ending_in_a_slash_fails_before_the_fit(tmp_path, points, capsys, name):
+    """It once failed only after the whole fit, with the history already replaced and a
+    complete temporary file left behind."""
+    path = tmp_path / "data.parquet"
+    pq.write_table(points[0], path)
+    (tmp_path / "existing.parquet").write_bytes(b"older output")
+    history = tmp_path / "history.parquet"
+    history.write_bytes(b"older history")
+    refused(capsys, str(path), "-o", f"{tmp_path}/{name}", "--solver", "gd", "--history",
+            str(history), message="ends in '/'")
+    assert history.read_bytes() == b"older history"
+    assert (tmp_path / "existing.parquet").read_bytes() == b"older output"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_an_output_name_near_the_limit_is_written(tmp_path, points):
+    """Names of 243-255 bytes were refused: the temporary name beside them was too long."""
+    path = tmp_path / "data.parquet"
+    pq.write_table(points[0], path)
+    out = tmp_path / ("o" * (255 - len(".parquet")) + ".parquet")
+    assert run_cli("run", str(path), "-o", str(out), "--no-progress") == 0
+    assert pq.read_table(out).num_rows == len(points[1])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    too_long = str(tmp_path / ("o" * 256))
+    assert run_cli("run", str(path), "-o", too_long, "--no-progress") == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -126,16 +127,37 @@ def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:
     return [tuple(pair) for pair in meta["coefficient_columns"]]
 
 
-def check_writable(path: str, directory_output: bool = False):
+TEMP_EXTRA_BYTES = 40  # (what ``_temp_beside`` adds to a name: dots, PID, random part)
+
+
+def check_writable(path: str, directory_output: bool = False, what: str = "output"):
     """Fail before any work if ``path`` (a file, or with ``directory_output`` a directory of
-    files that will replace any existing one) cannot be written."""
+    files that will replace any existing one) cannot be written: it must name a regular file
+    or nothing (a FIFO or device would be replaced by a file), and a name the system allows."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) and not directory_output:
-        raise ValueError(f"output {path} is a directory; give a file name")
+        raise ValueError(f"{what} {path} is a directory; give a file name")
+    if not directory_output and path.endswith((os.sep, "/")):
+        raise ValueError(f"{what} {path} ends in '/'; give a file name")
+    if not directory_output and os.path.exists(path) and \
+            not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{what} {path} is not a regular file (batchfit writes a new file "
+                         "and renames it into place); give a file name")
+    name_max = _name_max(directory)
+    if len(os.fsencode(os.path.basename(path))) > name_max:
+        raise ValueError(f"{what} {path}: the file name is longer than this file system "
+                         f"allows ({name_max} bytes)")
     if not os.path.isdir(directory):
-        raise ValueError(f"output directory does not exist: {directory}")
+        raise ValueError(f"{what} directory does not exist: {directory}")
     if not os.access(directory, os.W_OK):
-        raise ValueError(f"output directory is not writable: {directory}")
+        raise ValueError(f"{what} directory is not writable: {directory}")
+
+
+def _name_max(directory: str) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def check_apart(path: str, input_path: str, what: str = "output",
@@ -166,6 +188,9 @@ def _temp_beside(path: str) -> str:
     """A new hidden temporary file ``.NAME.PID.XXXX.tmp`` beside ``path``, after removing the
     ones a killed run (a PID no longer alive on this machine) left behind."""
     directory, name = os.path.split(os.path.abspath(path))
+    # (a name near the system's limit is cut so that the temporary name fits too)
+    room = _name_max(directory) - TEMP_EXTRA_BYTES
+    name = os.fsdecode(os.fsencode(name)[:room].decode("utf-8", "ignore").encode())
     prefix = f".{name}."
     for entry in os.listdir(directory):
         pid = entry[len(prefix):].split(".")[0]
