@@ -486,8 +486,11 @@ def settle(p: Vec, candidate: Vec, value, new_value, gradient: Vec, matrix: Mat,
     predicted = -(linalg.dot(gradient, step) + linalg.dot(step, mat_vec(matrix, step)) / 2)
     actual = value - new_value
     # (a loss equal within rounding is no evidence against a step: in float32 such noise
-    # would otherwise pile rejections up and blow the damping before convergence is seen)
-    rounding = 4 * eps * (value.abs() + floor)
+    # would otherwise pile rejections up and blow the damping before convergence is seen.
+    # Rounding y - pred costs about eps |y| per residual, so the loss is noisy by about
+    # eps sqrt(loss * spread of y), with floor = eps * spread: far above eps * loss where
+    # the residuals are small against y, as at DanWood's optimum, whose last step it hid)
+    rounding = 4 * eps * (value.abs() + floor + (value.abs() * floor / eps).sqrt())
     accept = active & ok & torch.isfinite(new_value) & (new_value <= value + rounding)
     gain = torch.where(predicted > 0, actual / predicted.clamp(min=tiny), 0)
     shrink = (1 - (2 * gain - 1) ** 3).clamp(min=1 / 3, max=2)
