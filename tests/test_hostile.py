@@ -742,7 +742,7 @@ def test_numeric_options_that_are_not_finite_or_too_large(tmp_path, points, caps
 
 def test_infinite_weights_of_either_sign_are_skipped_points(tmp_path, points):
     """README: a point whose weight is infinite is skipped. -inf was refused as negative."""
-    table, series = points
+    table, _ = points
     weight = np.ones(table.num_rows)
     weight[[3, 50]] = [-np.inf, np.inf]
     path = tmp_path / "data.parquet"
