@@ -621,7 +621,8 @@ def write_case(case, directory):
         errors.append("has null ids")
     if repeated:
         errors.append("series ids repeat in list format")
-    if case["weights"] and np.any(stored["weight"][~in_null_list] < 0):
+    weights = stored["weight"][~in_null_list] if case["weights"] else np.zeros(0)
+    if np.any((weights < 0) & np.isfinite(weights)):  # (-inf, like inf: a skipped point)
         errors.append("weights must be >= 0")
     return series, errors
 
