@@ -818,3 +818,13 @@ def test_an_output_name_near_the_limit_is_written(tmp_path, points):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     too_long = str(tmp_path / ("o" * 256))
     assert run_cli("run", str(path), "-o", too_long, "--no-progress") == 2
+
+
+def test_two_links_to_one_file_in_a_directory_are_refused(tmp_path, points, capsys):
+    """A duplicate symlink to one file once counted its rows twice, exit 0."""
+    directory = tmp_path / "parts"
+    directory.mkdir()
+    pq.write_table(points[0], directory / "a.parquet")
+    os.symlink(directory / "a.parquet", directory / "b.parquet")
+    bad(tmp_path, ["run", str(directory)], "holds one file twice: a.parquet and b.parquet",
+        capsys)

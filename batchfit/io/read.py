@@ -158,6 +158,14 @@ def list_files(path: str, input_format: str = "parquet") -> list[str]:
         if others:
             what += f" (nor {' or '.join(others)} files)"
         raise ValueError(f"no {what} ({patterns}) in directory {path}")
+    seen = {}
+    for file in files:  # (two links to one file would count its every point twice)
+        info = os.stat(file)
+        first = seen.setdefault((info.st_dev, info.st_ino), file)
+        if first != file:
+            raise ValueError(f"directory {path} holds one file twice: "
+                             f"{os.path.basename(first)} and {os.path.basename(file)} "
+                             "(links to one file); its points would count twice")
     return files
 
 
