@@ -222,7 +222,7 @@ _AHEAD: dict = {}  # name -> loaded kernel, or False (failed to build)
 _BY_SIGNATURE = _Bounded(256)  # the loaded kernels by (fn, argument structure)
 _LOOKED = _Bounded(256)  # when each signature without a loaded kernel was last looked up
 LOOK_AGAIN_S = 1.0
-_BUILD_ALL: list = []  # non-empty while ``warmup`` or a background build runs: build all
+_BUILD_ALL: list = []  # non-empty within ``building_all`` (warmup) or a big job: build all
 
 
 def _source_digest() -> str:
