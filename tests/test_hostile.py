@@ -446,14 +446,14 @@ def test_grouped_series_whose_ids_do_not_ascend(tmp_path, rng, make_id):
 
 FUZZ_EXAMPLES = int(os.environ.get("BATCHFIT_FUZZ_EXAMPLES", "40"))
 ID_TYPES = {"int8": pa.int8(), "int32": pa.int32(), "int64": pa.int64(),
-            "uint16": pa.uint16(), "string": pa.string(), "large_string": pa.large_string(),
+            "uint16": pa.uint16(), "uint64": pa.uint64(), "string": pa.string(), "large_string": pa.large_string(),
             "dictionary": pa.dictionary(pa.int32(), pa.string())}
 VALUE_TYPES = {"int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(),
                "int64": pa.int64(), "uint8": pa.uint8(), "float16": pa.float16(),
                "float32": pa.float32(), "float64": pa.float64(),
                "decimal": pa.decimal128(12, 3), "dictionary": pa.dictionary(pa.int16(),
                                                                             pa.float64())}
-ID_FAMILIES = [("int8", "int32", "int64"), ("uint16", "int32", "int64"),
+ID_FAMILIES = [("int8", "int32", "int64"), ("uint16", "int32", "int64"), ("uint64",),
                ("string", "large_string", "dictionary")]
 INT_RANGES = {"int8": (-128, 127), "int16": (-2**15, 2**15 - 1), "int32": (-2**31, 2**31 - 1),
               "int64": (-2**63, 2**63 - 1), "uint8": (0, 255)}
@@ -520,6 +520,9 @@ def make_ids(case, rng) -> list:
     if case["id_kind"] in ("int8", "int32", "int64", "uint16"):
         low = 0 if case["id_kind"] == "uint16" else -100
         return [int(v) for v in rng.choice(np.arange(low, 120), n, replace=False)]
+    if case["id_kind"] == "uint64":  # about 2**63 and below 2**64: beyond int64
+        top = 2**63 + 60 if rng.random() < 0.5 else 2**64 - 1
+        return [top - int(v) for v in rng.choice(120, n, replace=False)]
     prefixes = ["", "s-", "é", "a\x00", " "]
     return [prefixes[int(rng.integers(len(prefixes)))] + str(v)
             for v in rng.choice(1000, n, replace=False)]
@@ -828,3 +831,26 @@ def test_two_links_to_one_file_in_a_directory_are_refused(tmp_path, points, caps
     os.symlink(directory / "a.parquet", directory / "b.parquet")
     bad(tmp_path, ["run", str(directory)], "holds one file twice: a.parquet and b.parquet",
         capsys)
+
+
+@pytest.mark.parametrize("ids", [[2**64 - 1], [2**63 - 1, 2**63], [2**64 - 3, 2**64 - 1, 0]])
+@pytest.mark.parametrize("layout", ["grouped", "scattered", "list"])
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_uint64_ids_beyond_int64(tmp_path, rng, ids, layout, loss):
+    """Unsigned ids from 2**63 up cannot be int64 codes: they are fitted and written as the
+    uint64 ids they are, in every layout and on both paths (sums and chunks)."""
+    positions, series = long_table(rng, ids=list(range(len(ids))))
+    series = {ids[i]: points for i, points in series.items()}
+    table = positions.set_column(0, "series_id", pa.array(
+        np.array(ids, np.uint64)[positions.column(0).to_numpy()]))
+    if layout == "scattered":
+        table = table.take(rng.permutation(table.num_rows))
+    elif layout == "list":
+        table = pa.table({"series_id": pa.array(ids, pa.uint64()),
+                          "x": [list(series[i][0]) for i in ids],
+                          "y": [list(series[i][1]) for i in ids]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    out = fit(tmp_path, tmp_path / "d.parquet", "--loss", loss, *(
+        ["--f-scale", "1e9"] if loss == "huber" else []))  # huber, but no point down-weighted
+    assert out.schema.field("series_id").type == pa.uint64()
+    check_against_polyfit(tmp_path / "fit.coeffs.parquet", series, rtol=1e-6)

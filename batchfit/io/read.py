@@ -581,7 +581,9 @@ class Dataset:
             if None not in bounds:
                 lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
                 span = hi - lo + 1  # at most one code per row of the input
-                if span <= self.num_rows and span * DENSE_ROW_BYTES <= memory // 4:
+                # codes are int64: uint64 ids from 2**63 up take the hash table
+                if span <= self.num_rows and span * DENSE_ROW_BYTES <= memory // 4 \
+                        and hi < 2**63:
                     return DenseCodes(lo, hi, self.layout.id_type, unique_rows)
         return HashedCodes(self.layout.id_type, unique_rows)
 
@@ -648,12 +650,13 @@ class Dataset:
         if numeric_ids:  # partition by id ranges: a search among `parts` bounds stays in cache
             sorted_ids = self._sorted_ids.to_numpy()
             bounds_ids = sorted_ids[per_part::per_part]
-            low, span = int(sorted_ids[0]), int(sorted_ids[-1]) - int(sorted_ids[0]) + 1
+            low, span = sorted_ids[0], int(sorted_ids[-1]) - int(sorted_ids[0]) + 1
             dense = span <= 16 * len(sorted_ids)  # then plain arithmetic splits ids evenly
         for batch in batches:
             ids = batch.column(id_column)
             if numeric_ids and dense:
-                part = (ids.to_numpy().astype(np.int64) - low) * parts // span
+                # offsets taken in the ids' own type (uint64 ids may pass 2**63)
+                part = (ids.to_numpy() - low).astype(np.int64) * parts // span
             elif numeric_ids:
                 part = np.searchsorted(bounds_ids, ids.to_numpy(), side="right")
             else:
