@@ -5,6 +5,7 @@ Each test runs the real CLI in a subprocess and sends the signal at a random poi
 after the run has visibly started writing, well before it could finish.
 """
 
+import json
 import os
 import random
 import signal
@@ -64,11 +65,14 @@ def temp_files(directory):
 
 
 def checkpoint_parts(out):
-    directory = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.resume")
-    if not os.path.isdir(directory):
+    """The finished parts the checkpoint's manifest names (it is replaced atomically)."""
+    manifest = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.resume",
+                            "manifest.json")
+    try:
+        with open(manifest) as handle:
+            return [name for _, _, name, _ in json.load(handle)["parts"]]
+    except FileNotFoundError:
         return []
-    return [name for name in os.listdir(directory) if name.startswith("part-")
-            and name.endswith(".parquet")]
 
 
 def read_bytes(path):

@@ -3,112 +3,200 @@ the output so that the same command continues it."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .write import hidden_beside
+
+FORMAT = 2  # of manifest.json; a checkpoint of another format is another job's
+MANIFEST = "manifest.json"
+RESUME_ROOM = 64  # bytes a directory name needs beyond ``.NAME`` (``.resume``, temp suffix)
+
 
 class Checkpoint:
     """The finished pieces of a run, kept so that a rerun with ``--resume`` continues it.
 
-    A hidden directory beside the output, ``.NAME.resume/``, holds ``job.json`` (what the
-    job is: its input files with their sizes and modification times, and its options) and a
-    Parquet file per finished piece, ``part-FIRST-COUNT.parquet`` (FIRST: the position of the
-    piece's first series in the run). Each part is written to a temporary name and renamed,
-    so a killed run leaves only whole parts; the job removes the directory once the output
-    is in place.
+    A hidden directory beside the output, ``.NAME.resume/``, is one unit described by its
+    ``manifest.json``: what the job is (its input files with their sizes and modification
+    times, and its options), the finished pieces (``part-FIRST-COUNT.parquet``; FIRST: the
+    position of the piece's first series in the run) and the latest aggregation state, each
+    with the SHA-256 of its bytes. Files are written under temporary names and renamed,
+    then the manifest is replaced (renamed too) to name them, so a run killed at any moment
+    leaves a manifest whose files are whole; a file that does not match its digest on
+    resume (damaged, edited or swapped) is an error, and files the manifest does not name
+    are ignored and removed. The job removes the directory once the output is in place.
     """
 
     def __init__(self, output_path: str, job: dict):
-        directory, name = os.path.split(os.path.abspath(output_path))
-        self.directory = os.path.join(directory, f".{name}.resume")
-        manifest = os.path.join(self.directory, "job.json")
-        job = json.loads(json.dumps(job, sort_keys=True, default=str))
-        if os.path.exists(manifest):
-            with open(manifest) as handle:
-                try:
-                    same = json.load(handle) == job
-                except ValueError:  # a manifest cut short: nothing in there can be trusted
-                    same = False
-            if not same:
-                raise ValueError(f"{self.directory} holds checkpoints of a different job (the "
-                                 "input or the options changed); delete it, or run without "
-                                 "--resume")
-        else:
-            os.makedirs(self.directory, exist_ok=True)
-            temp = manifest + f".{os.getpid()}.tmp"
-            with open(temp, "w") as handle:
-                json.dump(job, handle, sort_keys=True)
-            os.replace(temp, manifest)
-        self.parts = {}
+        self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM)
+        self.job = json.loads(json.dumps(job, sort_keys=True, default=str))
+        self.parts: dict[tuple[int, int], list] = {}  # (first, count) -> [file, digest]
+        self.statistics: dict | None = None  # {"batches": n, "files": {role: [file, digest]}}
+        if not os.path.isdir(self.directory):
+            self._create()
+            return
+        manifest = self._load()
+        if manifest["job"] != self.job:
+            raise ValueError(f"{self.directory} holds checkpoints of a different job (the "
+                             "input or the options changed); delete it, or run without "
+                             "--resume")
+        self.parts = {(first, count): [name, digest]
+                      for first, count, name, digest in manifest["parts"]}
+        self.statistics = manifest["statistics"]
+        self._remove_unnamed()
+
+    # ---------------------------------------------------------- the manifest
+
+    def _manifest(self) -> dict:
+        return {"format": FORMAT, "job": self.job, "statistics": self.statistics,
+                "parts": [[first, count, name, digest]
+                          for (first, count), (name, digest) in sorted(self.parts.items())]}
+
+    def _create(self):
+        """The directory appears whole, with its manifest, or not at all."""
+        parent = os.path.dirname(self.directory)
+        temp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(self.directory) + ".",
+                                suffix=".tmp")
+        try:
+            _write_json(os.path.join(temp, MANIFEST), self._manifest())
+            os.rename(temp, self.directory)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+    def _publish(self):
+        _write_json(os.path.join(self.directory, MANIFEST), self._manifest())
+
+    def _load(self) -> dict:
+        try:
+            with open(os.path.join(self.directory, MANIFEST), "rb") as handle:
+                manifest = json.loads(handle.read())
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                raise ValueError("not a manifest of this format")
+            for first, count, name, digest in manifest["parts"]:
+                if not (isinstance(first, int) and isinstance(count, int)
+                        and _plain(name) and isinstance(digest, str)):
+                    raise ValueError("a malformed part entry")
+            statistics = manifest["statistics"]
+            if statistics is not None:
+                int(statistics["batches"])
+                if not all(_plain(name) for name, _ in statistics["files"].values()):
+                    raise ValueError("a malformed statistics entry")
+            return manifest
+        except FileNotFoundError:
+            problem = "it has no manifest"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            problem = "its manifest is unreadable"  # (RecursionError: JSON nested too deep)
+        raise ValueError(f"checkpoint {self.directory} is damaged ({problem}); delete it "
+                         "and run again")
+
+    def _remove_unnamed(self):
+        """Files a killed run left that the manifest does not name (temporary files, parts
+        or statistics it was about to name or had just replaced)."""
+        named = {MANIFEST} | {name for name, _ in self.parts.values()}
+        if self.statistics is not None:
+            named |= {name for name, _ in self.statistics["files"].values()}
         for entry in os.listdir(self.directory):
-            fields = entry.split(".")[0].split("-")
-            if entry.endswith(".parquet") and len(fields) == 3 and fields[0] == "part":
-                self.parts[int(fields[1]), int(fields[2])] = os.path.join(self.directory, entry)
+            if entry not in named:
+                try:
+                    os.unlink(os.path.join(self.directory, entry))
+                except OSError:  # (a directory, or not ours to remove: leave it)
+                    pass
+
+    def _keep(self, name: str, data: bytes) -> list:
+        """Write ``data`` as ``name`` (temporary name, then renamed); [name, digest]."""
+        path = os.path.join(self.directory, name)
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+        return [name, hashlib.sha256(data).hexdigest()]
+
+    def _verified(self, entry: list) -> bytes:
+        name, digest = entry
+        path = os.path.join(self.directory, name)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"checkpoint {path} is damaged (its content is not what was "
+                             f"written); delete {self.directory} and run again")
+        return data
+
+    # ---------------------------------------------------------- finished pieces
 
     def has(self, first: int, count: int) -> bool:
         return (first, count) in self.parts
 
     def save(self, first: int, count: int, table: pa.Table):
-        path = os.path.join(self.directory, f"part-{first:012d}-{count:09d}.parquet")
-        temp = f"{path}.{os.getpid()}.tmp"
-        pq.write_table(table, temp)
-        os.replace(temp, path)
-        self.parts[first, count] = path
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        name = f"part-{first:012d}-{count:09d}.parquet"
+        self.parts[first, count] = self._keep(name, sink.getvalue().to_pybytes())
+        self._publish()
 
     def read(self, first: int, count: int, schema: pa.Schema) -> pa.Table:
+        entry = self.parts[first, count]
+        data = self._verified(entry)
         try:
-            table = pq.read_table(self.parts[first, count], schema=schema)
+            table = pq.read_table(pa.BufferReader(data), schema=schema)
         except (pa.ArrowException, OSError):
             table = None
         if table is None or table.num_rows != count:
-            raise ValueError(f"checkpoint {self.parts[first, count]} is damaged; delete "
+            raise ValueError(f"checkpoint {os.path.join(self.directory, entry[0])} does not "
+                             f"hold {count} rows of this job's output; delete "
                              f"{self.directory} and run again")
         return table
 
     # ---------------------------------------------------------- an aggregation's state
 
     def save_statistics(self, aggregator, codes, batches: int):
-        """Keep an aggregation's state after ``batches`` decoded batches (replacing the
-        last one): its numpy arrays in ``statistics.npz``, the series ids in ``ids.parquet``
-        (a hashed code table), then ``statistics.json`` naming the count, written last."""
+        """Keep an aggregation's state after ``batches`` decoded batches, replacing the last
+        one: its numpy arrays (``statistics-BATCHES.npz``) and, for a hashed code table, the
+        series ids (``ids-BATCHES.parquet``), named by the manifest together."""
         arrays = {**aggregator.state(), **{f"codes_{k}": v for k, v in codes.state().items()
                                              if not isinstance(v, pa.Array)}}
         ids = {k: v for k, v in codes.state().items() if isinstance(v, pa.Array)}
-        temp = os.path.join(self.directory, f"statistics.{os.getpid()}.tmp.npz")
-        np.savez(temp, **arrays)
-        os.replace(temp, os.path.join(self.directory, "statistics.npz"))
-        for name, values in ids.items():
-            temp = os.path.join(self.directory, f"ids.{os.getpid()}.tmp")
-            pq.write_table(pa.table({name: values}), temp)
-            os.replace(temp, os.path.join(self.directory, "ids.parquet"))
-        temp = os.path.join(self.directory, f"statistics.{os.getpid()}.tmp.json")
-        with open(temp, "w") as handle:
-            json.dump({"batches": batches}, handle)
-        os.replace(temp, os.path.join(self.directory, "statistics.json"))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files = {"arrays": self._keep(f"statistics-{batches:09d}.npz", buffer.getvalue())}
+        if ids:
+            sink = pa.BufferOutputStream()
+            pq.write_table(pa.table(ids), sink)
+            files["ids"] = self._keep(f"ids-{batches:09d}.parquet",
+                                      sink.getvalue().to_pybytes())
+        replaced, self.statistics = self.statistics, {"batches": batches, "files": files}
+        self._publish()
+        for name, _ in (replaced or {"files": {}})["files"].values():
+            if name not in {new for new, _ in files.values()}:
+                os.unlink(os.path.join(self.directory, name))
 
     def restore_statistics(self, aggregator, codes) -> int:
         """Load the kept state into ``aggregator`` and ``codes``; the number of decoded
         batches it covers (0: nothing kept)."""
-        marker = os.path.join(self.directory, "statistics.json")
-        if not os.path.exists(marker):
+        if self.statistics is None:
             return 0
+        files = self.statistics["files"]
+        arrays_data = self._verified(files["arrays"])
+        ids_data = self._verified(files["ids"]) if "ids" in files else None
         try:
-            with open(marker) as handle:
-                batches = int(json.load(handle)["batches"])
-            with np.load(os.path.join(self.directory, "statistics.npz"),
-                         allow_pickle=False) as data:
+            with np.load(io.BytesIO(arrays_data), allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
             state = {k: v for k, v in arrays.items() if not k.startswith("codes_")}
             code_state = {k[len("codes_"):]: v for k, v in arrays.items()
                           if k.startswith("codes_")}
-            ids = os.path.join(self.directory, "ids.parquet")
-            if os.path.exists(ids):
-                table = pq.read_table(ids)
+            if ids_data is not None:
+                table = pq.read_table(pa.BufferReader(ids_data))
                 code_state.update({name: table[name].combine_chunks()
                                    for name in table.column_names})
             aggregator.load_state(state)
@@ -116,7 +204,21 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, pa.ArrowException):
             raise ValueError(f"checkpoint {self.directory} is damaged; delete it and run "
                              "again") from None
-        return batches
+        return int(self.statistics["batches"])
 
     def remove(self):
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _plain(name) -> bool:
+    """A file name inside the checkpoint directory (no path: a manifest names nothing
+    outside it)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and os.sep not in name \
+        and "/" not in name
+
+
+def _write_json(path: str, value):
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w") as handle:
+        json.dump(value, handle, sort_keys=True)
+    os.replace(temp, path)

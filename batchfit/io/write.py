@@ -3,6 +3,7 @@ the target, renamed into place only on success), and training histories."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -184,14 +185,23 @@ def _default_permissions() -> int:
     return 0o666 & ~mask
 
 
+def hidden_beside(path: str, suffix: str, room: int = TEMP_EXTRA_BYTES) -> str:
+    """``.NAME`` + ``suffix`` beside ``path``. A name too near the system's limit to take
+    ``room`` more bytes is cut, with a digest of the whole name so that cut names differ."""
+    directory, name = os.path.split(os.path.abspath(path))
+    encoded = os.fsencode(name)
+    if len(encoded) + room > _name_max(directory):
+        digest = hashlib.sha256(encoded).hexdigest()[:12]
+        cut = encoded[:_name_max(directory) - room - len(digest) - 1].decode("utf-8", "ignore")
+        name = f"{cut}~{digest}"
+    return os.path.join(directory, f".{name}{suffix}")
+
+
 def _temp_beside(path: str) -> str:
     """A new hidden temporary file ``.NAME.PID.XXXX.tmp`` beside ``path``, after removing the
     ones a killed run (a PID no longer alive on this machine) left behind."""
-    directory, name = os.path.split(os.path.abspath(path))
-    # (a name near the system's limit is cut so that the temporary name fits too)
-    room = _name_max(directory) - TEMP_EXTRA_BYTES
-    name = os.fsdecode(os.fsencode(name)[:room].decode("utf-8", "ignore").encode())
-    prefix = f".{name}."
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = os.path.basename(hidden_beside(path, "."))
     for entry in os.listdir(directory):
         pid = entry[len(prefix):].split(".")[0]
         if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit() \
