@@ -81,9 +81,10 @@ def _run(args) -> int:
 
 def _report(summary):
     statuses = ", ".join(f"{name} {count:,}" for name, count in summary.status_counts.items())
+    statuses = f" ({statuses})" if statuses else ""
     weight = (summary.metadata.get("columns") or {}).get("weight")
     weighted = f", weighted by column {weight!r}" if weight else ""
-    _say(f"fitted {summary.n_series:,} series ({statuses}) from {summary.n_points:,} points"
+    _say(f"fitted {summary.n_series:,} series{statuses} from {summary.n_points:,} points"
          f"{weighted} in {summary.seconds:.2f} s ({summary.series_per_second:,.0f} series/s)")
     _say(f"wrote {summary.output}" + (f" and {summary.history}" if summary.history else ""))
 

@@ -854,3 +854,65 @@ def test_uint64_ids_beyond_int64(tmp_path, rng, ids, layout, loss):
         ["--f-scale", "1e9"] if loss == "huber" else []))  # huber, but no point down-weighted
     assert out.schema.field("series_id").type == pa.uint64()
     check_against_polyfit(tmp_path / "fit.coeffs.parquet", series, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- footers that lie
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def patched_footer(path, old: bytes, new: bytes, last_only=False):
+    """Replace ``old`` by ``new`` (same length) in the file's Thrift footer."""
+    raw = bytearray(path.read_bytes())
+    start = len(raw) - 8 - footer_length(raw)
+    footer = bytes(raw[start:-8])
+    assert len(old) == len(new) and old in footer
+    if last_only:
+        at = start + footer.rindex(old)
+        raw[at:at + len(old)] = new
+    else:
+        raw[start:-8] = footer.replace(old, new)
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_a_row_group_whose_footer_says_zero_rows_is_refused(tmp_path, capsys, loss):
+    """The row group's count (a zigzag varint after Thrift's i64 field header 0x16) says 0,
+    written as an over-long varint of the same length; the file's total and the column
+    chunks still say 12,345. pyarrow would read the group as empty."""
+    table, _ = long_table(np.random.default_rng(2), n_series=500, ragged=False)
+    table = table.slice(0, 12_345)
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    count = varint(2 * 12_345)
+    patched_footer(path, b"\x16" + count, b"\x16" + b"\x80" * (len(count) - 1) + b"\x00",
+                   last_only=True)
+    assert pq.ParquetFile(path).metadata.row_group(0).num_rows == 0  # (the patch took)
+    (tmp_path / "out.parquet").write_bytes(b"an older output")
+    code = run_cli("run", path, "-o", tmp_path / "out.parquet", "--loss", loss)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot read {path} as Parquet: its footer contradicts itself (row group 0 has 0 " \
+           "rows but its column 'series_id' 12345 values)" in err
+    assert (tmp_path / "out.parquet").read_bytes() == b"an older output"
+
+
+@pytest.mark.parametrize("fmt", ["long", "list"])
+def test_id_statistics_that_lie_are_named_as_the_files_fault(tmp_path, capsys, fmt):
+    table, series = long_table(np.random.default_rng(3), ids=list(range(1000, 1100)))
+    if fmt == "list":
+        table = pa.table({"series_id": list(series), "x": [list(v[0]) for v in series.values()],
+                          "y": [list(v[1]) for v in series.values()]})
+    path = tmp_path / "d.parquet"
+    pq.write_table(table, path)
+    patched_footer(path, struct.pack("<q", 1099), struct.pack("<q", 1050))
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).statistics.max == 1050
+    bad(tmp_path, ["run", path], f"series ids in {path} lie outside the range that its "
+        "footer's statistics give (1000 to 1050): the file's metadata is wrong", capsys)

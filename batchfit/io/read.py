@@ -292,6 +292,33 @@ class ParquetSource(Source):
         self.schema_arrow = self.handle.schema_arrow
         self.num_rows = self.handle.metadata.num_rows
         self.has_rows = bool(self.num_rows)
+        self._check_counts()
+
+    def _check_counts(self):
+        """The footer's counts agree: the row groups' rows add up to the file's, and each
+        column chunk holds a value per row (a list column: at least one)."""
+        metadata = self.handle.metadata
+        repeated = [metadata.schema.column(i).max_repetition_level > 0
+                    for i in range(metadata.num_columns)]
+        total = 0
+        for group in range(metadata.num_row_groups):
+            meta = metadata.row_group(group)
+            total += meta.num_rows
+            for i in range(meta.num_columns):
+                values = meta.column(i).num_values
+                if values < meta.num_rows if repeated[i] else values != meta.num_rows:
+                    self._contradiction(f"row group {group} has {meta.num_rows} rows but its "
+                                        f"column {meta.column(i).path_in_schema!r} {values} "
+                                        "values")
+        if total != self.num_rows:
+            self._contradiction(f"its row groups hold {total} rows in all, the file "
+                                f"{self.num_rows}")
+
+    def _contradiction(self, problem: str):
+        # (pyarrow trusts the footer's counts: a row group said to be empty while its
+        # columns hold data would be read as empty)
+        raise ValueError(f"cannot read {self.file} as Parquet: its footer contradicts "
+                         f"itself ({problem})")
 
     def iter_batches(self, columns, rows, points_of=None):
         # (rows per batch, in either format: a row group's list columns come whole)
@@ -775,14 +802,14 @@ def _piece(piece, layout: Layout, codes, file: str) -> tuple:
         raise ValueError(f"column {layout.spec.series_id!r} has null ids (in {file})")
     if layout.format == "list":
         if not table.num_rows:
-            return codes.prepare(ids, np.zeros(0, np.int64)), *_flat(
+            return codes.prepare(ids, np.zeros(0, np.int64), file), *_flat(
                 layout, np.zeros(0), np.zeros(0), np.zeros(0) if layout.has_weight else None)
         chunk = _list_chunk(table.combine_chunks().to_batches()[0], layout)
         lengths = np.diff(chunk.offsets)
-        return codes.prepare(ids, lengths), *_flat(layout, chunk.x, chunk.y, chunk.w, file)
+        return codes.prepare(ids, lengths, file), *_flat(layout, chunk.x, chunk.y, chunk.w, file)
     x, y = to_float(table.column(layout.spec.x)), to_float(table.column(layout.spec.y))
     w = to_float(table.column(layout.spec.weight)) if layout.has_weight else None
-    return codes.prepare(ids), *_flat(layout, x, y, w, file)
+    return codes.prepare(ids, None, file), *_flat(layout, x, y, w, file)
 
 
 def _flat(layout: Layout, x, y, w, file: str = ""):
@@ -806,7 +833,8 @@ class SeriesCodes:
     def __init__(self, id_type: pa.DataType, unique_rows: bool):
         self.id_type, self.unique_rows = id_type, unique_rows
 
-    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None, file: str = ""):
+        """(``file``: where the ids come from, for errors)"""
         raise NotImplementedError
 
     def encode(self, prepared) -> np.ndarray:
@@ -835,21 +863,20 @@ class DenseCodes(SeriesCodes):
         self.size = hi - lo + 1
         self.taken = np.zeros(self.size, dtype=bool) if unique_rows else None
 
-    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
-        # int64 ids pass as they are (no copy); the kernel subtracts the offset and checks
-        # the range (statistics that lie are an error, not a wrong row)
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None, file: str = ""):
+        # int64 ids pass as they are (no copy); the kernel subtracts the offset
         values = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        if len(values) and (values.min() < self.lo or values.max() > self.hi):
+            raise ValueError(f"series ids in {file} lie outside the range that its footer's "
+                             f"statistics give ({self.lo} to {self.hi}): the file's "
+                             "metadata is wrong")
         return values, lengths
 
     def encode(self, prepared) -> tuple:
         values, lengths = prepared
         if lengths is None:  # long format: the ids are the codes (+ offset)
             return values, None
-        codes = values - self.lo  # list format: one id per series
-        if len(codes) and (codes.min() < 0 or codes.max() >= self.size):
-            raise ValueError("series ids outside the range the files' statistics give; the "
-                             "files' metadata is wrong")
-        self._check_unique(codes)
+        self._check_unique(values - self.lo)  # list format: one id per series
         return np.repeat(values, lengths), values
 
     def _check_unique(self, codes):
@@ -884,7 +911,7 @@ class HashedCodes(SeriesCodes):
         self.table: dict = {}
         self.values: list = []
 
-    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None):
+    def prepare(self, ids: pa.Array, lengths: np.ndarray | None = None, file: str = ""):
         if lengths is None and len(ids):
             starts = _run_starts(ids)
             runs = ids.take(pa.array(starts))
