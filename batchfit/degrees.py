@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .moments import HEADER, YREF, block_size
+from .moments import HEADER, YREF, YSCALE, block_size
 from .names import Status
 
 DEFAULT_MAX_DEGREE = 3
@@ -43,19 +43,21 @@ def truncated(table: np.ndarray, degree: int, weighted: bool, lower: int) -> np.
 
 
 def mean_square_y(table: np.ndarray, degree: int) -> np.ndarray:
-    """Each row's weighted mean of y^2, from its sums (S0, R0 and Y2 are about yref)."""
+    """Each row's weighted mean of y^2, from its sums (S0, R0 and Y2 are about yref), in
+    the row's scale of y (that of the losses compared with it)."""
     s0 = table[:, HEADER]
     r0 = table[:, HEADER + 2 * degree + 1]
     y2 = table[:, HEADER + 3 * degree + 2]
-    yref = table[:, YREF]
+    yref = table[:, YREF] * table[:, YSCALE]
     with np.errstate(divide="ignore", invalid="ignore"):
         return (y2 + 2 * yref * r0 + yref**2 * s0) / s0
 
 
-def bic(record: dict, degree: int, floor: np.ndarray) -> np.ndarray:
-    """BIC of each row's fit of ``degree`` (inf where it is not a candidate)."""
+def bic(record: dict, degree: int, floor: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """BIC of each row's fit of ``degree`` (inf where it is not a candidate), from its
+    ``loss`` in the row's scale of y (as ``floor``)."""
     n = record["n_points"].astype(np.float64)
-    loss = np.maximum(record["loss"], floor)
+    loss = np.maximum(loss, floor)
     candidate = (record["status"] == int(Status.OK)) & ((n > degree + 1) | (degree == 0))
     with np.errstate(divide="ignore", invalid="ignore"):
         value = n * np.log(loss) + (degree + 1) * np.log(n)
@@ -84,7 +86,19 @@ def choose(table: np.ndarray, degree: int, weighted: bool,
     floor = LOSS_FLOOR * np.nan_to_num(mean_square_y(table, degree), nan=0.0) + 1e-300
     records = [padded(solve(truncated(table, degree, weighted, d), d), d, degree)
                for d in range(degree + 1)]
-    scores = np.stack([bic(record, d, floor) for d, record in enumerate(records)], axis=1)
+    # Losses compared in each row's scale of y: for |y| beyond ~1e154 the true loss is
+    # beyond float64 (inf) at every degree. Rows scaled are solved again as if unscaled.
+    scaled = np.flatnonzero(table[:, YSCALE] != 1)
+    as_unscaled = table[scaled].copy()
+    as_unscaled[:, YSCALE] = 1
+    losses = []
+    for d, record in enumerate(records):
+        loss = record["loss"].copy()
+        if len(scaled):
+            loss[scaled] = solve(truncated(as_unscaled, degree, weighted, d), d)["loss"]
+        losses.append(loss)
+    scores = np.stack([bic(record, d, floor, loss)
+                       for d, (record, loss) in enumerate(zip(records, losses))], axis=1)
     best = np.where(np.isfinite(scores).any(1), scores.argmin(1), 0)
     chosen = {name: values.copy() for name, values in records[0].items()}
     for d, record in enumerate(records[1:], start=1):

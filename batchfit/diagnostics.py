@@ -16,6 +16,8 @@ Formulas (weights w, used points n, coefficients k, residuals r = y - f(x)):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import linalg
@@ -47,10 +49,16 @@ def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
     sigma2 = (spread / dof.clamp(min=1)).to(torch.float64)
     to_raw = to_raw_map(sums.centre_raw, sums.half, k)
     cov_frame = tuple(tuple(c.to(torch.float64) * sigma2 for c in row) for row in cov_frame)
-    cov = linalg.mat_mat(linalg.mat_mat(to_raw, cov_frame), linalg.transpose(to_raw))
     defined = ok & (dof > 0)
-    return tuple(torch.where(defined, torch.sqrt(cov[i][i].clamp(min=0)), torch.nan)
-                 for i in range(k))
+    errors = []
+    for row in to_raw:  # var p_i = M_i C M_i^T, M_i divided by its largest entry first: for
+        # x ~ 1e100 or 1e-80 the entries' squares would leave float64's range
+        big = functools.reduce(torch.maximum, [m.abs() for m in row])
+        big = torch.where((big > 0) & torch.isfinite(big), big, 1)
+        unit = tuple(m / big for m in row)
+        var = linalg.dot(unit, linalg.mat_vec(cov_frame, unit))
+        errors.append(torch.where(defined, torch.sqrt(var.clamp(min=0)) * big, torch.nan))
+    return tuple(errors)
 
 
 def frame_of(centre_raw, half, q) -> dict:

@@ -3,11 +3,13 @@
 For MSE (weighted or not) a series' polynomial fit, its loss, standard errors, rmse and r2
 follow from a few sums over its points. batchfit keeps them per series in one float64 row,
 in the series' own frame ``t = (x - centre) / half`` (x's range mapped onto [-1, 1]) and the
-Chebyshev basis ``T_m(t)``, with y shifted by a fixed reference ``yref``:
+Chebyshev basis ``T_m(t)``, with y shifted by a fixed reference ``yref`` and, for series far from float64's comfortable
+range, y and the weights scaled by powers of two (``yscale``, ``wscale``; else 1):
 
-    CENTRE, HALF, INVH, YREF, LO, HI, NPTS,
-    S[m] = sum w T_m(t) (m = 0..2D), R[j] = sum w (y - yref) T_j(t) (j = 0..D),
-    Y2 = sum w (y - yref)^2, and in weighted tables the same three again with w = 1.
+    CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE,
+    with u = (y - yref) yscale and v = w wscale:
+    S[m] = sum v T_m(t) (m = 0..2D), R[j] = sum v u T_j(t) (j = 0..D),
+    Y2 = sum v u^2, and in weighted tables the same three again with v = 1.
 
 The frame keeps float64's digits for any offset of x (Unix timestamps); the rows of two parts
 of a series merge exactly (each part's sums mapped onto a frame that holds both, then added),
@@ -23,8 +25,8 @@ from numpy.polynomial import chebyshev
 
 # Row layout (the same in aggregate.c): a header, then one block of sums, and for weighted
 # tables a second block with unit weights (the unweighted rmse needs it).
-CENTRE, HALF, INVH, YREF, LO, HI, NPTS = range(7)
-HEADER = 7
+CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE = range(9)
+HEADER = 9
 TRUST_PIVOT = 0.25  # below this relative Cholesky pivot, one refinement step on the points
 # The residual sum of squares follows from the sums as Y2 - q.R, which loses digits when it is
 # small next to Y2 (a fit explaining almost all of the spread): trusted only when it is at
@@ -45,6 +47,7 @@ def frame_coefficients(table: np.ndarray, q: np.ndarray) -> dict:
     centre and scale of each row's x, and the coefficients of ``t = (x - centre) / scale``,
     highest power first, from the Chebyshev coefficients ``q`` of y - yref (rows, k)."""
     # (einsum: a BLAS matmul of a tall, 4-column matrix takes 6x longer here)
+    q = q / table[:, YSCALE, None]  # (q is in the row's scale of y)
     mono = np.einsum("rk,jk->rj", q, cheb_to_mono(q.shape[1])[::-1])
     mono[:, -1] += table[:, YREF]
     return {"x_centre": table[:, CENTRE].copy(), "x_scale": table[:, HALF].copy(),
@@ -73,6 +76,7 @@ def new_table(rows: int, degree: int, weighted: bool) -> np.ndarray:
     """``rows`` empty series: no points, an empty range."""
     table = np.zeros((rows, width(degree, weighted)))
     table[:, LO], table[:, HI] = np.inf, -np.inf
+    table[:, YSCALE], table[:, WSCALE] = 1.0, 1.0
     return table
 
 

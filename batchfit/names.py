@@ -55,6 +55,9 @@ class Status(IntEnum):
     SINGULAR = 2  # x does not have enough distinct values for the degree
     NOT_CONVERGED = 3  # an iterative solver stopped before meeting tol
     DIVERGED = 4  # non-finite values, or the loss grew
+    # |y| or the weights beyond what an iterative solver's unscaled float64 holds (the exact
+    # MSE solver scales each series itself)
+    OUT_OF_RANGE = 5
 
     @property
     def label(self) -> str:

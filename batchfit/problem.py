@@ -193,6 +193,16 @@ class FitResult:
                 getattr(self, name).device, getattr(self, name).dtype))
             for name in self.fields})
 
+    def marked(self, rows: torch.Tensor, status: Status) -> FitResult:
+        """This result with the series where ``rows`` (B,) is True given ``status`` and no
+        numbers (NaN; their point counts kept)."""
+        rows = rows.to(self.status.device)
+        blank = {name: torch.where(rows.reshape(-1, *[1] * (value.ndim - 1)),
+                                   torch.nan, value)
+                 for name in self.fields if (value := getattr(self, name)).is_floating_point()}
+        return dataclasses.replace(self, **blank, status=torch.where(
+            rows, int(status), self.status).to(self.status.dtype))
+
     def take(self, rows: torch.Tensor) -> FitResult:
         """The series at ``rows`` (history and model kept)."""
         rows = rows.to(self.status.device)
@@ -305,6 +315,41 @@ def float32_unsafe_rows(y) -> np.ndarray:
     return ((top > high) | ((top < low) & (top > 0))).cpu().numpy()
 
 
+# The largest |y| of a series that the iterative solvers fit as it is: squares and products
+# (losses, gradients, Hessians) then stay inside float64's range with room for sums. Beyond,
+# a series gets Status.OUT_OF_RANGE. (Weights are scaled per series: no fit depends on
+# their scale.)
+ITERATIVE_SAFE = (2.0**-250, 2.0**250)
+
+
+def scale_for(magnitude: torch.Tensor) -> torch.Tensor:
+    """As aggregate.c's ``scale_for``: 1, or for a magnitude far from 1 (beyond 2^+-100) the
+    power of two that brings it into [0.5, 1) (at most 2^1000)."""
+    far = (magnitude > 0) & torch.isfinite(magnitude) & ~((magnitude > 2.0**-100)
+                                                          & (magnitude < 2.0**100))
+    exponent = torch.frexp(torch.where(far, magnitude, 1)).exponent.clamp(min=-1000)
+    return torch.where(far, torch.ldexp(torch.ones_like(magnitude), -exponent), 1)
+
+
+def _used(inputs: Inputs) -> torch.Tensor:
+    used = torch.isfinite(inputs.x) & torch.isfinite(inputs.y)
+    if inputs.w is not None:
+        used &= torch.isfinite(inputs.w) & (inputs.w > 0)
+    if inputs.mask is not None:
+        used &= inputs.mask
+    if inputs.lengths is not None:
+        used &= torch.arange(inputs.y.shape[1], device=inputs.y.device) < inputs.lengths[:, None]
+    return used
+
+
+def out_of_range_rows(inputs: Inputs) -> torch.Tensor:
+    """(B,) bool: series whose largest |y| among their used points lies outside
+    ``ITERATIVE_SAFE`` (all-zero y is fine)."""
+    low, high = ITERATIVE_SAFE
+    top = torch.where(_used(inputs), inputs.y.abs(), 0).amax(dim=1).to(torch.float64)
+    return (top > high) | ((top < low) & (top > 0))
+
+
 def float32_overflows(y) -> bool:
     """Whether y, stored wider than float32, holds a finite |y| above ``FLOAT32_SAFE_Y``
     (cast to float32 it would become inf, or its square would). One pass over y."""
@@ -415,6 +460,9 @@ def problem_of(inputs: Inputs, *, dtype: torch.dtype, centre_x: bool = True) -> 
         mid = (lo + hi) / 2
         x_offset = torch.where(torch.isfinite(mid), mid, 0).to(torch.float64)
         x_in = x_in - x_offset[:, None].to(x_in.dtype)
+    if w is not None and w.numel():  # each series' weights near 1 (exact: a power of two)
+        heaviest = torch.where(_used(inputs), w, 0).amax(dim=1).to(torch.float64)
+        w = w * scale_for(heaviest).to(w.dtype)[:, None]
     return Problem(x=x_in.to(dtype), y=y_in.to(dtype), w=None if w is None else w.to(dtype),
                    mask=mask, lengths=lengths, x_offset=x_offset)
 

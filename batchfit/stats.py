@@ -29,11 +29,13 @@ from .moments import (
     LO,
     NPTS,
     TRUST_PIVOT,
+    WSCALE,
     YREF,
+    YSCALE,
     block_size,
     new_table,
 )
-from .problem import shared_tensor, used_points
+from .problem import scale_for, shared_tensor, used_points
 
 # ---------------------------------------------------------------- frames, in torch
 
@@ -81,6 +83,21 @@ def reframe(table: torch.Tensor, degree: int, weighted: bool, centre: torch.Tens
         out[:, start + nm:start + nm + k] = torch.einsum("rmj,rj->rm", m[:, :k, :k], rhs)
     out[:, CENTRE], out[:, HALF] = centre, half
     out[:, INVH] = torch.where(half > 0, 1 / safe, 0)
+    return out
+
+
+def rescale(table: torch.Tensor, degree: int, weighted: bool, ys: torch.Tensor,
+            ws: torch.Tensor) -> torch.Tensor:
+    """The rows' sums re-expressed with the scales (ys, ws), as aggregate.c's ``rescale``."""
+    nm, k, block = 2 * degree + 1, degree + 1, block_size(degree)
+    fy, fw = ys / table[:, YSCALE], ws / table[:, WSCALE]
+    out = table.clone()
+    for b, start in enumerate([HEADER] + ([HEADER + block] if weighted else [])):
+        f = fw if b == 0 else torch.ones_like(fw)  # (the second block has unit weights)
+        out[:, start:start + nm] *= f[:, None]
+        out[:, start + nm:start + nm + k] *= (f * fy)[:, None]
+        out[:, start + nm + k] *= f * fy * fy
+    out[:, YSCALE], out[:, WSCALE] = ys, ws
     return out
 
 
@@ -163,6 +180,9 @@ class TorchAggregator:
             0, codes, x, "amax")
         first = torch.full((rows,), len(codes), dtype=torch.int64, device=dev).scatter_reduce(
             0, codes, torch.arange(len(codes), device=dev), "amin")
+        largest = torch.zeros((2, rows), dtype=torch.float64, device=dev)
+        largest[0].scatter_reduce_(0, codes, y.abs(), "amax")
+        largest[1].scatter_reduce_(0, codes, w, "amax")
         touched = torch.isfinite(lo)
         fresh = touched & (table[:, NPTS] == 0)
         new_lo, new_hi = torch.minimum(table[:, LO], lo), torch.maximum(table[:, HI], hi)
@@ -176,6 +196,8 @@ class TorchAggregator:
             half = table[rows_f, HALF]
             table[rows_f, INVH] = torch.where(half > 0, 1 / torch.where(half > 0, half, 1), 0)
             table[rows_f, YREF] = y[first[rows_f]]
+            table[rows_f, YSCALE] = scale_for(largest[0, rows_f])
+            table[rows_f, WSCALE] = scale_for(largest[1, rows_f])
         if bool(grow.any()):
             rows_g = torch.nonzero(grow).squeeze(1)
             part = table[rows_g]
@@ -190,10 +212,10 @@ class TorchAggregator:
         table, degree = self.table, self.degree
         nm, k = 2 * degree + 1, degree + 1
         t = (x - table[codes, CENTRE]) * table[codes, INVH]
-        yy = y - table[codes, YREF]
+        yy = (y - table[codes, YREF]) * table[codes, YSCALE]  # (in the rows' scales)
         terms = chebyshev_columns(t, nm)
-        blocks = [(HEADER, w)] + ([(HEADER + block_size(degree), torch.ones_like(w))]
-                                  if self.weighted else [])
+        blocks = [(HEADER, w * table[codes, WSCALE])] + (
+            [(HEADER + block_size(degree), torch.ones_like(w))] if self.weighted else [])
         for start, weight in blocks:
             values = [weight * tm for tm in terms] + [weight * yy * tm for tm in terms[:k]] \
                 + [weight * yy * yy]
@@ -253,7 +275,9 @@ class TorchAggregator:
         t = (x - table[codes, CENTRE]) * table[codes, INVH]
         terms = chebyshev_columns(t, k)
         qs = torch.as_tensor(q, device=dev)[codes]
-        r = y - table[codes, YREF] - sum(qs[:, j] * terms[j] for j in range(k))
+        r = (y - table[codes, YREF]) * table[codes, YSCALE] \
+            - sum(qs[:, j] * terms[j] for j in range(k))
+        w = w * table[codes, WSCALE]
         values = [w * r * tm for tm in terms] + [w * r * r]
         if self.weighted:
             values += [r * tm for tm in terms] + [r * r]
@@ -274,7 +298,10 @@ def merge_tables(dst: torch.Tensor, src: torch.Tensor, degree: int, weighted: bo
     lo, hi = torch.minimum(d[:, LO], s[:, LO]), torch.maximum(d[:, HI], s[:, HI])
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     d, s = reframe(d, degree, weighted, centre, half), reframe(s, degree, weighted, centre, half)
-    shift = s[:, YREF] - d[:, YREF]
+    ys = torch.minimum(d[:, YSCALE], s[:, YSCALE])
+    ws = torch.minimum(d[:, WSCALE], s[:, WSCALE])
+    d, s = rescale(d, degree, weighted, ys, ws), rescale(s, degree, weighted, ys, ws)
+    shift = (s[:, YREF] - d[:, YREF]) * ys
     for start in [HEADER] + ([HEADER + block] if weighted else []):
         sums, rhs = s[:, start:start + nm], s[:, start + nm:start + nm + k]
         r0 = rhs[:, 0].clone()
@@ -333,19 +360,26 @@ def solve_kernel(degree: int, weighted: bool, refined: bool):
         interpolates = n <= k  # as many points as coefficients: no residual at all
         sse = torch.where(interpolates, 0, sse.clamp(min=0))
         sse_u = torch.where(interpolates, 0, sse_u.clamp(min=0))
+        # (the sums are in the row's scales, u = (y - yref) yscale, v = w wscale: the fit's
+        # numbers are unscaled here; r2 and the trust tests do not depend on them)
+        ys = row[YSCALE]
         wsum = s[0]
-        sst = y2 - rhs[0] ** 2 / wsum
-        q_full = (q[0] + row[YREF],) + tuple(q[1:])
+        sst = y2 - rhs[0] * (rhs[0] / wsum)
+        q_full = (q[0] / ys + row[YREF],) + tuple(qj / ys for qj in q[1:])
         sums = Sums(centre=centre, half=half, centre_raw=centre, gram=gram, rhs=rhs,
                     wsum=wsum, n=n, ybar=None)
-        summary = {"loss": sse / wsum, "rmse": torch.sqrt(sse_u / n),
+        scaled_loss = sse / wsum
+        summary = {"loss": scaled_loss / ys / ys, "rmse": torch.sqrt(sse_u / n) / ys,
                    "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
                    "params": linalg.mat_vec(to_raw_map(centre, half, k), q_full),
-                   "stderr": coefficient_errors(sums, gram, sse, consts.pivot_tol),
+                   "stderr": tuple(e / ys for e in coefficient_errors(sums, gram, sse,
+                                                                       consts.pivot_tol)),
                    "frame": frame_of(centre, half, q_full)}
         count = n.to(torch.int64)
-        out = finalize(summary, count, solvable, torch.ones_like(solvable),
-                       torch.zeros_like(solvable))
+        # (finite in the row's scale: a loss beyond float64 for |y| above ~1e154 is inf)
+        out = finalize({**summary, "loss": scaled_loss}, count, solvable,
+                       torch.ones_like(solvable), torch.zeros_like(solvable))
+        out["loss"] = torch.where(torch.isnan(out["loss"]), out["loss"], summary["loss"])
         out["trusted"] = trusted
         out["q"] = q
         return out
@@ -404,11 +438,13 @@ def dense_kernel(degree: int, weighted: bool):
         inv = torch.where(half > 0, 1 / torch.where(half > 0, half, 1), 0)
         first = used & (torch.cumsum(used.to(torch.int64), 0) == 1)
         yref = torch.where(first, y, 0).sum()
+        ys = scale_for(torch.where(used, y.abs(), 0).amax())
+        ws = scale_for(torch.where(used, w, 0).amax()) if weighted else torch.ones_like(ys)
         t = torch.where(used, (x - centre) * inv, 0)
-        yy = torch.where(used, y - yref, 0)
+        yy = torch.where(used, (y - yref) * ys, 0)
         terms = chebyshev_columns(t, nm)
-        row = [centre, half, inv, yref, lo, hi, n]
-        for weight in [w] + ([used.to(torch.float64)] if weighted else []):
+        row = [centre, half, inv, yref, lo, hi, n, ys, ws]
+        for weight in [w * ws] + ([used.to(torch.float64)] if weighted else []):
             row += [(weight * tm).sum() for tm in terms]
             row += [(weight * yy * tm).sum() for tm in terms[:k]]
             row.append((weight * yy * yy).sum())

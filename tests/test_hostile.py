@@ -916,3 +916,117 @@ def test_id_statistics_that_lie_are_named_as_the_files_fault(tmp_path, capsys, f
     assert pq.ParquetFile(path).metadata.row_group(0).column(0).statistics.max == 1050
     bad(tmp_path, ["run", path], f"series ids in {path} lie outside the range that its "
         "footer's statistics give (1000 to 1050): the file's metadata is wrong", capsys)
+
+
+# ---------------------------------------------------------------- extreme magnitudes
+
+MAGNITUDES = {  # name: (x scale, y scale, weight), powers of two so that an oracle is exact
+    "y x 2^665 (~1e200)": (1.0, 2.0**665, 1.0),
+    "y x 2^-565 (~1e-170)": (1.0, 2.0**-565, 1.0),
+    "y x 2^1000 (~1e301)": (1.0, 2.0**1000, 1.0),
+    "weights 2^-664 (~1e-200)": (1.0, 1.0, 2.0**-664),
+    "weights 5e-324": (1.0, 1.0, 5e-324),
+    "weights 2^996 (~1e300)": (1.0, 1.0, 2.0**996),
+    "x x 2^332 (~1e100)": (2.0**332, 1.0, 1.0),
+    "x x 2^-266 (~1e-80)": (2.0**-266, 1.0, 1.0),
+}
+
+
+def magnitude_series(sx, sy, sw):
+    x0 = np.linspace(-1, 2, 15)
+    y0 = 1 + 0.5 * x0 + x0**2 + np.random.default_rng(1).normal(0, 0.3, 15)
+    return x0 * sx, y0 * sy, np.full(15, sw), (x0, y0)
+
+
+def scaled_oracle(x0, y0, sx, sy):
+    """numpy.polyfit on the unscaled points (uniform weights change nothing), mapped to the
+    scaled ones exactly: a = a0 sy / sx^2, b = b0 sy / sx, c = c0 sy."""
+    coef, cov = np.polyfit(x0, y0, 2, cov=True)
+    powers = np.array([sy / sx**2, sy / sx, sy])
+    residual = y0 - np.polyval(coef, x0)
+    loss0 = np.mean(residual**2)
+    with np.errstate(over="ignore"):  # (beyond float64 it rounds to inf)
+        loss = np.ldexp(loss0, 2 * int(np.log2(sy)))
+    return {"params": coef * powers, "stderr": np.sqrt(np.diag(cov)) * powers,
+            "rmse": np.sqrt(loss0) * sy, "loss": loss,
+            "r2": 1 - np.sum(residual**2) / np.sum((y0 - y0.mean())**2)}
+
+
+@pytest.mark.parametrize("torch_twin", [False, True], ids=["native", "torch twin"])
+@pytest.mark.parametrize("name", MAGNITUDES)
+def test_extreme_magnitudes_are_fitted_in_a_scaled_frame(tmp_path, monkeypatch, name,
+                                                         torch_twin):
+    """The MSE job scales each series' y and weights by powers of two (as it maps x onto
+    its frame): every number right, against numpy on the unscaled points. A loss beyond
+    float64 is inf (|y| ~ 1e200: the true loss is ~1e398), one below its smallest number 0."""
+    if torch_twin:
+        monkeypatch.setattr(batchfit.native, "library", lambda points=0: None)
+    sx, sy, sw = MAGNITUDES[name]
+    x, y, w, (x0, y0) = magnitude_series(sx, sy, sw)
+    pq.write_table(pa.table({"series_id": np.zeros(15, np.int64), "x": x, "y": y,
+                             "weight": w}), tmp_path / "d.parquet")
+    row = fit(tmp_path, tmp_path / "d.parquet", "--weight-col", "weight").to_pylist()[0]
+    want = scaled_oracle(x0, y0, sx, sy)
+    assert row["status"] == "ok" and row["n_points"] == 15
+    np.testing.assert_allclose([row["a"], row["b"], row["c"]], want["params"], rtol=1e-9)
+    np.testing.assert_allclose([row["a_stderr"], row["b_stderr"], row["c_stderr"]],
+                               want["stderr"], rtol=1e-9)
+    np.testing.assert_allclose([row["rmse"], row["r2"]], [want["rmse"], want["r2"]],
+                               rtol=1e-9)
+    if np.isfinite(want["loss"]) and want["loss"] > 1e-300:
+        np.testing.assert_allclose(row["loss"], want["loss"], rtol=1e-9)
+    else:
+        assert row["loss"] == want["loss"]
+
+
+@pytest.mark.parametrize("name", MAGNITUDES)
+def test_extreme_magnitudes_on_the_iterative_path(tmp_path, name):
+    """The iterative solvers scale each series' weights (no fit depends on their scale) and
+    fit x in its frame; y they take as it is, so a series whose |y| lies beyond 2^+-250 gets
+    the status out_of_range and no numbers, never `ok` with wrong ones."""
+    sx, sy, sw = MAGNITUDES[name]
+    x, y, w, (x0, y0) = magnitude_series(sx, sy, sw)
+    pq.write_table(pa.table({"series_id": np.zeros(15, np.int64), "x": x, "y": y,
+                             "weight": w}), tmp_path / "d.parquet")
+    row = fit(tmp_path, tmp_path / "d.parquet", "--weight-col", "weight", "--loss", "huber",
+              "--f-scale", "1e9").to_pylist()[0]  # (no point beyond f_scale: MSE's fit)
+    if sy != 1:
+        assert row["status"] == "out_of_range" and row["a"] is None and row["rmse"] is None
+        return
+    want = scaled_oracle(x0, y0, sx, sy)
+    assert row["status"] == "ok"
+    np.testing.assert_allclose([row["a"], row["b"], row["c"]], want["params"], rtol=1e-7)
+    np.testing.assert_allclose([row["a_stderr"], row["b_stderr"], row["c_stderr"]],
+                               want["stderr"], rtol=1e-6)
+    np.testing.assert_allclose([row["rmse"], row["r2"]], [want["rmse"], want["r2"]],
+                               rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["y x 2^665 (~1e200)", "y x 2^-565 (~1e-170)"])
+def test_extreme_magnitudes_choose_their_degree(tmp_path, name):
+    """--degree auto compares each series' losses in its own scale of y: at |y| ~ 1e200 the
+    true losses are all inf, their ratios are not."""
+    sx, sy, sw = MAGNITUDES[name]
+    x, y, _, (x0, y0) = magnitude_series(sx, sy, sw)
+    pq.write_table(pa.table({"series_id": np.zeros(15, np.int64), "x": x, "y": y}),
+                   tmp_path / "d.parquet")
+    row = fit(tmp_path, tmp_path / "d.parquet", "--degree", "auto").to_pylist()[0]
+    assert row["degree"] == 2 and row["status"] == "ok"
+    np.testing.assert_allclose(row["p2"], scaled_oracle(x0, y0, sx, sy)["params"][0],
+                               rtol=1e-9)
+
+
+@pytest.mark.parametrize("torch_twin", [False, True], ids=["native", "torch twin"])
+def test_extreme_magnitudes_in_python(monkeypatch, torch_twin):
+    """``batchfit.fit`` on arrays (the dense path) scales as the job does."""
+    if torch_twin:
+        monkeypatch.setattr(batchfit.native, "library", lambda points=0: None)
+    rows = [magnitude_series(*MAGNITUDES[name]) for name in MAGNITUDES]
+    result = batchfit.fit(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
+                          weights=np.stack([r[2] for r in rows]), dtype="float64")
+    for i, name in enumerate(MAGNITUDES):
+        sx, sy, _ = MAGNITUDES[name]
+        want = scaled_oracle(*rows[i][3], sx, sy)
+        assert result.status_labels()[i] == "ok"
+        np.testing.assert_allclose(result.params[i].numpy(), want["params"], rtol=1e-9)
+        np.testing.assert_allclose(result.stderr[i].numpy(), want["stderr"], rtol=1e-9)

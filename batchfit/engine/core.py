@@ -35,6 +35,7 @@ from ..kernel import key_of
 from ..loop import SolverConfig
 from ..losses import resolve_loss
 from ..models import Model, in_user_order, polynomial, resolve_model, with_param_count
+from ..names import Status
 from ..nonlinear import solve_model
 from ..options import Options, resolve
 from ..problem import (
@@ -46,6 +47,7 @@ from ..problem import (
     float32_overflows,
     float32_unsafe_rows,
     make_problem,
+    out_of_range_rows,
     problem_of,
     used_points,
 )
@@ -617,6 +619,12 @@ def solve(x, y, weights, lengths, mask, opts: Options) -> FitResult:
             return solve_without_points(inputs.y.shape[0], opts.device, config(opts),
                                         opts.solver)
         return _exact(inputs, config(opts), vectorizer(opts), opts)
+    result = _solve_iterative(x, y, weights, lengths, mask, opts)
+    far = out_of_range_rows(checked_inputs(x, y, weights, lengths, mask, device=opts.device))
+    return result.marked(far, Status.OUT_OF_RANGE) if bool(far.any()) else result
+
+
+def _solve_iterative(x, y, weights, lengths, mask, opts: Options) -> FitResult:
     if opts.dtype == "float32" and float32_overflows(y):  # huge |y| would cast to inf
         wide = float32_unsafe_rows(y)
         if wide.any():

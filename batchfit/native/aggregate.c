@@ -11,9 +11,13 @@
  *   YREF                 a fixed shift of y (the series' first used y), so that sums of y
  *                        stay small next to their spread
  *   LO, HI, NPTS         range of x and count of the used points
- *   S[m] = sum w T_m(t)              m = 0 .. 2D     (T_m: Chebyshev polynomials)
- *   R[j] = sum w (y - YREF) T_j(t)   j = 0 .. D
- *   Y2   = sum w (y - YREF)^2
+ *   YSCALE, WSCALE       powers of two that bring the series' first |y| and w near 1 when
+ *                        they are far from it (else 1): squares of y ~ 1e200 or products
+ *                        of weights ~ 1e-200 would leave float64's range
+ *   with u = (y - YREF) YSCALE and v = w WSCALE:
+ *   S[m] = sum v T_m(t)       m = 0 .. 2D     (T_m: Chebyshev polynomials)
+ *   R[j] = sum v u T_j(t)     j = 0 .. D
+ *   Y2   = sum v u^2
  *   and, in weighted tables, the same three again with w = 1 (the unweighted rmse needs them).
  * The frame always contains the accumulated points, so every T_m(t) lies in [-1, 1] and the
  * sums keep float64's digits for any offset of x (timestamps). Before points outside the
@@ -43,7 +47,7 @@
 #define BUCKET_MIN_POINTS 1024
 #define BUCKET_BUDGET (256L << 20) /* bytes of buffered points, all buckets together */
 
-enum { CENTRE, HALF, INVH, YREF, LO, HI, NPTS, HEADER };
+enum { CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE, HEADER };
 
 /* a buffered point: x, y, w and the row's offset inside its bucket */
 typedef struct { float x, y, w; uint32_t r; } pt_f32;
@@ -135,12 +139,27 @@ static void reframe(double *row, int degree, int weighted, double centre, double
   set_frame(row, centre, half);
 }
 
-/* Make room in the row's frame for used points spanning [lo, hi]. */
-static void widen(agg *a, double *row, double lo, double hi, double first_y) {
+/* 1, or for a magnitude far from 1 the power of two that brings it near 1 (at most 2^1000:
+ * a subnormal's reciprocal power is beyond float64). */
+static double scale_for(double magnitude) {
+  if (!(magnitude > 0x1p-100 && magnitude < 0x1p100) && magnitude > 0 && magnitude <= DBL_MAX) {
+    int e;
+    frexp(magnitude, &e);
+    return ldexp(1, -e < 1000 ? -e : 1000);
+  }
+  return 1;
+}
+
+/* Make room in the row's frame for used points spanning [lo, hi] (the first points: also
+ * the y reference and the scales, from their largest |y| and w). */
+static void widen(agg *a, double *row, double lo, double hi, double first_y, double ymax,
+                  double wmax) {
   if (row[NPTS] == 0) { /* the first points: their own exact frame */
     row[LO] = lo;
     row[HI] = hi;
     row[YREF] = first_y;
+    row[YSCALE] = scale_for(ymax);
+    row[WSCALE] = scale_for(wmax);
     set_frame(row, 0.5 * (lo + hi), 0.5 * (hi - lo));
     return;
   }
@@ -551,9 +570,12 @@ static inline __attribute__((always_inline)) void solve_rows(
     if (points <= k) sse = sse_u = 0; /* as many points as coefficients: it interpolates */
     sse = sse > 0 ? sse : 0;
     sse_u = sse_u > 0 ? sse_u : 0;
-    double wsum = S[0], sst = y2 - R[0] * R[0] / wsum;
+    /* (the sums are in the row's scales: u = (y - YREF) YSCALE, v = w WSCALE; the fit's
+     * numbers are unscaled below, r2 and the trust tests do not depend on them) */
+    double wsum = S[0], sst = y2 - R[0] * (R[0] / wsum);
+    int ye = ilogb(row[YSCALE]); /* YSCALE = 2^ye */
     double qf[MAX_DEGREE + 1], M[(MAX_DEGREE + 1) * (MAX_DEGREE + 1)];
-    memcpy(qf, q, sizeof(double) * k);
+    for (int j = 0; j < k; j++) qf[j] = ldexp(q[j], -ye);
     qf[0] += row[YREF];
     to_raw(row[CENTRE], row[HALF], k, C2M, binom, M);
     double *p = params + r * k, *se = stderr_ + r * k;
@@ -567,14 +589,20 @@ static inline __attribute__((always_inline)) void solve_rows(
       for (int i = 0; i < k; i++) inv[i * k + j] = col[i];
     }
     for (int i = 0; i < k; i++) {
-      double v = 0;
-      for (int a = 0; a < k; a++) v += M[i * k + a] * dot(inv + a * k, M + i * k, k);
-      se[i] = solvable && dof > 0 ? sqrt(fmax(v * sigma2, 0)) : NAN;
+      /* M's row divided by its largest entry first: for x ~ 1e100 or 1e-80 the entries'
+       * squares would leave float64's range */
+      double big = 0, Mi[MAX_DEGREE + 1], v = 0;
+      for (int a = 0; a < k; a++) big = fmax(big, fabs(M[i * k + a]));
+      int be = big > 0 && isfinite(big) ? ilogb(big) : 0;
+      for (int a = 0; a < k; a++) Mi[a] = ldexp(M[i * k + a], -be);
+      for (int a = 0; a < k; a++) v += Mi[a] * dot(inv + a * k, Mi, k);
+      se[i] = solvable && dof > 0 ? ldexp(sqrt(fmax(v * sigma2, 0)), be - ye) : NAN;
     }
-    loss[r] = sse / wsum;
-    rmse[r] = sqrt(sse_u / points);
+    double scaled_loss = sse / wsum;
+    loss[r] = ldexp(scaled_loss, -2 * ye); /* (inf when beyond float64: |y| above ~1e154) */
+    rmse[r] = ldexp(sqrt(sse_u / points), -ye);
     r2[r] = sst > 0 ? 1 - sse / sst : NAN;
-    int finite = isfinite(loss[r]);
+    int finite = isfinite(scaled_loss);
     for (int i = 0; i < k; i++) finite &= isfinite(p[i]);
     int code = finite ? OK : DIVERGED;
     if (!solvable) code = SINGULAR;
@@ -630,8 +658,23 @@ int bf_set_state(agg *a, int64_t last, int64_t nruns, const int64_t *runlist) {
 
 /* ---------------------------------------------------------------- merging and refinement */
 
+/* A row's sums re-expressed with the scales (ys, ws): exact, powers of two. */
+static void rescale(double *row, int degree, int weighted, double ys, double ws) {
+  int nm = nm_of(degree), k = degree + 1;
+  double fy = ys / row[YSCALE], fw = ws / row[WSCALE];
+  for (int b = 0; b < (weighted ? 2 : 1); b++) {
+    double *S = row + HEADER + b * block_of(degree), *R = S + nm;
+    double f = b == 0 ? fw : 1; /* the second block has unit weights */
+    for (int m = 0; m < nm; m++) S[m] *= f;
+    for (int j = 0; j < k; j++) R[j] *= f * fy;
+    S[nm + k] *= f * fy * fy;
+  }
+  row[YSCALE] = ys;
+  row[WSCALE] = ws;
+}
+
 static void shift_y(double *blk, int nm, int k, double d) {
-  /* sums about YREF_src re-expressed about YREF_dst, with d = YREF_src - YREF_dst */
+  /* sums about YREF_src re-expressed about YREF_dst, with d = (YREF_src - YREF_dst) YSCALE */
   double *S = blk, *R = blk + nm, r0 = R[0];
   for (int j = 0; j < k; j++) R[j] += d * S[j];
   blk[nm + k] += 2 * d * r0 + d * d * S[0];
@@ -656,8 +699,12 @@ void bf_merge(int degree, int weighted, double *dst, const double *src, int64_t 
     memcpy(tmp, s, sizeof(double) * width);
     reframe(tmp, degree, weighted, centre, half);
     reframe(d, degree, weighted, centre, half);
-    shift_y(tmp + HEADER, nm, k, tmp[YREF] - d[YREF]);
-    if (weighted) shift_y(tmp + HEADER + blk, nm, k, tmp[YREF] - d[YREF]);
+    double ys = fmin(d[YSCALE], tmp[YSCALE]), ws = fmin(d[WSCALE], tmp[WSCALE]);
+    rescale(tmp, degree, weighted, ys, ws);
+    rescale(d, degree, weighted, ys, ws);
+    double shift = (tmp[YREF] - d[YREF]) * ys;
+    shift_y(tmp + HEADER, nm, k, shift);
+    if (weighted) shift_y(tmp + HEADER + blk, nm, k, shift);
     for (int j = HEADER; j < width; j++) d[j] += tmp[j];
     d[NPTS] += s[NPTS];
     d[LO] = lo;
@@ -668,7 +715,8 @@ void bf_merge(int degree, int weighted, double *dst, const double *src, int64_t 
 /* Residual moments for one step of iterative refinement, for the rows whose ``flagged`` byte
  * is set: with q (rows x (D+1)) a row's Chebyshev coefficients of y - YREF in its (exact)
  * frame and r = y - YREF - sum_j q_j T_j(t), out (rows x (D+2), twice for weighted tables)
- * receives sum w r T_j and sum w r^2 (then the same with unit weights). */
+ * receives sum w r T_j and sum w r^2 (then the same with unit weights), all in the row's
+ * scales (r of u = (y - YREF) YSCALE, weights w WSCALE). */
 #define DEFINE_RESIDUAL(T, TN)                                                              \
   int bf_residual_##TN(int degree, int weighted, const double *table, int64_t rows,        \
                        int64_t n, const int64_t *codes, int64_t offset, const T *x,        \
@@ -687,9 +735,10 @@ void bf_merge(int degree, int weighted, double *dst, const double *src, int64_t 
       tm[0] = 1;                                                                           \
       if (k > 1) tm[1] = t;                                                                \
       for (int j = 2; j < k; j++) tm[j] = 2 * t * tm[j - 1] - tm[j - 2];                  \
-      double r = yv - row[YREF];                                                           \
+      double r = (yv - row[YREF]) * row[YSCALE];                                           \
       for (int j = 0; j < k; j++) r -= qc[j] * tm[j];                                      \
       double *o = out + code * ow;                                                         \
+      wv *= row[WSCALE];                                                                   \
       for (int j = 0; j < k; j++) o[j] += wv * r * tm[j];                                  \
       o[k] += wv * r * r;                                                                  \
       if (weighted) {                                                                      \

@@ -55,22 +55,27 @@ static void RUN_FN(agg *a, double *row, int64_t n, const T *x, const T *y, const
   for (; p < n; p++) /* the first used point gives the y reference */
     if (valid(x[p], y[p], W ? (double)w[p] : 1.0)) { first_y = y[p]; break; }
   if (p == n) return;
-  /* the range of the used points, LANES at a time */
-  vd lo = VD(INFINITY), hi = VD(-INFINITY);
+  /* the range of the used points (and their largest |y| and w), LANES at a time */
+  vd lo = VD(INFINITY), hi = VD(-INFINITY), ym = VD(0), wm = VD(0);
   vi used = VI(0);
   int64_t q = p;
   for (; q + LANES <= n; q += LANES) {
-    vd xv = LOAD(x + q);
-    vi in = usable(xv, LOAD(y + q), W ? LOAD(w + q) : VD(1));
+    vd xv = LOAD(x + q), yv = LOAD(y + q), wv = W ? LOAD(w + q) : VD(1);
+    vi in = usable(xv, yv, wv);
+    vd ya = keep(blend(yv < 0, -yv, yv), in);
     used -= in;
     lo = blend(in & (xv < lo), xv, lo);
     hi = blend(in & (xv > hi), xv, hi);
+    ym = blend(ya > ym, ya, ym);
+    if (W) wm = blend(in & (wv > wm), wv, wm);
   }
-  double lo1 = INFINITY, hi1 = -INFINITY;
+  double lo1 = INFINITY, hi1 = -INFINITY, ym1 = 0, wm1 = W ? 0 : 1;
   int64_t count = 0;
   for (int l = 0; l < LANES; l++) {
     lo1 = lo[l] < lo1 ? lo[l] : lo1;
     hi1 = hi[l] > hi1 ? hi[l] : hi1;
+    ym1 = ym[l] > ym1 ? ym[l] : ym1;
+    if (W) wm1 = wm[l] > wm1 ? wm[l] : wm1;
     count += used[l];
   }
   for (; q < n; q++) {
@@ -78,19 +83,21 @@ static void RUN_FN(agg *a, double *row, int64_t n, const T *x, const T *y, const
     count++;
     lo1 = x[q] < lo1 ? x[q] : lo1;
     hi1 = x[q] > hi1 ? x[q] : hi1;
+    ym1 = fabs((double)y[q]) > ym1 ? fabs((double)y[q]) : ym1;
+    if (W) wm1 = (double)w[q] > wm1 ? (double)w[q] : wm1;
   }
-  widen(a, row, lo1, hi1, first_y);
-  /* the sums, LANES at a time */
-  double c = row[CENTRE], ih = row[INVH], yr = row[YREF];
-  vd vc = VD(c), vih = VD(ih), vyr = VD(yr), one = VD(1);
+  widen(a, row, lo1, hi1, first_y, ym1, wm1);
+  /* the sums, LANES at a time, in the row's scales */
+  double c = row[CENTRE], ih = row[INVH], yr = row[YREF], ys = row[YSCALE], ws = row[WSCALE];
+  vd vc = VD(c), vih = VD(ih), vyr = VD(yr), vys = VD(ys), vws = VD(ws), one = VD(1);
   vd s[NM], r[K], yy2 = VD(0), su[W ? NM : 1], ru[W ? K : 1], yyu = VD(0);
   for (int m = 0; m < NM; m++) { s[m] = VD(0); if (W) su[m] = VD(0); }
   for (int m = 0; m < K; m++) { r[m] = VD(0); if (W) ru[m] = VD(0); }
   for (q = p; q + LANES <= n; q += LANES) {
     vd xv = LOAD(x + q), yv = LOAD(y + q), wv = W ? LOAD(w + q) : one;
     vi in = usable(xv, yv, wv);
-    vd v = keep(one, in), t = keep((xv - vc) * vih, in), yy = keep(yv - vyr, in);
-    vd wt = W ? keep(wv, in) : v, wy = wt * yy, vy = v * yy;
+    vd v = keep(one, in), t = keep((xv - vc) * vih, in), yy = keep((yv - vyr) * vys, in);
+    vd wt = W ? keep(wv * vws, in) : v, wy = wt * yy, vy = v * yy;
     vd tm1 = one, tc = t, tn;
     s[0] += wt;
     r[0] += wy;
@@ -122,7 +129,7 @@ static void RUN_FN(agg *a, double *row, int64_t n, const T *x, const T *y, const
   for (; q < n; q++) {
     double xv = x[q], yv = y[q], wv = W ? (double)w[q] : 1.0;
     if (!valid(xv, yv, wv)) continue;
-    ACCUMULATE(st, rt, y2t, sut, rut, yut, (xv - c) * ih, yv - yr, wv, 1.0);
+    ACCUMULATE(st, rt, y2t, sut, rut, yut, (xv - c) * ih, (yv - yr) * ys, wv * ws, 1.0);
   }
   XCAT(store_, XCAT(XCAT(D, TN), W))(row, st, rt, y2t, sut, rut, yut, (double)count);
 }
@@ -131,7 +138,7 @@ static void RUN_FN(agg *a, double *row, int64_t n, const T *x, const T *y, const
 /* A few buffered points of one series (scattered input). */
 static void POINTS_FN(agg *a, double *row, int64_t n, const double *xs, const double *ys,
                       const double *ws) {
-  double lo = INFINITY, hi = -INFINITY, first_y = 0;
+  double lo = INFINITY, hi = -INFINITY, first_y = 0, ymax = 0, wmax = 0;
   int64_t used = 0;
   for (int64_t p = 0; p < n; p++) {
     if (!valid(xs[p], ys[p], ws[p])) continue;
@@ -139,14 +146,17 @@ static void POINTS_FN(agg *a, double *row, int64_t n, const double *xs, const do
     used++;
     lo = xs[p] < lo ? xs[p] : lo;
     hi = xs[p] > hi ? xs[p] : hi;
+    ymax = fabs(ys[p]) > ymax ? fabs(ys[p]) : ymax;
+    wmax = ws[p] > wmax ? ws[p] : wmax;
   }
   if (!used) return;
-  widen(a, row, lo, hi, first_y);
-  double c = row[CENTRE], ih = row[INVH], yr = row[YREF];
+  widen(a, row, lo, hi, first_y, ymax, wmax);
+  double c = row[CENTRE], ih = row[INVH], yr = row[YREF], ysc = row[YSCALE], wsc = row[WSCALE];
   double st[NM] = {0}, rt[K] = {0}, y2t = 0, sut[NM] = {0}, rut[K] = {0}, yut = 0;
   for (int64_t p = 0; p < n; p++) {
     if (!valid(xs[p], ys[p], ws[p])) continue;
-    ACCUMULATE(st, rt, y2t, sut, rut, yut, (xs[p] - c) * ih, ys[p] - yr, ws[p], 1.0);
+    ACCUMULATE(st, rt, y2t, sut, rut, yut, (xs[p] - c) * ih, (ys[p] - yr) * ysc, ws[p] * wsc,
+               1.0);
   }
   XCAT(store_, XCAT(XCAT(D, TN), W))(row, st, rt, y2t, sut, rut, yut, (double)used);
 }
