@@ -1,8 +1,9 @@
 """batchfit: fit very many independent curves at once, on the GPU when there is one.
 
-Importing batchfit does not import torch: the torch-based API (``fit``, ``fit_ragged``,
-``FitResult``, ``History``) loads it on first use, so that the MSE job, which needs only
-the native kernel and pyarrow, starts in a fraction of a second.
+Importing batchfit imports nothing heavy: each name below is loaded on first use, torch
+(``fit``, ``fit_ragged``, ``FitResult``, ``History``) only where it is needed, so that the
+MSE job, which needs only the native kernel and pyarrow, starts in a fraction of a second,
+and the command handles signals before numpy and pyarrow load (``batchfit.interrupts``).
 """
 
 import os
@@ -13,13 +14,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.2.0"
 
-from .job import JobSummary, fit_table, run_job
-from .names import BUILTIN_LOSSES, SOLVERS, Status
-
 
 def __getattr__(name):
-    """The torch-based names, imported on first use."""
-    if name in ("fit", "fit_ragged"):
+    """The public names, imported on first use."""
+    if name in ("JobSummary", "fit_table", "run_job"):
+        from . import job as module
+    elif name in ("BUILTIN_LOSSES", "SOLVERS", "Status"):
+        from . import names as module
+    elif name in ("fit", "fit_ragged"):
         from . import engine as module
     elif name in ("FitResult", "History"):
         from . import problem as module

@@ -1,5 +1,19 @@
+"""The command: ``python -m batchfit`` and the ``batchfit`` script (pyproject's entry point)."""
+
 import sys
 
-from .cli import main
+from . import interrupts  # (built-in modules only: nothing heavy before the handlers)
 
-sys.exit(main())
+
+def entry() -> int:
+    interrupts.hold()  # from the first line, a signal waits for cli.main to report it
+    interrupts.install()
+    from .cli import main
+
+    code = main()
+    interrupts.ignore()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

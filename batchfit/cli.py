@@ -2,18 +2,17 @@
 
 Exit codes: 0 the command finished (series may still carry a non-ok status); 2 bad usage or
 bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted (SIGINT, Ctrl-C),
-143 terminated (SIGTERM): temporary files are removed first, older outputs are untouched.
+143 terminated (SIGTERM): temporary files are removed first, older outputs are untouched
+(at any moment: ``batchfit.interrupts``).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
-import threading
 
-from . import __version__
+from . import __version__, interrupts
 from .names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
 
 
@@ -42,8 +41,16 @@ def _progress_bar(enabled: bool):
 
 
 def _run(args) -> int:
+    import numpy as np
+    import pyarrow as pa
+
     from .io import ColumnSpec
     from .job import run_job
+
+    # pyarrow imports pandas (where installed) on its first conversion, which would come
+    # mid-run; here, so that no signal cuts it off half-way
+    with interrupts.deferred():
+        pa.array(np.zeros(0))
 
     columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col,
                          weight=args.weight_col or "weight",
@@ -356,14 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the same clean-up runs (temporary files removed)."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated
-
-
 # The library's errors name its parameters; on the command line they are these flags.
 PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
                    "resume": "--resume", "track": "--track", "track_ids": "--track-ids",
@@ -388,29 +387,41 @@ def as_flags(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    owner = interrupts.install()  # (the entry point's first line did, before its imports)
+    try:
+        interrupts.release()
+        return _command(argv)
+    except KeyboardInterrupt as exc:  # (while an error was being reported)
+        return _interrupted(exc, None)
+    finally:
+        interrupts.finish()  # the exit that follows is not cut short
+        if owner:
+            interrupts.uninstall()
+
+
+def _command(argv) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
+        return args.handler(args)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        return args.handler(args)
-    except (ValueError, OSError) as exc:  # bad input: one line, no traceback
+    except (ValueError, OSError, MemoryError) as exc:  # bad input: one line, no traceback
+        interrupts.finish()
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, MemoryError) and "memory" not in message:
+            message = f"out of memory: {message}"
         print(f"batchfit: error: {as_flags(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        if in_main_thread and argv is None:  # the command itself, exiting: one Ctrl-C can
-            # arrive twice (pyarrow chains its SIGINT handler to Python's), and the second
-            # must not turn this clean exit into a death by signal
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        hint = ("; finished chunks are checkpointed: run the same command again to continue"
-                if getattr(args, "resume", False) else
-                "; no output was written" if args.command == "run" else "")
-        print(f"batchfit: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}"
-              f"{hint}", file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
-    finally:
-        if in_main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        return _interrupted(exc, args)
+
+
+def _interrupted(exc: KeyboardInterrupt, args) -> int:
+    interrupts.clean_up()
+    hint = ("; finished chunks are checkpointed: run the same command again to continue"
+            if getattr(args, "resume", False) else
+            "; no output was written" if getattr(args, "command", "run") == "run" else "")
+    terminated = isinstance(exc, interrupts.Terminated)
+    print(f"batchfit: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+    return 143 if terminated else 130

@@ -293,7 +293,8 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
     shares = share_out(dataset, workers or _slots(ray, gpus))
     job = _Job(columns, kind, fit_options, layout.has_weight,
                dataset.point_dtype == np.float64, schema,
-               dataset.series_codes(unique_rows=layout.format == "list"),
+               dataset.series_codes(unique_rows=layout.format == "list",
+                                    degree=resolved.degree),
                dataset.points_estimate)
     task = {"num_cpus": 1, "num_gpus": gpus or 0}
     refs: list = []  # every task started (waited for if the job fails)

@@ -121,7 +121,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
         if resume else None
     # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
     with io.AtomicParquetWriter(output_path, schema, use_dictionary=["status"],
-                                background=True) as writer:
+                                background=True, final=True) as writer:
         if backend is not None:
             tally = _statistics_job(dataset, opts, backend, schema, writer, batch_size,
                                     checkpoint, progress)
@@ -143,7 +143,8 @@ def _statistics_job(dataset: io.Dataset, opts: Options, backend, schema, writer,
     """Read once (in parallel, in input order), gather every series' statistics wherever
     its points are, then solve and write the series in output order."""
     weighted = dataset.layout.has_weight
-    codes = dataset.series_codes(unique_rows=dataset.format == "list")
+    codes = dataset.series_codes(unique_rows=dataset.format == "list",
+                                  degree=opts.degree)
     agg = backend.aggregator(weighted, dataset.point_dtype == np.float64,
                              rows=max(codes.size, 1))
     done = 0

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import interrupts
 from .write import hidden_beside
 
 FORMAT = 2  # of manifest.json; a checkpoint of another format is another job's
@@ -63,14 +64,15 @@ class Checkpoint:
     def _create(self):
         """The directory appears whole, with its manifest, or not at all."""
         parent = os.path.dirname(self.directory)
-        temp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(self.directory) + ".",
-                                suffix=".tmp")
-        try:
-            _write_json(os.path.join(temp, MANIFEST), self._manifest())
-            os.rename(temp, self.directory)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+        with interrupts.deferred():  # (a signal waits for these few small steps)
+            temp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(self.directory) + ".",
+                                    suffix=".tmp")
+            try:
+                _write_json(os.path.join(temp, MANIFEST), self._manifest())
+                os.rename(temp, self.directory)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
 
     def _publish(self):
         _write_json(os.path.join(self.directory, MANIFEST), self._manifest())

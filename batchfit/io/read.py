@@ -33,6 +33,8 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
+from .. import moments
+from ..names import MAX_DEGREE
 from .schema import (
     ColumnSpec,
     Layout,
@@ -49,7 +51,6 @@ from .schema import (
 
 MIN_FREE_MEMORY_FACTOR = 4  # sorting an unsorted input needs about this many copies of it
 BATCH_ROWS = 1 << 20  # points per decoded batch (a row group is cut into pieces about this big)
-DENSE_ROW_BYTES = 256  # memory per code of the aggregation (statistics, buffers, flags)
 
 @dataclass(frozen=True)
 class Chunk:
@@ -599,17 +600,21 @@ class Dataset:
 
     # ------------------------------------------------------------ decoded batches
 
-    def series_codes(self, unique_rows: bool = False) -> SeriesCodes:
+    def series_codes(self, unique_rows: bool = False, degree: int = MAX_DEGREE
+                     ) -> SeriesCodes:
         """Codes for this dataset's series ids: the ids themselves (offset) when the files'
-        statistics show integer ids spread over few enough values, else a hash table."""
+        statistics show integer ids spread over few enough values (a code per id in their
+        range, for the aggregation of a ``degree`` polynomial: ``dense_row_bytes``; by
+        default the largest), else a hash table."""
         if pa.types.is_integer(self.layout.id_type):
             bounds = [source.id_bounds(self.layout.spec.series_id) for _, source in self._read]
             memory = _available_memory() or (8 << 30)
+            row_bytes = dense_row_bytes(degree, self.layout.has_weight)
             if None not in bounds:
                 lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
                 span = hi - lo + 1  # at most one code per row of the input
                 # codes are int64: uint64 ids from 2**63 up take the hash table
-                if span <= self.num_rows and span * DENSE_ROW_BYTES <= memory // 4 \
+                if span <= self.num_rows and span * row_bytes <= memory // 4 \
                         and hi < 2**63:
                     return DenseCodes(lo, hi, self.layout.id_type, unique_rows)
         return HashedCodes(self.layout.id_type, unique_rows)
@@ -742,20 +747,25 @@ def _ordered_streams(tasks: list, stream, workers: int, depth: int = 2) -> Itera
     done = object()
     stop = threading.Event()
 
+    def hand_over(out: queue.Queue, item) -> bool:
+        """Put ``item`` once there is room; False when the consumer stopped instead (it
+        may never take another item: a worker waiting for room would wait for ever)."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run(task, out: queue.Queue):
         try:
             for item in stream(task):
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(out, item):
                     return
-            out.put(done)
+            hand_over(out, done)
         except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
-            out.put(exc)
+            hand_over(out, exc)
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="batchfit-read")
     try:
@@ -1024,6 +1034,14 @@ def _row_bytes(schema: pa.Schema, columns: list[str]) -> int:
         except ValueError:  # variable width
             total += 16
     return total
+
+
+def dense_row_bytes(degree: int, weighted: bool) -> int:
+    """Memory per series code of the aggregation of a ``degree`` polynomial: its statistics
+    row, a refinement's Chebyshev coefficients and residual moments (``job._refine``), and
+    its seen, taken and flagged bytes."""
+    k = degree + 1
+    return 8 * (moments.width(degree, weighted) + k + (k + 1) * (2 if weighted else 1)) + 3
 
 
 def _available_memory() -> int | None:

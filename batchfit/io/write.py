@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import interrupts
 from ..names import STATUS_LABELS
 from .schema import first_line
 
@@ -232,21 +233,24 @@ class AtomicParquetWriter:
     atomic); on any failure, or if never committed, the temporary file is removed and an older
     file at ``path`` is left untouched. Small tables are buffered into row groups of about
     ``ROW_GROUP`` rows (a row group per small write would make writing, and later reading,
-    slow). Use as a context manager.
+    slow). Use as a context manager. ``final``: renaming this file into place finishes the
+    command (``batchfit.interrupts.finish``: a signal after it no longer interrupts).
     """
 
     ROW_GROUP = 1 << 17
 
     def __init__(self, path: str, schema: pa.Schema, use_dictionary=True,
-                 background: bool = False):
+                 background: bool = False, final: bool = False):
         check_writable(path)
-        self.path = path
-        self.temp = _temp_beside(path)
+        self.path, self.final = path, final
+        with interrupts.deferred():  # (made and recorded at once: an interrupt removes it)
+            self.temp = _temp_beside(path)
+            interrupts.remove_on_interrupt(self.temp)
         try:
             self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary,
                                            write_page_checksum=True)
         except BaseException:
-            os.unlink(self.temp)
+            self._remove_temp()
             raise
         self.rows = 0
         self.pending: list[pa.Table] = []
@@ -292,7 +296,10 @@ class AtomicParquetWriter:
                 self.pool.shutdown(wait=True)
         self.writer.close()
         os.chmod(self.temp, _default_permissions())
+        if self.final:
+            interrupts.finish()
         os.replace(self.temp, self.path)
+        interrupts.forget(self.temp)
 
     def abort(self):
         try:
@@ -300,15 +307,23 @@ class AtomicParquetWriter:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.writer.close()
         finally:
-            if os.path.exists(self.temp):
-                os.unlink(self.temp)
+            self._remove_temp()
+
+    def _remove_temp(self):
+        if os.path.exists(self.temp):
+            os.unlink(self.temp)
+        interrupts.forget(self.temp)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, value, traceback):
         if kind is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:  # (an interrupt, or a full disk, before the rename)
+                self.abort()
+                raise
         else:
             self.abort()
         return False

@@ -206,6 +206,20 @@ def _pointer(array: np.ndarray | None):
     return None if array is None else array.ctypes.data
 
 
+def _require(array, what: str, name: str, dtype, shape: tuple, writable: bool = False):
+    """``array`` must be what the C code takes: a C-contiguous ndarray of ``dtype`` and
+    ``shape`` (writable where the C code writes); else it would read or write out of it."""
+    dtype = np.dtype(dtype)
+    if not (isinstance(array, np.ndarray) and array.dtype == dtype and array.shape == shape
+            and array.flags.c_contiguous and (array.flags.writeable or not writable)):
+        got = (f"a {'C-contiguous' if array.flags.c_contiguous else 'non-contiguous'} "
+               f"{array.dtype} array of shape {array.shape}"
+               f"{'' if array.flags.writeable else ', read-only'}"
+               if isinstance(array, np.ndarray) else type(array).__name__)
+        raise ValueError(f"{what}: {name} must be a C-contiguous{' writable' * writable} "
+                         f"{dtype} array of shape {shape}, not {got} (a bug in batchfit)")
+
+
 def _check(code: int, what: str):
     if code == -1:
         raise ValueError(f"{what}: a series code is outside the table (a bug in batchfit)")
@@ -251,9 +265,11 @@ class Aggregator:
         table, seen = moments.new_table(rows, self.degree, self.weighted), np.zeros(rows, np.uint8)
         self.lib.bf_flush(self.handle)  # buffered points go into the old table, copied next
         table[: self.rows], seen[: self.rows] = self.table, self.seen
-        self.table, self.seen = table, seen
+        # the old table stays (the kernel's, and alive) until the kernel has taken the new
+        # one: refused (out of memory), the aggregator is as it was
         _check(self.lib.bf_set_table(self.handle, _pointer(table), _pointer(seen), rows),
                "reserve")
+        self.table, self.seen = table, seen
 
     def _values(self, values, name):
         array = np.ascontiguousarray(values, dtype=self.dtype)
@@ -261,15 +277,23 @@ class Aggregator:
             raise ValueError(f"{name} must be 1-D")
         return array
 
-    def add(self, codes: np.ndarray, x, y, w=None, offset: int = 0, series=None):
-        """Points ``(x, y, w)`` of the series in rows ``codes - offset`` (< ``rows``).
-        ``series``: the rows of a list-format batch, one per series (with or without
-        points), in order; they are the batch's runs."""
+    def _points(self, codes, x, y, w, what: str) -> tuple:
+        """Codes and values of as many points, in the types the C code reads."""
         codes = np.ascontiguousarray(codes, dtype=np.int64)
         x, y = self._values(x, "x"), self._values(y, "y")
         w = None if w is None else self._values(w, "w")
         if (w is None) == self.weighted:
             raise ValueError("weights given to an unweighted aggregator, or missing")
+        if codes.ndim != 1 or any(len(v) != len(codes) for v in (x, y, w) if v is not None):
+            raise ValueError(f"{what}: codes, x, y and w are not one value per point "
+                             "(a bug in batchfit)")
+        return codes, x, y, w
+
+    def add(self, codes: np.ndarray, x, y, w=None, offset: int = 0, series=None):
+        """Points ``(x, y, w)`` of the series in rows ``codes - offset`` (< ``rows``).
+        ``series``: the rows of a list-format batch, one per series (with or without
+        points), in order; they are the batch's runs."""
+        codes, x, y, w = self._points(codes, x, y, w, "add")
         if series is not None:
             series = np.ascontiguousarray(series, dtype=np.int64)
             _check(self.lib.bf_note(self.handle, len(series), _pointer(series), offset), "add")
@@ -301,6 +325,9 @@ class Aggregator:
         """Sum everything buffered, put every series in its exact frame; the table's first
         ``rows`` rows (default: all), shared with the aggregator."""
         rows = self.rows if rows is None else rows
+        if not 0 <= rows <= self.rows:
+            raise ValueError(f"finish: {rows} rows asked of a table of {self.rows} "
+                             "(a bug in batchfit)")
         self.lib.bf_finish(self.handle, rows)
         return self.table[:rows]
 
@@ -342,12 +369,21 @@ class Aggregator:
 
     def residual(self, codes, x, y, w, flagged: np.ndarray, q: np.ndarray,
                  out: np.ndarray, offset: int = 0):
-        """Add the residual moments of the flagged rows' points to ``out`` (see aggregate.c)."""
-        codes = np.ascontiguousarray(codes, dtype=np.int64)
-        x, y = self._values(x, "x"), self._values(y, "y")
-        w = None if w is None else self._values(w, "w")
+        """Add the residual moments of the flagged rows' points to ``out`` (see aggregate.c):
+        ``flagged`` (rows,) uint8, ``q`` (rows, degree + 1) and ``out`` (rows, (degree + 2)
+        x 2 if weighted else 1) float64, for the table's first ``rows`` rows."""
+        codes, x, y, w = self._points(codes, x, y, w, "residual")
+        rows, k = (np.shape(flagged)[0] if np.ndim(flagged) else 0), self.degree + 1
+        if rows > self.rows:
+            raise ValueError(f"residual: flags for {rows} rows of a table of {self.rows} "
+                             "(a bug in batchfit)")
+        _require(flagged, "residual", "flagged", np.uint8, (rows,))
+        _require(q, "residual", "q", np.float64, (rows, k))
+        _require(out, "residual", "out", np.float64,
+                 (rows, (k + 1) * (2 if self.weighted else 1)), writable=True)
         fn = self.lib.bf_residual_f64 if self.double else self.lib.bf_residual_f32
-        _check(fn(self.degree, int(self.weighted), _pointer(self.table), self.rows, len(codes),
+        # (codes are checked against ``rows``: the arrays' rows, not the table's)
+        _check(fn(self.degree, int(self.weighted), _pointer(self.table), rows, len(codes),
                   _pointer(codes), offset, _pointer(x), _pointer(y), _pointer(w),
                   _pointer(flagged), _pointer(q), _pointer(out)), "residual")
 
@@ -357,8 +393,9 @@ def merge(dst: np.ndarray, src: np.ndarray, degree: int, weighted: bool):
     lib = library()
     if lib is None:
         raise RuntimeError("the native aggregation kernel is not available")
-    if dst.shape != src.shape or not (dst.flags.c_contiguous and src.flags.c_contiguous):
-        raise ValueError("merge needs two contiguous tables of one shape")
+    shape = (np.shape(dst)[0] if np.ndim(dst) else 0, moments.width(degree, weighted))
+    _require(dst, "merge", "dst", np.float64, shape, writable=True)
+    _require(src, "merge", "src", np.float64, shape)
     lib.bf_merge(degree, int(weighted), _pointer(dst), _pointer(src), len(dst))
 
 

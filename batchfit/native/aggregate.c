@@ -371,30 +371,38 @@ agg *bf_new(int degree, int weighted, int dbl, double slack) {
 int bf_set_table(agg *a, double *table, uint8_t *seen, int64_t rows) {
   int64_t nb = (rows >> BUCKET_SHIFT) + 1;
   if (nb > a->nbuckets) {
-    bf_flush(a);
-    if (a->region) munmap(a->region, a->region_bytes);
-    free(a->bucket);
-    free(a->fill);
-    a->bucket = calloc(nb, sizeof(char *));
-    a->fill = calloc(nb, sizeof(int32_t));
-    if (!a->bucket || !a->fill) return -2;
-    a->nbuckets = nb;
+    /* the new buffers first: refused (out of memory), the aggregator is left as it was */
     int64_t points = BUCKET_BUDGET / (nb * a->entry);
-    a->bucket_points = points > BUCKET_MAX_POINTS ? BUCKET_MAX_POINTS
-                       : points < BUCKET_MIN_POINTS ? BUCKET_MIN_POINTS : points;
-    /* reserved, not committed: only the buckets that scattered points reach are touched;
-     * huge pages keep the writes to a few hundred buffers from missing the TLB each time */
+    points = points > BUCKET_MAX_POINTS ? BUCKET_MAX_POINTS
+             : points < BUCKET_MIN_POINTS ? BUCKET_MIN_POINTS : points;
     /* (buffers a power of two apart would all fall into the same cache sets: stagger them) */
-    a->stride = a->entry * a->bucket_points + 4160;
-    a->region_bytes = (size_t)(nb * a->stride);
-    a->region = mmap(NULL, a->region_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (a->region == MAP_FAILED) {
-      a->region = NULL;
+    int64_t stride = a->entry * points + 4160;
+    size_t bytes = (size_t)(nb * stride);
+    char **bucket = calloc(nb, sizeof(char *));
+    int32_t *fill = calloc(nb, sizeof(int32_t));
+    /* reserved, not committed: only the buckets that scattered points reach are touched */
+    char *region = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!bucket || !fill || region == MAP_FAILED) {
+      free(bucket);
+      free(fill);
+      if (region != MAP_FAILED) munmap(region, bytes);
       return -2;
     }
 #ifdef MADV_HUGEPAGE
-    madvise(a->region, a->region_bytes, MADV_HUGEPAGE);
+    /* huge pages keep the writes to a few hundred buffers from missing the TLB each time */
+    madvise(region, bytes, MADV_HUGEPAGE);
 #endif
+    bf_flush(a); /* buffered points go into the old table (the caller copies it over) */
+    if (a->region) munmap(a->region, a->region_bytes);
+    free(a->bucket);
+    free(a->fill);
+    a->bucket = bucket;
+    a->fill = fill;
+    a->region = region;
+    a->region_bytes = bytes;
+    a->nbuckets = nb;
+    a->bucket_points = points;
+    a->stride = stride;
   }
   a->table = table;
   a->seen = seen;
