@@ -227,11 +227,11 @@ def test_status_labels_are_readable():
     renderer = fig.canvas.get_renderer()
     names = drawn_labels(fig, ax.yaxis)
     assert [label.get_text() for label in names] == [
-        "ok", "too few points", "singular", "not converged", "diverged"]
+        "ok", "too few points", "singular", "not converged", "diverged", "out of range"]
     frame = ax.get_window_extent(renderer)
     page = fig.bbox
     counts = list(ax.texts)
-    assert [t.get_text() for t in counts] == ["1,200", "3", "40", "40", "0"]
+    assert [t.get_text() for t in counts] == ["1,200", "3", "40", "40", "0", "0"]
     boxes = [t.get_window_extent(renderer) for t in names + counts]
     for box in boxes:  # inside the figure
         assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 <= box.y1 <= page.y1
