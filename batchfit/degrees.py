@@ -70,9 +70,12 @@ def padded(record: dict, lower: int, degree: int) -> dict:
     extra = degree - lower
     rows = len(record["status"])
     out = dict(record)
+    # (a series without a fit has no coefficients at all: null, not 0)
+    unfitted = np.isin(record["status"], (int(Status.TOO_FEW_POINTS), int(Status.SINGULAR)))
     for name, fill in (("params", 0.0), ("frame_params", 0.0), ("stderr", np.nan)):
         if name in record:
-            out[name] = np.concatenate([np.full((rows, extra), fill), record[name]], axis=1)
+            pad = np.where(unfitted[:, None], np.nan, np.full((rows, extra), fill))
+            out[name] = np.concatenate([pad, record[name]], axis=1)
     if "q" in record:
         out["q"] = np.concatenate([record["q"], np.zeros((rows, extra))], axis=1)
     out["degrees"] = np.full(rows, lower, np.int64)

@@ -119,15 +119,21 @@ def run_job(input_path: str, output_path: str | None = None, *,
     schema = job_schema(opts, dataset.layout.id_type, metadata, columns.series_id)
     checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
         if resume else None
-    # Dictionary-encode only the status: trying it on float columns costs 2.5x the write time.
-    with io.AtomicParquetWriter(output_path, schema, use_dictionary=["status"],
-                                background=True, final=True) as writer:
-        if backend is not None:
-            tally = _statistics_job(dataset, opts, backend, schema, writer, batch_size,
-                                    checkpoint, progress)
-        else:
-            tally = _points_job(dataset, opts, fit_options, schema, writer, batch_size,
-                                checkpoint, progress, history_path, metadata, track, track_ids)
+    try:
+        # Dictionary-encode only the status: on float columns it costs 2.5x the write time.
+        with io.AtomicParquetWriter(output_path, schema, use_dictionary=["status"],
+                                    background=True, final=True) as writer:
+            if backend is not None:
+                tally = _statistics_job(dataset, opts, backend, schema, writer, batch_size,
+                                        checkpoint, progress)
+            else:
+                tally = _points_job(dataset, opts, fit_options, schema, writer, batch_size,
+                                    checkpoint, progress, history_path, metadata, track,
+                                    track_ids)
+    except Exception:  # (bad input: a rerun would fail alike; an interrupt keeps its work)
+        if checkpoint is not None:
+            checkpoint.remove()
+        raise
     if checkpoint is not None:
         checkpoint.remove()
     counts, n_series, n_points, grouped = tally
@@ -418,6 +424,8 @@ class _HistoryCollector:
     def add(self, history, piece: io.Chunk, first: int):
         import torch
 
+        if history is None:  # (a piece whose series have no points: nothing was trained)
+            return
         self.parts.append(history)
         self.positions.append(torch.arange(first, first + piece.n_series))
         local = history.tracked.numpy()

@@ -346,6 +346,8 @@ def out_of_range_rows(inputs: Inputs) -> torch.Tensor:
     """(B,) bool: series whose largest |y| among their used points lies outside
     ``ITERATIVE_SAFE`` (all-zero y is fine)."""
     low, high = ITERATIVE_SAFE
+    if not inputs.y.shape[1]:  # (series without points)
+        return torch.zeros(inputs.y.shape[0], dtype=torch.bool, device=inputs.y.device)
     top = torch.where(_used(inputs), inputs.y.abs(), 0).amax(dim=1).to(torch.float64)
     return (top > high) | ((top < low) & (top > 0))
 

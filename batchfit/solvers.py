@@ -250,10 +250,13 @@ def solve_without_points(batch: int, device, cfg: SolverConfig, solver: str) -> 
     nan = torch.full((batch, cfg.k), torch.nan, dtype=torch.float64, device=device)
     zeros = torch.zeros(batch, dtype=torch.int64, device=device)
     status = torch.full((batch,), int(Status.TOO_FEW_POINTS), dtype=torch.int8, device=device)
+    # (a polynomial's frame too, blank: its results merge with other groups' and write alike)
+    frame = dict(x_centre=nan[:, 0].clone(), x_scale=nan[:, 0].clone(),
+                 frame_params=nan.clone()) if cfg.model.is_poly else {}
     return FitResult(params=nan, stderr=nan.clone(), model=cfg.model, loss=nan[:, 0].clone(),
                      rmse=nan[:, 0].clone(), r2=nan[:, 0].clone(),
                      n_points=zeros, iterations=zeros.clone(), status=status, solver=solver,
-                     loss_name=cfg.loss.name)
+                     loss_name=cfg.loss.name, **frame)
 
 
 class StatsFit(NamedTuple):

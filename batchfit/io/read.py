@@ -191,7 +191,7 @@ def open_parquet(file: str) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front; stream instead. Pages
         # written with checksums (Spark's default, and batchfit's) are verified as read.
         return pq.ParquetFile(file, pre_buffer=False, page_checksum_verification=True)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # (a damaged schema: NotImplemented too)
         raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
 
 
@@ -460,6 +460,8 @@ class IpcSource(Source):
                 reader = paipc.open_file(source, options=options)
                 batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             for batch in batches:
+                # (damaged offsets would be read out of bounds: an error, not a crash)
+                batch.validate(full=True)
                 yield batch.select(columns)
 
 
@@ -687,8 +689,11 @@ class Dataset:
         for batch in batches:
             ids = batch.column(id_column)
             if numeric_ids and dense:
-                # offsets taken in the ids' own type (uint64 ids may pass 2**63)
-                part = (ids.to_numpy() - low).astype(np.int64) * parts // span
+                values = ids.to_numpy()
+                # offsets in int64, but uint64 ids (which may pass 2**63) in their own type
+                offsets = (values - low).astype(np.int64) if values.dtype == np.uint64 \
+                    else values.astype(np.int64) - int(low)
+                part = offsets * parts // span
             elif numeric_ids:
                 part = np.searchsorted(bounds_ids, ids.to_numpy(), side="right")
             else:
