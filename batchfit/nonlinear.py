@@ -351,8 +351,8 @@ def final_kernel(model: Model, loss: Loss, newton: bool):
                    "level": torch.sqrt(ybar**2 + sst / wsum.clamp(min=1e-30)),
                    "params": tuple(pj.to(torch.float64) for pj in p), "stderr": stderr}
         _, solvable = linalg.cholesky(matrix, consts.pivot_tol)
-        diverged = ~torch.isfinite(value) | (value > 10 * loss0)
-        return finalize(summary, n, solvable | ~torch.isfinite(value), converged, diverged,
+        return finalize(summary, n, solvable | ~torch.isfinite(value), converged,
+                        loop.diverged(value, loss0, floor),
                         check_precision=newton)
     return kernel
 

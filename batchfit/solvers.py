@@ -195,8 +195,8 @@ def final_kernel(loss: Loss, degree: int, newton: bool) -> Callable:
             value = summary["loss"]
             converged = loop.decrement_ok(summary["curvature"], summary["gradient"], value,
                                           floor, consts)
-        diverged = ~torch.isfinite(value) | (value > 10 * loss0)
-        return finalize(summary, sums.n, solvable, converged, diverged, params,
+        return finalize(summary, sums.n, solvable, converged,
+                        loop.diverged(value, loss0, floor), params,
                         check_precision=newton)
     return kernel
 

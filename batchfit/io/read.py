@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from .. import moments
 from ..names import MAX_DEGREE
+from .footer import vet as vet_footer
 from .schema import (
     ColumnSpec,
     Layout,
@@ -293,6 +294,7 @@ class ParquetSource(Source):
         self.schema_arrow = self.handle.schema_arrow
         self.num_rows = self.handle.metadata.num_rows
         self.has_rows = bool(self.num_rows)
+        vet_footer(self.handle.metadata, file)  # (before any column-chunk accessor)
         self._check_counts()
 
     def _check_counts(self):
@@ -309,7 +311,7 @@ class ParquetSource(Source):
                 values = meta.column(i).num_values
                 if values < meta.num_rows if repeated[i] else values != meta.num_rows:
                     self._contradiction(f"row group {group} has {meta.num_rows} rows but its "
-                                        f"column {meta.column(i).path_in_schema!r} {values} "
+                                        f"column {metadata.schema.column(i).path!r} {values} "
                                         "values")
         if total != self.num_rows:
             self._contradiction(f"its row groups hold {total} rows in all, the file "
@@ -334,7 +336,7 @@ class ParquetSource(Source):
         for group in range(metadata.num_row_groups):
             meta = metadata.row_group(group)
             # a piece holds about ``rows`` points (in list format far fewer rows)
-            points = _leaf_values(meta, layout.spec.x) if layout.format == "list" \
+            points = _leaf_values(metadata, group, layout.spec.x) if layout.format == "list" \
                 else meta.num_rows
             parts = _parts(points, rows)
             units.append(((group, -(-meta.num_rows // parts)), parts))
@@ -362,10 +364,12 @@ class ParquetSource(Source):
 
     def id_bounds(self, column):
         meta = self.handle.metadata
-        index = self.schema_arrow.get_field_index(column)
-        if index < 0:
-            return None
-        lo, hi = None, None
+        leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        at = self.schema_arrow.get_field_index(column)  # (-1: none, or several)
+        if at < 0 or leaves.count(column) != 1 or \
+                not pa.types.is_integer(self.schema_arrow.field(at).type):
+            return None  # (only integer statistics are read: no text to decode)
+        index, lo, hi = leaves.index(column), None, None
         for group in range(meta.num_row_groups):
             stats = meta.row_group(group).column(index).statistics
             if stats is None or not stats.has_min_max:
@@ -732,10 +736,12 @@ def _parts(rows: int, per: int) -> int:
     return max(1, -(-rows // per))
 
 
-def _leaf_values(meta, column: str) -> int:
-    """Values in a row group's column (for a list column: its elements), from metadata."""
+def _leaf_values(metadata, group: int, column: str) -> int:
+    """Values in a row group's column (for a list column: its elements), from metadata.
+    (Paths from the schema, which pyarrow checked on opening, not the chunks' own.)"""
+    meta = metadata.row_group(group)
     for i in range(meta.num_columns):
-        path = meta.column(i).path_in_schema
+        path = metadata.schema.column(i).path
         if path == column or path.startswith(column + "."):
             return meta.column(i).num_values
     return meta.num_rows
