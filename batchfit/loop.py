@@ -192,7 +192,6 @@ def derivatives(objective: Callable, q: Vec, *args):
     return objective(q, *args), grad(objective)(q, *args), hessian(objective, q, *args)
 
 
-@factory
 def diverged(value, loss0, floor):
     """Per series: the final loss is not finite, or far above the start's. (Above the
     rounding floor: a start that interpolates has loss0 = 0, and its rounding noise is not
@@ -200,6 +199,7 @@ def diverged(value, loss0, floor):
     return ~torch.isfinite(value) | (value > 10 * loss0 + floor)
 
 
+@factory
 def convergence_check(objective: Callable) -> Callable:
     """Per series: ``(loss, converged)`` at q, by the Newton decrement test."""
     def check(q: Vec, data, floor, consts: Consts):
