@@ -3,7 +3,7 @@
 Importing batchfit imports nothing heavy: each name below is loaded on first use, torch
 (``fit``, ``fit_ragged``, ``FitResult``, ``History``) only where it is needed, so that the
 MSE job, which needs only the native kernel and pyarrow, starts in a fraction of a second,
-and the command handles signals before numpy and pyarrow load (``batchfit.interrupts``).
+and the command handles signals before numpy and pyarrow load (``batchfit.core.interrupts``).
 """
 
 import os
@@ -18,15 +18,15 @@ __version__ = "0.2.0"
 def __getattr__(name):
     """The public names, imported on first use."""
     if name in ("JobSummary", "fit_table", "run_job"):
-        from . import job as module
+        from batchfit.pipeline import job as module
     elif name in ("BUILTIN_LOSSES", "SOLVERS", "Status"):
-        from . import names as module
+        from batchfit.core import names as module
     elif name in ("fit", "fit_ragged"):
-        from . import engine as module
+        from batchfit import engine as module
     elif name in ("FitResult", "History"):
-        from . import problem as module
+        from batchfit.fitting import data as module
     elif name == "predict":
-        from . import prediction as module
+        from batchfit.fitting import prediction as module
     else:
         raise AttributeError(f"module 'batchfit' has no attribute {name!r}")
     value = globals()[name] = getattr(module, name)

@@ -2,13 +2,13 @@
 
 import sys
 
-from . import interrupts  # (built-in modules only: nothing heavy before the handlers)
+from batchfit.core import interrupts  # (built-in modules only: nothing heavy before the handlers)
 
 
 def entry() -> int:
     interrupts.hold()  # from the first line, a signal waits for cli.main to report it
     interrupts.install()
-    from .cli import main
+    from batchfit.app.cli import main
 
     code = main()
     interrupts.ignore()

@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-from batchfit.cli import main
+from batchfit.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

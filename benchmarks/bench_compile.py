@@ -33,7 +33,7 @@ import sys
 import textwrap
 import time
 
-PEAKS = "from batchfit.bench import peaks, peaks_dataset\n"
+PEAKS = "from batchfit.app.bench import peaks, peaks_dataset\n"
 
 
 def run(*parts: str, env: dict, timeout: float = 1800) -> tuple[float, list]:
@@ -68,7 +68,7 @@ def wait_for_builders(cache: str, limit: float = 1800):
     while time.time() < deadline and quiet < 3:  # (three quiet looks in a row)
         locks = [name for root, _, files in os.walk(cache) for name in files
                  if name.endswith(".building")]
-        busy = subprocess.run(["pgrep", "-f", "batchfit.native"], capture_output=True,
+        busy = subprocess.run(["pgrep", "-f", "batchfit.moments.native"], capture_output=True,
                               check=False).stdout
         quiet = 0 if locks or busy else quiet + 1
         time.sleep(5)
@@ -115,7 +115,7 @@ def main():
     wall, lines = run(TIMED, """
         import numpy as np
         from batchfit import fit
-        from batchfit.bench import dataset
+        from batchfit.app.bench import dataset
         x, y = dataset(100_000, 100)
         x = np.tile(x, (100_000, 1)).astype(np.float32); y = y.astype(np.float32)
         timed("huber fit", lambda: fit(x, y, loss="huber"))
@@ -151,7 +151,7 @@ def main():
     run(TIMED, PEAKS, """
         import numpy as np
         from batchfit import fit
-        from batchfit.bench import dataset
+        from batchfit.app.bench import dataset
         x, y = dataset(2000, 100)
         fit(np.tile(x, (2000, 1)).astype(np.float32), y.astype(np.float32), loss="huber",
             compile=True)
@@ -179,13 +179,13 @@ def main():
     for label, setup, call in [
         ("seed GD, 1e4 x 100, 15,000 epochs", """
             import numpy as np
-            from batchfit.bench import dataset
+            from batchfit.app.bench import dataset
             x, y = dataset(10_000, 100)
             x = np.tile(x, (10_000, 1)).astype(np.float32); y = y.astype(np.float32)
             """, 'fit(x, y, solver="gd", compile=C)'),
         ("huber Newton, 1e5 x 100", """
             import numpy as np
-            from batchfit.bench import dataset
+            from batchfit.app.bench import dataset
             x, y = dataset(100_000, 100)
             x = np.tile(x, (100_000, 1)).astype(np.float32); y = y.astype(np.float32)
             """, 'fit(x, y, loss="huber", compile=C)'),
@@ -205,7 +205,7 @@ for C in ("auto", False):
         _, lines = run(TIMED, PEAKS, f"""
             import numpy as np
             from batchfit import fit
-            from batchfit.bench import _peaks_scipy_loop
+            from batchfit.app.bench import _peaks_scipy_loop
             x, y, truth, p0 = peaks_dataset({series})
             fit(x, y, model=peaks, p0=p0, dtype="float64")
             result = timed("batchfit", lambda: fit(x, y, model=peaks, p0=p0, dtype="float64"))

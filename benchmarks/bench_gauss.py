@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from batchfit import bench
+from batchfit.app import bench
 
 
 def main():

@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchfit.generate import generate
+from batchfit.app.generate import generate
 
-STAGES = ("import json, sys; from batchfit.distributed import run_ray; "
+STAGES = ("import json, sys; from batchfit.pipeline.distributed import run_ray; "
           "s = run_ray(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), "
           "address=sys.argv[4] or None); "
           "print(json.dumps({'seconds': s.seconds, **s.metadata['stages']}))")

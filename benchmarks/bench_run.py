@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchfit.generate import generate
+from batchfit.app.generate import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("batchfit", "duckdb", "polars", "floor")

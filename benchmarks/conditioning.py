@@ -408,8 +408,8 @@ def _cli(dtype: str, device: str):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from batchfit.cli import main
-        from batchfit.models import polynomial
+        from batchfit.app.cli import main
+        from batchfit.fitting.models import polynomial
 
         batch, n = case.shape
         with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from batchfit import peers
+from batchfit.app import peers
 
 
 def files(path: str) -> list[str]:

@@ -36,6 +36,6 @@ def rng():
 def native_kernel():
     """The tests run with this machine's native kernel built (as after ``batchfit warmup``);
     test_compile_policy.py checks what a first run on a machine without it does."""
-    from batchfit import native
+    from batchfit.moments import native
 
     native.library(points=math.inf)

@@ -5,7 +5,7 @@ import json
 import pytest
 from matplotlib.image import imread
 
-from batchfit.cli import main
+from batchfit.app.cli import main
 
 
 @pytest.mark.slow  # (an end-to-end run of the whole command)

@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import batchfit.job
+import batchfit.pipeline.job
 from batchfit import io
-from batchfit.cli import main
-from batchfit.generate import generate
+from batchfit.app.cli import main
+from batchfit.app.generate import generate
 
 PIECES = ["--loss", "huber", "--batch-size", "50", "--no-compile", "--no-progress"]
 
@@ -127,7 +127,7 @@ def test_a_kill_inside_a_statistics_save_keeps_a_consistent_pair(tmp_path, monke
     table = pq.read_table(tmp_path / "d.parquet")
     pq.write_table(table.take(pc.sort_indices(table, [("x", "ascending")])),  # scattered
                    tmp_path / "d.parquet", row_group_size=50)
-    monkeypatch.setattr(batchfit.job, "CHECKPOINT_BATCHES", 20)
+    monkeypatch.setattr(batchfit.pipeline.job, "CHECKPOINT_BATCHES", 20)
     args = ["run", str(tmp_path / "d.parquet"), "-o", str(tmp_path / "o.parquet"), "--resume"]
     assert main(args) == 0
     reference = (tmp_path / "o.parquet").read_bytes()

@@ -14,8 +14,8 @@ import pytest
 from zoo import seed_data
 
 import batchfit
+from batchfit.core.keys import fingerprint
 from batchfit.engine import background
-from batchfit.kernel import fingerprint
 
 
 def _model(x, p):
@@ -63,7 +63,7 @@ def test_a_fingerprint_is_the_same_in_another_process(tmp_path):
             return p[0] * helper(x) + p[1]
         """))
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import user_models; "
-            "from batchfit.kernel import fingerprint; print(fingerprint(user_models.model))")
+            "from batchfit.core.keys import fingerprint; print(fingerprint(user_models.model))")
     runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
                            text=True, check=True).stdout.strip() for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 24
@@ -156,7 +156,7 @@ def test_a_users_model_is_built_in_the_background_and_kept_for_later_runs(tmp_pa
 def test_a_first_small_job_never_waits_for_the_native_kernel(tmp_path):
     """With no native kernel on the machine a small job aggregates with torch at once and
     builds the kernel in the background; the next job uses it. Both give the same fits."""
-    from batchfit.generate import generate
+    from batchfit.app.generate import generate
 
     data = tmp_path / "data.parquet"
     generate(str(data), series=500, points=20, seed=1)
@@ -192,7 +192,7 @@ def test_a_kernel_built_from_one_tensor_passed_thrice_reads_three_inputs(tmp_pat
     compiled took other steps than uncompiled)."""
     import torch
 
-    from batchfit import aot
+    from batchfit.engine import aot
 
     def scaled(a, b, c):
         return a * 2, b * 3, c * 4

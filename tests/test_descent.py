@@ -138,7 +138,7 @@ def test_truth_is_what_the_seed_generated(rng):
 
 def test_continuing_on_the_active_rows_changes_nothing(rng, monkeypatch):
     """The loop narrows to the still-moving series once most have stopped: same results."""
-    from batchfit import loop
+    from batchfit.fitting import loop
 
     x, y = seed_data(40, 30, rng, noise=0.3)
     y[:5] += rng.standard_cauchy((5, 30)) * 5  # a few slow, heavy-tailed series

@@ -11,11 +11,11 @@ import torch
 from zoo import assert_same_fits
 
 import batchfit
-from batchfit.cli import main
-from batchfit.generate import generate
+from batchfit.app.cli import main
+from batchfit.app.generate import generate
 
 ray = pytest.importorskip("ray")  # the [ray] extra; CI installs it, so these tests run there
-from batchfit.distributed import run_ray
+from batchfit.pipeline.distributed import run_ray
 
 pytestmark = pytest.mark.slow  # (a real Ray cluster per test)
 

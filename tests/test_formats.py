@@ -318,7 +318,7 @@ def test_cli_as_a_subprocess(tmp_path, points):
 
 
 def test_ray_refuses_ipc_where_points_travel_before_starting(tmp_path, points):
-    from batchfit.distributed import run_ray
+    from batchfit.pipeline.distributed import run_ray
 
     write(points, tmp_path / "d.feather", "feather")
     with pytest.raises(ValueError, match="the Ray engine moves points from Parquet and CSV, "
@@ -329,7 +329,7 @@ def test_ray_refuses_ipc_where_points_travel_before_starting(tmp_path, points):
 @pytest.mark.slow
 def test_ray_fits_ipc_by_its_statistics(tmp_path, points, monkeypatch):
     pytest.importorskip("ray")
-    from batchfit.distributed import run_ray
+    from batchfit.pipeline.distributed import run_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     want = fitted(write(points, tmp_path / "d.parquet", "parquet"), tmp_path, "want.parquet")
@@ -343,7 +343,7 @@ def test_ray_fits_ipc_by_its_statistics(tmp_path, points, monkeypatch):
 @pytest.mark.slow
 def test_ray_reads_csv(tmp_path, points, rng, monkeypatch):
     pytest.importorskip("ray")
-    from batchfit.distributed import run_ray
+    from batchfit.pipeline.distributed import run_ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     want = fitted(write(points, tmp_path / "d.parquet", "parquet"), tmp_path, "want.parquet")

@@ -14,8 +14,8 @@ from torch.func import grad, vmap
 from zoo import seed_data
 
 import batchfit
-from batchfit.losses import RHO, resolve_loss
-from batchfit.nonlinear import call_form, point_jacobian, predict
+from batchfit.fitting.losses import RHO, resolve_loss
+from batchfit.fitting.nonlinear import call_form, point_jacobian, predict
 
 ROBUST = ["huber", "soft_l1", "cauchy", "arctan"]
 
@@ -110,10 +110,10 @@ def two_peaks(rng):
 def test_the_probe_picks_the_forms_a_model_allows(two_peaks):
     x, _, p0 = two_peaks
     xt, pt = torch.from_numpy(x), torch.from_numpy(p0[0])
-    fast = call_form(batchfit.models.resolve_model(peaks, 2, [f"b{i}" for i in range(8)]),
+    fast = call_form(batchfit.fitting.models.resolve_model(peaks, 2, [f"b{i}" for i in range(8)]),
                      xt, pt)
     assert fast.tuple_params and fast.pointwise
-    slow = call_form(batchfit.models.resolve_model(peaks_as_a_whole, 2,
+    slow = call_form(batchfit.fitting.models.resolve_model(peaks_as_a_whole, 2,
                                                    [f"b{i}" for i in range(8)]), xt, pt)
     assert not slow.tuple_params and not slow.pointwise
     pred, columns = point_jacobian(fast, xt, tuple(pt.unbind()))

@@ -263,7 +263,7 @@ def test_auto_degree_bad_option_on_the_command_line(tmp_path):
 def test_plots_draw_the_curve_from_the_frame(tmp_path):
     """Over one minute at x ~ 1.7e9 the raw coefficients evaluate to noise; the fits plot
     draws what the frame gives."""
-    from batchfit.plots import curve
+    from batchfit.app.plots import curve
 
     x = 1.7e9 + np.linspace(0, 60, 30)
     y = np.stack([5 + 0.001 * (x - 1.7e9) ** 2, 3 - 0.1 * (x - 1.7e9)])

@@ -1,5 +1,5 @@
 """The fuzz suite of "Nothing lost, nothing silently wrong": random tables, random byte
-damage and random option mixes through ``batchfit run`` (in-process, ``batchfit.cli.main``,
+damage and random option mixes through ``batchfit run`` (in-process, ``batchfit.app.cli.main``,
 ``--no-progress --no-compile``), each case checked against the promise of README ("The
 Parquet job", "Exit codes and errors", "Interrupted runs and --resume").
 
@@ -217,7 +217,7 @@ def run_in_subprocess(args, cwd) -> tuple[int, str]:
 
 WORKER = """
 import contextlib, io, json, sys, traceback
-from batchfit.cli import main
+from batchfit.app.cli import main
 for line in sys.stdin:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

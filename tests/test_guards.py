@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchfit
-from batchfit import io, moments, native
+from batchfit import io
 from batchfit.io import read
+from batchfit.moments import layout, native
 
 
 def test_ordered_streams_do_not_keep_a_consumer_that_stops_waiting():
@@ -68,9 +69,9 @@ def test_reserve_keeps_the_old_table_when_the_kernel_refuses_a_new_one(kernel, m
     assert agg.rows == 4 and agg.table is table and agg.seen is seen
     monkeypatch.undo()
     agg.add(np.array([2, 3, 3]), [0.0, 1.0, 2.0], [5.0, 6.0, 7.0])  # into the old table
-    assert agg.finish()[:, moments.NPTS].tolist() == [1, 2, 1, 2]
+    assert agg.finish()[:, layout.NPTS].tolist() == [1, 2, 1, 2]
     agg.reserve(1000)  # and it still grows when the kernel agrees
-    assert agg.rows == 1000 and agg.finish(4)[:, moments.NPTS].tolist() == [1, 2, 1, 2]
+    assert agg.rows == 1000 and agg.finish(4)[:, layout.NPTS].tolist() == [1, 2, 1, 2]
 
 
 def test_the_kernel_wrappers_refuse_arrays_that_c_would_misread(kernel):
@@ -103,10 +104,10 @@ def test_the_kernel_wrappers_refuse_arrays_that_c_would_misread(kernel):
     with pytest.raises(ValueError, match=r"finish: -1 rows"):
         agg.finish(-1)
 
-    table = moments.new_table(5, 2, True)
+    table = layout.new_table(5, 2, True)
     native.merge(table, table.copy(), 2, True)
-    for dst, src in [(table, moments.new_table(4, 2, True)),  # rows
-                     (moments.new_table(5, 2, False), moments.new_table(5, 2, False)),  # width
+    for dst, src in [(table, layout.new_table(4, 2, True)),  # rows
+                     (layout.new_table(5, 2, False), layout.new_table(5, 2, False)),  # width
                      (table, table.astype(np.float32)), (table.astype(np.float32), table),
                      (np.asfortranarray(table), table), (table, np.asfortranarray(table)),
                      (table[:, 0], table[:, 0].copy())]:
@@ -124,7 +125,7 @@ def test_dense_codes_are_sized_for_the_jobs_degree_and_weights(tmp_path, monkeyp
     path = str(tmp_path / "d.parquet")
     pq.write_table(table, path)
     small, big = read.dense_row_bytes(2, True), read.dense_row_bytes(10, True)
-    assert big > moments.width(10, True) * 8 > small
+    assert big > layout.width(10, True) * 8 > small
     # memory that holds a quarter's worth of degree-2 rows, not of degree-10 ones
     monkeypatch.setattr(read, "_available_memory", lambda: 4 * span * (small + big) // 2)
     dataset = io.Dataset(path, io.ColumnSpec())
@@ -152,7 +153,8 @@ def test_the_kernel_refusing_a_table_for_want_of_memory_keeps_its_old_one(kernel
     script = """
 import resource, sys
 import numpy as np
-from batchfit import moments, native
+from batchfit.moments import layout
+from batchfit.moments import native
 agg = native.Aggregator(2, False, True, rows=4)
 codes = np.array([3, 0, 2, 1, 0, 3]); x = np.arange(6.0); y = x**2
 agg.add(codes, x, y)
@@ -165,7 +167,7 @@ except MemoryError as exc:
     print("refused:", exc)
 resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 agg.add(codes, x, y)  # scattered: through the buckets of the old region
-print(agg.rows, agg.finish()[:, moments.NPTS].tolist())
+print(agg.rows, agg.finish()[:, layout.NPTS].tolist())
 del agg
 print("freed")
 """
@@ -178,8 +180,8 @@ print("freed")
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    from batchfit.cli import main
-    from batchfit.generate import generate
+    from batchfit.app.cli import main
+    from batchfit.app.generate import generate
 
     generate(str(tmp_path / "d.parquet"), series=50, points=10)
     (tmp_path / "o.parquet").write_bytes(b"an older output")

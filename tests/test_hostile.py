@@ -702,7 +702,7 @@ def test_load_run_reconciles(tmp_path, monkeypatch):
     from zoo import load_benchmark
 
     from batchfit import io as bio
-    from batchfit.generate import generate
+    from batchfit.app.generate import generate
 
     load = load_benchmark("bench_load")
     data, out = str(tmp_path / "load.parquet"), str(tmp_path / "fits.parquet")
@@ -718,8 +718,8 @@ def test_load_run_reconciles(tmp_path, monkeypatch):
 def test_no_internal_status_code_reaches_a_result(solver):
     """PRECISION_LIMITED (-1) marks float32 fits limited by rounding, to be refitted in
     float64; it must never leave the engine, in a result or a record."""
-    from batchfit.diagnostics import PRECISION_LIMITED
-    from batchfit.names import Status
+    from batchfit.core.names import Status
+    from batchfit.fitting.diagnostics import PRECISION_LIMITED
 
     x = np.tile(np.arange(21.0), (6, 1))
     y = sum(x**k for k in range(6))  # NIST Wampler1: exact data, rounding-limited in float32
@@ -960,7 +960,7 @@ def test_extreme_magnitudes_are_fitted_in_a_scaled_frame(tmp_path, monkeypatch, 
     its frame): every number right, against numpy on the unscaled points. A loss beyond
     float64 is inf (|y| ~ 1e200: the true loss is ~1e398), one below its smallest number 0."""
     if torch_twin:
-        monkeypatch.setattr(batchfit.native, "library", lambda points=0: None)
+        monkeypatch.setattr(batchfit.moments.native, "library", lambda points=0: None)
     sx, sy, sw = MAGNITUDES[name]
     x, y, w, (x0, y0) = magnitude_series(sx, sy, sw)
     pq.write_table(pa.table({"series_id": np.zeros(15, np.int64), "x": x, "y": y,
@@ -1020,7 +1020,7 @@ def test_extreme_magnitudes_choose_their_degree(tmp_path, name):
 def test_extreme_magnitudes_in_python(monkeypatch, torch_twin):
     """``batchfit.fit`` on arrays (the dense path) scales as the job does."""
     if torch_twin:
-        monkeypatch.setattr(batchfit.native, "library", lambda points=0: None)
+        monkeypatch.setattr(batchfit.moments.native, "library", lambda points=0: None)
     rows = [magnitude_series(*MAGNITUDES[name]) for name in MAGNITUDES]
     result = batchfit.fit(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]),
                           weights=np.stack([r[2] for r in rows]), dtype="float64")

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from zoo import assert_same_fits
 
-from batchfit.cli import main
-from batchfit.generate import generate
+from batchfit.app.cli import main
+from batchfit.app.generate import generate
 
 # GD keeps the run busy for several seconds on 2 cores (~8 s), in many small checkpointed
 # pieces; ``job`` gives it more epochs where it would be over sooner (a faster machine).

@@ -11,8 +11,8 @@ import pytest
 from zoo import assert_same_fits, polyfit_rows
 
 import batchfit
-from batchfit.cli import main
-from batchfit.generate import generate
+from batchfit.app.cli import main
+from batchfit.app.generate import generate
 from batchfit.io import read_history, read_metadata
 
 OUTPUT_COLUMNS = ["series_id", "a", "b", "c", "a_stderr", "b_stderr", "c_stderr",
@@ -533,7 +533,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tmp_path, capsys
         batchfit.run_job(str(tmp_path / "d.parquet"), history_path=str(tmp_path / "h.parquet"))
     assert run_cli("run", tmp_path / "d.parquet", "--history", tmp_path / "h.parquet") == 2
     assert "error: --history needs an iterative solver" in capsys.readouterr().err
-    from batchfit.cli import as_flags
+    from batchfit.app.cli import as_flags
 
     assert as_flags("batch_size must be at least 1, got 0") == \
         "--batch-size must be at least 1, got 0"

@@ -7,8 +7,8 @@ import torch
 from torch.func import jacrev
 
 import batchfit
-from batchfit.cli import main
-from batchfit.nonlinear import jacobian
+from batchfit.app.cli import main
+from batchfit.fitting.nonlinear import jacobian
 
 
 def sine(x, p):

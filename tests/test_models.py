@@ -8,9 +8,9 @@ import torch
 from scipy.optimize import least_squares
 
 import batchfit
-from batchfit.cli import main
-from batchfit.generate import FAMILY_EXAMPLES, make_block
-from batchfit.models import FAMILIES
+from batchfit.app.cli import main
+from batchfit.app.generate import FAMILY_EXAMPLES, make_block
+from batchfit.fitting.models import FAMILIES
 
 FAMILY_NAMES = sorted(FAMILY_EXAMPLES)
 

@@ -15,10 +15,11 @@ import torch
 from zoo import assert_same_fits, load_benchmark
 
 import batchfit
-from batchfit import io, moments, native
-from batchfit.cli import main
-from batchfit.generate import generate
-from batchfit.stats import TorchAggregator, merge_tables
+from batchfit import io
+from batchfit.app.cli import main
+from batchfit.app.generate import generate
+from batchfit.fitting.moment_twin import TorchAggregator, merge_tables
+from batchfit.moments import layout, native
 
 cond = load_benchmark("conditioning")
 
@@ -94,7 +95,7 @@ def test_tables_of_parts_merge_into_the_whole(rng):
     for table_ in (merged, twin.numpy()):
         got = solutions(table_, 2, True)
         assert np.all(np.abs(got - want) <= 1e-9 * np.abs(want).max(1, keepdims=True))
-        np.testing.assert_array_equal(table_[:, moments.NPTS],
+        np.testing.assert_array_equal(table_[:, layout.NPTS],
                                       [len(truth[s][0]) for s in range(150)])
 
 
@@ -235,7 +236,7 @@ def test_resume_of_an_aggregation_gives_the_same_bytes(tmp_path, rng, monkeypatc
     """An MSE job killed after some checkpoints of its statistics continues from there."""
     table, _ = scattered(rng, series=400)
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=50)  # many batches
-    monkeypatch.setattr(batchfit.job, "CHECKPOINT_BATCHES", 20)
+    monkeypatch.setattr(batchfit.pipeline.job, "CHECKPOINT_BATCHES", 20)
     args = ["run", str(tmp_path / "d.parquet"), "-o", str(tmp_path / "o.parquet"), "--resume"]
     assert main(args) == 0
     reference = (tmp_path / "o.parquet").read_bytes()
@@ -267,7 +268,7 @@ def test_resume_of_an_aggregation_gives_the_same_bytes(tmp_path, rng, monkeypatc
 
 def test_the_mse_job_runs_without_torch(tmp_path):
     generate(str(tmp_path / "d.parquet"), series=50, points=10)
-    code = ("import sys; from batchfit.cli import main; "
+    code = ("import sys; from batchfit.app.cli import main; "
             f"assert main(['run', {str(tmp_path / 'd.parquet')!r}, '--no-progress']) == 0; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import batchfit
-from batchfit.cli import main
+from batchfit.app.cli import main
 
 PACKAGE = pathlib.Path(batchfit.__file__).parent
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "loads", "load", "import_module",

@@ -9,11 +9,11 @@ import pytest
 from matplotlib.image import imread
 from matplotlib.ticker import MaxNLocator
 
-from batchfit import plots
-from batchfit.cli import main
-from batchfit.demo import run_demo
-from batchfit.generate import generate
-from batchfit.names import poly_columns
+from batchfit.app import plots
+from batchfit.app.cli import main
+from batchfit.app.demo import run_demo
+from batchfit.app.generate import generate
+from batchfit.core.names import poly_columns
 
 QUADRATIC = {"model": "poly", "degree": 2, "columns": [("a", 2), ("b", 1), ("c", 0)]}
 

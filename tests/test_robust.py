@@ -7,7 +7,7 @@ from scipy.optimize import least_squares
 from zoo import SEED_TRUTH, seed_data
 
 import batchfit
-from batchfit.losses import RHO
+from batchfit.fitting.losses import RHO
 
 ROBUST = ["huber", "soft_l1", "cauchy", "arctan"]
 

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_job import run_cli
 
-from batchfit.generate import generate
+from batchfit.app.generate import generate
 
 pytestmark = pytest.mark.slow  # (hundreds of CLI subprocesses, signalled)
 

@@ -1,7 +1,7 @@
 """The engine: the one place that decides where and how the work runs.
 
 This module is torch-free: the CPUs this process may use, and where a job's moment tables
-(``batchfit.moments``) are gathered and solved, the native kernel or torch (``Moments``).
+(``batchfit.moments.layout``) are gathered and solved, the native kernel or torch (``MomentBackend``).
 The torch side (the front door ``fit``, devices, vmap, the compile policy: ``engine.core``)
 loads on first use of one of its names, so the MSE job runs without importing torch.
 """
@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from .. import degrees, native
-from ..options import Options
+from batchfit.core.options import Options
+from batchfit.moments import degrees, native
 
 
 def usable_cpus() -> int:
@@ -42,7 +42,7 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
-class Moments:
+class MomentBackend:
     """Where a job's moment tables are gathered and solved: the native kernel (the CPU, no
     torch at all), or torch (``--device cuda``, or no C compiler here)."""
 
@@ -50,21 +50,19 @@ class Moments:
         self.opts, self.uses_torch = opts, uses_torch
         self.device = "cpu"
         if uses_torch:
-            from .core import resolve_device
+            from batchfit.engine.core import resolve_device
 
             self.device = str(resolve_device(opts.device))
 
     @classmethod
-    def choose(cls, opts: Options, points: float = 0) -> Moments:
-        """``points``: about how many the job has (whether building the native kernel, the
-        first time on a machine, pays back within it; see ``batchfit.native``)."""
+    def choose(cls, opts: Options) -> MomentBackend:
         on_cpu = opts.device == "auto" or str(opts.device).startswith("cpu")
-        return cls(opts, uses_torch=not (on_cpu and native.library(points) is not None))
+        return cls(opts, uses_torch=not (on_cpu and native.library() is not None))
 
     def aggregator(self, weighted: bool, double: bool, rows: int):
         if not self.uses_torch:
             return native.Aggregator(self.opts.degree, weighted, double, rows)
-        from ..stats import TorchAggregator
+        from batchfit.fitting.moment_twin import TorchAggregator
 
         return TorchAggregator(self.opts.degree, weighted, self.device, rows)
 
@@ -73,7 +71,7 @@ class Moments:
         degree = self.opts.degree if degree is None else degree
         if not self.uses_torch:
             return native.solve(table, degree, weighted, step)
-        from .core import solve_moments
+        from batchfit.engine.core import solve_moments
 
         return solve_moments(table, weighted, step, self.opts.with_(degree=degree))
 
@@ -84,7 +82,7 @@ class Moments:
             return dst
         import torch
 
-        from ..stats import merge_tables
+        from batchfit.fitting.moment_twin import merge_tables
 
         return merge_tables(torch.from_numpy(dst), torch.from_numpy(np.array(src)),
                             self.opts.degree, weighted).numpy()
@@ -98,16 +96,15 @@ class Moments:
                               lambda part, degree: self.solve(part, weighted, degree=degree))
 
 
-def moments(opts: Options, points: float = 0) -> Moments:
-    """Where an MSE polynomial job (of about ``points`` points) gathers and solves its
-    moment tables."""
-    return Moments.choose(opts, points)
+def moment_backend(opts: Options) -> MomentBackend:
+    """Where an MSE polynomial job gathers and solves its moment tables."""
+    return MomentBackend.choose(opts)
 
 
 def __getattr__(name):
     """The torch side's names (``fit``, ``fit_ragged``, ``resolve_device``, ...)."""
     if name == "core" or name.startswith("__"):  # (the import machinery asks for these)
         raise AttributeError(name)
-    from . import core
+    from batchfit.engine import core
 
     return getattr(core, name)

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from .. import cache
+from batchfit.core import cache
 
 STALE_S = 3600  # a builder running longer than this is stopped, its lock abandoned
 _ASKED: set = set()  # kernel paths this process has asked for
@@ -104,7 +104,7 @@ def start_builder(pending: list):
 
 def _build_all(pending: list, directory: str):
     """The builder's work: each kernel not built yet, one at a time, under a lock."""
-    from .core import build_kernel
+    from batchfit.engine.core import build_kernel
 
     os.setsid()
     # (forked from an exit handler, where Python refuses new exit hooks, which the compiler

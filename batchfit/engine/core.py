@@ -2,7 +2,7 @@
 
 Solvers hand per-series functions to ``_Vectorizer``, which vmaps them over the batch (inputs
 with a leading batch axis are mapped, scalars are shared) and runs them compiled where this
-machine keeps a kernel for them (``batchfit.aot``: built once, ahead of time, loaded in
+machine keeps a kernel for them (``batchfit.engine.aot``: built once, ahead of time, loaded in
 milliseconds by every later process; users' models and losses too, by the fingerprint of
 their code). A missing kernel is built now only when that pays back within the call, else
 in the background after the process ends (``engine.background``); a callable with no
@@ -28,17 +28,13 @@ import torch
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
-from .. import aot, cache, moments, native, stats
-from ..degrees import padded
-from ..diagnostics import PRECISION_LIMITED
-from ..kernel import key_of
-from ..loop import SolverConfig
-from ..losses import resolve_loss
-from ..models import Model, in_user_order, polynomial, resolve_model, with_param_count
-from ..names import Status
-from ..nonlinear import solve_model
-from ..options import Options, resolve
-from ..problem import (
+from batchfit.core import cache
+from batchfit.core.keys import key_of
+from batchfit.core.names import Status
+from batchfit.core.options import Options, resolve
+from batchfit.engine import MomentBackend, aot, background, usable_cpus
+from batchfit.fitting import moment_twin as stats
+from batchfit.fitting.data import (
     FitResult,
     History,
     Inputs,
@@ -51,7 +47,18 @@ from ..problem import (
     problem_of,
     used_points,
 )
-from ..solvers import (
+from batchfit.fitting.diagnostics import PRECISION_LIMITED
+from batchfit.fitting.loop import SolverConfig
+from batchfit.fitting.losses import resolve_loss
+from batchfit.fitting.models import (
+    Model,
+    in_user_order,
+    polynomial,
+    resolve_model,
+    with_param_count,
+)
+from batchfit.fitting.nonlinear import solve_model
+from batchfit.fitting.solvers import (
     EAGER_S_PER_POINT,
     random_init,
     refit_exact,
@@ -60,7 +67,9 @@ from ..solvers import (
     solve_newton,
     solve_without_points,
 )
-from . import Moments, background, usable_cpus
+from batchfit.moments import layout as moments
+from batchfit.moments import native
+from batchfit.moments.degrees import padded
 
 # An in-process torch.compile costs about this much (warm inductor cache, 2 cores; a cold one
 # 10-30 s): a user callable's kernel is compiled when its estimated eager time is larger.
@@ -131,9 +140,9 @@ class _Vectorizer:
     ``eager_s`` estimates the uncompiled run time of the fit this call belongs to (times a
     job's number of calls: see ``many_calls``). The policy, ``compile="auto"``:
 
-    * a kernel compiled ahead of time for this machine (``batchfit.aot``) is used when there
+    * a kernel compiled ahead of time for this machine (``batchfit.engine.aot``) is used when there
       is one; batchfit's kernels, and a user's whose code has a fingerprint
-      (``batchfit.kernel``), are kept across processes;
+      (``batchfit.core.keys``), are kept across processes;
     * a missing one worth having (``eager_s`` of at least AOT_WORTH_S) is built in the
       foreground only when the build pays back within the call (``eager_s`` above
       AOT_BUILD_S); otherwise this call runs uncompiled and the build goes to the
@@ -336,11 +345,11 @@ NATIVE_MIN_ROWS = 8192  # rows per thread of the native kernel, at least
 
 
 def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitResult:
-    """The exact fit of dense inputs from their moment tables (``batchfit.moments``): on the
+    """The exact fit of dense inputs from their moment tables (``batchfit.moments.layout``): on the
     CPU gathered and solved by the native kernel (rows shared out over the threads), else
     (CUDA, or no C compiler) by its torch twin on the inputs' device. Series whose sums lost
     digits are fitted again on their points. ``opts.auto_degree``: each series' degree is
-    chosen (``batchfit.degrees``) and its refit made at that degree."""
+    chosen (``batchfit.moments.degrees``) and its refit made at that degree."""
     def points(rows):
         return problem_of(inputs.take(rows), dtype=torch.float64)
 
@@ -350,7 +359,7 @@ def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitRe
         return solve_exact(table, weighted, cfg, vectorize, points)
     if torch_twin:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
-        record = Moments(opts, uses_torch=True).fits(table.cpu().numpy(), weighted)
+        record = MomentBackend(opts, uses_torch=True).fits(table.cpu().numpy(), weighted)
     else:
         record = _solve_native(inputs, opts)
     result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
@@ -404,7 +413,7 @@ def _solve_native(inputs: Inputs, opts: Options) -> dict:
                                 rows=hi - lo)
         agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
                       None if ws is None else ws[lo:hi])
-        return Moments(opts, uses_torch=False).fits(agg.finish(hi - lo), ws is not None)
+        return MomentBackend(opts, uses_torch=False).fits(agg.finish(hi - lo), ws is not None)
 
     records = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
     return records[0] if parts == 1 else {
@@ -492,7 +501,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
     degree : polynomial degree, 0 to 10; or ``"auto"`` / ``"auto:D"``: each series' degree in
         0..D (default 3) chosen by BIC (``FitResult.degrees``; higher coefficients 0).
     model : ``None``/``"poly"`` (the polynomial of ``degree``), a built-in family (``"exp"``,
-        ``"gauss"``, ``"logistic"``, ``"power"``, see batchfit.models.FAMILIES), or a callable
+        ``"gauss"``, ``"logistic"``, ``"power"``, see batchfit.fitting.models.FAMILIES), or a callable
         ``f(x, params)`` on ONE series (1-D ``x``, 1-D ``params``), like the seed's ``f``.
     p0 : starting parameters of a nonlinear model: (k,) or (B, k), or a callable
         ``p0(x, y) -> params`` on one series (unused points are NaN); families have their
@@ -501,7 +510,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         ``(lower, upper)`` box constraints (sequences of k, +-inf where free), kept by
         projecting every step onto the box.
     loss : ``mse`` or scipy's robust ``huber``, ``soft_l1``, ``cauchy``, ``arctan`` (with
-        ``f_scale``), or a callable ``loss(pred, y)`` (see batchfit.losses).
+        ``f_scale``), or a callable ``loss(pred, y)`` (see batchfit.fitting.losses).
     solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
     lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``

@@ -5,15 +5,15 @@ streams of decoded batches or of whole-series chunks; write: outputs, atomically
 of batchfit's own files.
 """
 
-from .artefacts import (
+from batchfit.io.artefacts import (
     coefficient_table,
     read_coefficients,
     read_history,
     read_metadata,
     read_parquet,
 )
-from .checkpoint import Checkpoint
-from .read import (
+from batchfit.io.checkpoint import Checkpoint
+from batchfit.io.read import (
     BATCH_ROWS,
     EXTENSIONS,
     INPUT_FORMATS,
@@ -32,8 +32,8 @@ from .read import (
     read_series,
     table_chunks,
 )
-from .schema import FORMATS, ColumnSpec, describe, first_line
-from .write import (
+from batchfit.io.schema import FORMATS, ColumnSpec, describe, first_line
+from batchfit.io.write import (
     AtomicParquetWriter,
     check_apart,
     check_writable,

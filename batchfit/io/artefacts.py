@@ -9,9 +9,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
-from .read import list_files
-from .schema import first_line
+from batchfit.core.names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
+from batchfit.io.read import list_files
+from batchfit.io.schema import first_line
 
 
 def read_metadata(path: str) -> dict:

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import interrupts
-from .write import hidden_beside
+from batchfit.core import interrupts
+from batchfit.io.write import hidden_beside
 
 FORMAT = 2  # of manifest.json; a checkpoint of another format is another job's
 MANIFEST = "manifest.json"

@@ -33,10 +33,9 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
-from .. import moments
-from ..names import MAX_DEGREE
-from .footer import vet as vet_footer
-from .schema import (
+from batchfit.core.names import MAX_DEGREE
+from batchfit.io.footer import vet as vet_footer
+from batchfit.io.schema import (
     ColumnSpec,
     Layout,
     cast_to,
@@ -49,6 +48,7 @@ from .schema import (
     to_float,
     unified,
 )
+from batchfit.moments import layout as moments
 
 MIN_FREE_MEMORY_FACTOR = 4  # sorting an unsorted input needs about this many copies of it
 BATCH_ROWS = 1 << 20  # points per decoded batch (a row group is cut into pieces about this big)

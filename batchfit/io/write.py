@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .. import interrupts
-from ..names import STATUS_LABELS
-from .schema import first_line
+from batchfit.core import interrupts
+from batchfit.core.names import STATUS_LABELS
+from batchfit.io.schema import first_line
 
 FRAME_COLUMNS = ("x_centre", "x_scale")
 
@@ -234,7 +234,7 @@ class AtomicParquetWriter:
     file at ``path`` is left untouched. Small tables are buffered into row groups of about
     ``ROW_GROUP`` rows (a row group per small write would make writing, and later reading,
     slow). Use as a context manager. ``final``: renaming this file into place finishes the
-    command (``batchfit.interrupts.finish``: a signal after it no longer interrupts).
+    command (``batchfit.core.interrupts.finish``: a signal after it no longer interrupts).
     """
 
     ROW_GROUP = 1 << 17

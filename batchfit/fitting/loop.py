@@ -48,12 +48,12 @@ from typing import NamedTuple
 import torch
 from torch.func import grad
 
-from . import linalg
-from .kernel import factory
-from .linalg import Mat, Vec, mat_vec
-from .losses import Loss
-from .models import Model, in_user_order
-from .problem import FitResult, History, Problem
+from batchfit.core.keys import factory
+from batchfit.fitting import linalg
+from batchfit.fitting.data import FitResult, History, Problem
+from batchfit.fitting.linalg import Mat, Vec, mat_vec
+from batchfit.fitting.losses import Loss
+from batchfit.fitting.models import Model, in_user_order
 
 
 @dataclass(frozen=True)

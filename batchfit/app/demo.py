@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from . import io
-from .generate import generate, truth_path
-from .job import run_job
+from batchfit import io
+from batchfit.app.generate import generate, truth_path
+from batchfit.pipeline.job import run_job
 
 TRACKED = 9  # series drawn before and after training
 
@@ -31,7 +31,7 @@ def run_demo(out_dir: str = "batchfit-demo", n_series: int = 10_000, points: int
              seed: int = 0) -> dict:
     """Write data, truth, coefficients of both solvers, GD's history and the plots into
     ``out_dir``; return times, accuracy against the truth and statuses."""
-    from .plots import plot_all
+    from batchfit.app.plots import plot_all
 
     os.makedirs(out_dir, exist_ok=True)
     data = os.path.join(out_dir, "data.parquet")

@@ -5,12 +5,12 @@ cache directory (milliseconds). The first time, aggregate.c is compiled with the
 compiler (``$CC``, else cc/gcc/clang: the compiler torch.compile needs on the CPU anyway),
 which takes 7-16 s on 2 cores: for a job of ``points`` points big enough to pay that back
 (the torch twin is about 10x slower per point) it is built then and there; otherwise it is
-built in a detached, low-priority background process (``python -m batchfit.native``) and
-this job aggregates with torch (``batchfit.stats.TorchAggregator``: same numbers to
+built in a detached, low-priority background process (``python -m batchfit.moments.native``) and
+this job aggregates with torch (``batchfit.fitting.moment_twin.TorchAggregator``: same numbers to
 rounding), so a first small run never waits for a compiler. Without a working compiler it
 returns None and torch does the sums.
 
-``Aggregator`` owns a table of per-series statistics (layout in ``batchfit.stats``) and adds
+``Aggregator`` owns a table of per-series statistics (layout in ``batchfit.fitting.moment_twin``) and adds
 batches of points to it. Its calls release the GIL, so other threads decode meanwhile.
 """
 
@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 
-from .. import cache, moments
-from ..names import Status
+from batchfit.core import cache
+from batchfit.core.names import Status
+from batchfit.moments import layout as moments
 
 SOURCES = ("aggregate.c", "sums.h", "sums_all.h")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
@@ -110,12 +111,12 @@ def _building(path: str) -> bool:
 
 
 def _build_in_background(path: str):
-    """Start ``python -m batchfit.native`` detached (it outlives this process), unless one
+    """Start ``python -m batchfit.moments.native`` detached (it outlives this process), unless one
     is building already; say so once."""
     if _building(path):
         return
     try:
-        subprocess.Popen([sys.executable, "-m", "batchfit.native"], start_new_session=True,
+        subprocess.Popen([sys.executable, "-m", "batchfit.moments.native"], start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env={**os.environ, "BATCHFIT_NATIVE": "1"})
     except OSError:

@@ -1,4 +1,4 @@
-"""The torch twin of the native kernel: moment tables (``batchfit.moments``) gathered and
+"""The torch twin of the native kernel: moment tables (``batchfit.moments.layout``) gathered and
 solved with torch, on any device. It serves CUDA, machines without a C compiler, and the
 tests (as an independent implementation of the same statistics).
 
@@ -15,11 +15,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import linalg
-from .diagnostics import coefficient_errors, finalize, frame_of
-from .kernel import factory
-from .models import Sums, gram_from_sums, to_raw_map
-from .moments import (
+from batchfit.core.keys import factory
+from batchfit.fitting import linalg
+from batchfit.fitting.data import scale_for, shared_tensor, used_points
+from batchfit.fitting.diagnostics import coefficient_errors, finalize, frame_of
+from batchfit.fitting.models import Sums, gram_from_sums, to_raw_map
+from batchfit.moments.layout import (
     CANCELLATION_MARGIN,
     CENTRE,
     HALF,
@@ -35,7 +36,6 @@ from .moments import (
     block_size,
     new_table,
 )
-from .problem import scale_for, shared_tensor, used_points
 
 # ---------------------------------------------------------------- frames, in torch
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernel import fingerprint
-from .names import BUILTIN_LOSSES
+from batchfit.core.keys import fingerprint
+from batchfit.core.names import BUILTIN_LOSSES
 
 
 def _linear(z):

@@ -3,7 +3,7 @@
 Exit codes: 0 the command finished (series may still carry a non-ok status); 2 bad usage or
 bad input (one line on stderr, ``batchfit: error: ...``); 130 interrupted (SIGINT, Ctrl-C),
 143 terminated (SIGTERM): temporary files are removed first, older outputs are untouched
-(at any moment: ``batchfit.interrupts``).
+(at any moment: ``batchfit.core.interrupts``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import argparse
 import re
 import sys
 
-from . import __version__, interrupts
-from .names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
+from batchfit import __version__
+from batchfit.core import interrupts
+from batchfit.core.names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,8 +45,8 @@ def _run(args) -> int:
     import numpy as np
     import pyarrow as pa
 
-    from .io import ColumnSpec
-    from .job import run_job
+    from batchfit.io import ColumnSpec
+    from batchfit.pipeline.job import run_job
 
     # pyarrow imports pandas (where installed) on its first conversion, which would come
     # mid-run; here, so that no signal cuts it off half-way
@@ -60,7 +61,7 @@ def _run(args) -> int:
                        device=args.device, dtype=args.dtype,
                        compile=False if args.no_compile else "auto", restarts=args.restarts)
     if args.engine == "ray":
-        from .distributed import run_ray
+        from batchfit.pipeline.distributed import run_ray
 
         if not args.output:
             raise ValueError("--engine ray needs -o OUTPUT (a directory, or a URI)")
@@ -97,7 +98,7 @@ def _report(summary):
 
 
 def _generate(args) -> int:
-    from .generate import generate
+    from batchfit.app.generate import generate
 
     info = generate(args.output, series=args.series, points=args.points, noise=args.noise,
                     seed=args.seed, fmt=args.format, x_kind=args.x,
@@ -109,8 +110,8 @@ def _generate(args) -> int:
 
 
 def _plot(args) -> int:
-    from .io import ColumnSpec
-    from .plots import plot_all
+    from batchfit.app.plots import plot_all
+    from batchfit.io import ColumnSpec
 
     columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col)
     series = args.series.split(",") if args.series else None
@@ -123,7 +124,7 @@ def _plot(args) -> int:
 
 
 def _bench(args) -> int:
-    from . import bench
+    from batchfit.app import bench
 
     options = dict(bench.QUICK) if args.quick else {}
     for name in ("sizes", "gauss_sizes", "peaks_sizes", "points", "devices", "dtypes", "repeats", "epochs",
@@ -148,7 +149,7 @@ def _bench(args) -> int:
 
 
 def _warmup(args) -> int:
-    from .engine import warmup
+    from batchfit.engine import warmup
 
     for line in warmup(losses=args.loss, dtypes=args.dtype, degree=args.degree):
         if not args.quiet:
@@ -157,7 +158,7 @@ def _warmup(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from batchfit.app.demo import run_demo
 
     report = run_demo(args.output, n_series=args.series, points=args.points, seed=args.seed)
     print(f"batchfit demo: {report['n_series']:,} series x {report['points']} points, "
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--degree", type=int, default=2, help="[2]")
     gen.add_argument("--model", default="poly", choices=MODELS,
                      help="poly: around the seed's quadratic; a family: parameters and x "
-                          "range from batchfit.generate.FAMILY_EXAMPLES [poly]")
+                          "range from batchfit.app.generate.FAMILY_EXAMPLES [poly]")
     gen.set_defaults(handler=_generate)
 
     plot = commands.add_parser(

@@ -6,7 +6,7 @@ bounded cache: kernels of user callables are not kept for ever) and tags each ke
 ``key_of``: the factory's name and its arguments, when every argument has a stable name of
 its own (numbers, strings, built-in losses and models, users' models and losses by their
 ``fingerprint``, other tagged kernels). A kernel with a key can be compiled once per
-machine and loaded by later processes (``batchfit.aot``); one made from a callable with no
+machine and loaded by later processes (``batchfit.engine.aot``); one made from a callable with no
 fingerprint has no key and is compiled per process, if at all.
 """
 

@@ -2,7 +2,7 @@
 
 What is model-specific lives here: a series' points for the model, predictions, the
 Jacobian, bounds and the final diagnostics. The iteration itself (damped step, acceptance,
-damping update, convergence test; GD/Adam chunks; the host loop) is ``batchfit.loop``'s,
+damping update, convergence test; GD/Adam chunks; the host loop) is ``batchfit.fitting.loop``'s,
 shared with the polynomial solvers. A model's parameters are fitted in the user's own
 parametrisation and x units (no frame: a nonlinear model is not invariant under shifting x).
 
@@ -28,11 +28,13 @@ from typing import NamedTuple
 import torch
 from torch.func import grad, jacfwd, jacrev, vjp, vmap
 
-from . import linalg, loop
-from .diagnostics import finalize
-from .kernel import factory
-from .linalg import Mat, Vec
-from .loop import (
+from batchfit.core.keys import factory
+from batchfit.core.names import Status
+from batchfit.fitting import linalg, loop
+from batchfit.fitting.data import FitResult, Problem, Series, used_points
+from batchfit.fitting.diagnostics import finalize
+from batchfit.fitting.linalg import Mat, Vec
+from batchfit.fitting.loop import (
     OPTIMIZERS,
     LoopState,
     Recorder,
@@ -46,11 +48,9 @@ from .loop import (
     train,
     zeros,
 )
-from .losses import Loss
-from .models import Model
-from .names import Status
-from .problem import FitResult, Problem, Series, used_points
-from .solvers import EAGER_S_PER_POINT, eager_seconds
+from batchfit.fitting.losses import Loss
+from batchfit.fitting.models import Model
+from batchfit.fitting.solvers import EAGER_S_PER_POINT, eager_seconds
 
 
 class ModelData(NamedTuple):

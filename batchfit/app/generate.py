@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import io
-from .models import FAMILIES, output_columns, polynomial
+from batchfit import io
+from batchfit.fitting.models import FAMILIES, output_columns, polynomial
 
 SEED_COEFFICIENTS = (20.0, 5.0, -3.0)  # a, b, c: the seed's y = 20x^2 + 5x - 3
 SEED_SPREAD = (2.0, 1.0, 0.5)  # standard deviation of each true coefficient across series

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from . import peers
-from .engine.core import fit
+from batchfit.app import peers
+from batchfit.engine.core import fit
 
 SEED_EPOCHS = 15_000
 ACCURACY_SERIES = 200  # series checked against the float64 reference

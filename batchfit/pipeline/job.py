@@ -2,7 +2,7 @@
 
 ``run_job`` is what ``batchfit run`` does. MSE polynomial fits (the exact solver) are an
 aggregation: the input is read once, in parallel threads, and every point is added to its
-series' statistics (``batchfit.stats``) wherever it is in the input; the series are solved
+series' statistics (``batchfit.fitting.moment_twin``) wherever it is in the input; the series are solved
 at the end and written while the next ones solve. Everything else (robust losses, nonlinear
 models, GD/Adam) needs each series' points together: the input is read as whole-series
 chunks (``io.Dataset.chunks``) and fitted chunk by chunk. ``fit_table`` fits an in-memory
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, degrees, engine, io, moments
-from .options import Options, resolve
+from batchfit import __version__, engine, io
+from batchfit.core.options import Options, resolve
+from batchfit.moments import degrees
+from batchfit.moments import layout as moments
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
 DEFAULT_COLUMNS = io.ColumnSpec()
@@ -104,7 +106,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
             raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")
     dataset = io.Dataset(input_path, columns, input_format)
-    backend = engine.moments(opts, dataset.points_estimate) if opts.aggregates else None
+    backend = engine.moment_backend(opts) if opts.aggregates else None
     if not opts.aggregates or backend.uses_torch:  # (checks a device, custom model or loss)
         engine.config(opts)
         engine.resolve_device(opts.device)
@@ -433,7 +435,7 @@ class _HistoryCollector:
         self.ids.update(zip((first + local).tolist(), ids))
 
     def table(self, columns: list, metadata: dict):
-        from .problem import History
+        from batchfit.fitting.data import History
 
         history = History.merge(self.parts, self.positions)
         ids = [self.ids[position] for position in history.tracked.tolist()]
@@ -449,7 +451,7 @@ def _position_options(fit_options: dict, history, piece: io.Chunk, first: int,
     init = fit_options.get("init", "random")
     if isinstance(init, str) and init == "random" and degree is not None \
             and fit_options.get("solver") in ("gd", "adam"):
-        from .solvers import random_init
+        from batchfit.fitting.solvers import random_init
 
         extra["init"] = random_init(fit_options.get("seed", 0), first, piece.n_series,
                                     degree + 1)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .moments import HEADER, YREF, YSCALE, block_size
-from .names import Status
+from batchfit.core.names import Status
+from batchfit.moments.layout import HEADER, YREF, YSCALE, block_size
 
 DEFAULT_MAX_DEGREE = 3
 # Relative rounding of a loss computed from float64 sums: below it, losses are noise.

@@ -25,11 +25,13 @@ from typing import NamedTuple
 
 import torch
 
-from . import linalg, loop, stats
-from .diagnostics import finalize, summarise
-from .kernel import factory
-from .linalg import Mat, Vec, mat_vec
-from .loop import (
+from batchfit.core.keys import factory
+from batchfit.fitting import linalg, loop
+from batchfit.fitting import moment_twin as stats
+from batchfit.fitting.data import FitResult, Problem, Series, Status, used_points
+from batchfit.fitting.diagnostics import finalize, summarise
+from batchfit.fitting.linalg import Mat, Vec, mat_vec
+from batchfit.fitting.loop import (
     OPTIMIZERS,
     Consts,
     LoopState,
@@ -46,8 +48,8 @@ from .loop import (
     train,
     zeros,
 )
-from .losses import Loss
-from .models import (
+from batchfit.fitting.losses import Loss
+from batchfit.fitting.models import (
     Sums,
     chebyshev_eval,
     chebyshev_terms,
@@ -58,7 +60,6 @@ from .models import (
     to_raw_map,
     total_squares,
 )
-from .problem import FitResult, Problem, Series, Status, used_points
 
 # Eager cost model (seconds), measured on a 2-core Xeon with torch 2.13: what a kernel would
 # take uncompiled. The engine compiles when this exceeds the cost of a compile.
@@ -271,7 +272,7 @@ class StatsFit(NamedTuple):
 
 def fit_from_stats(table: torch.Tensor, weighted: bool, cfg: SolverConfig, vectorize,
                    step=None) -> StatsFit:
-    """Weighted least squares per series from its statistics (``batchfit.stats``), in its
+    """Weighted least squares per series from its statistics (``batchfit.fitting.moment_twin``), in its
     frame, in float64. ``step``: the residual moments of one refinement step on the points
     (see ``stats.solve_kernel``)."""
     out = stats.solve(table, cfg.degree, weighted, vectorize, step)

@@ -1,5 +1,5 @@
 """Ray adapter: ``batchfit run --engine ray``. No maths here: every task runs the
-single-machine library (``batchfit.job``'s statistics in parts, or ``fit_table``).
+single-machine library (``batchfit.pipeline.job``'s statistics in parts, or ``fit_table``).
 
 MSE polynomial fits (``Options.aggregates``) of a local input move statistics, not points:
 the input's batches are shared out (``job.share_out``) among one Ray task per worker slot,
@@ -46,8 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import __version__, engine, io
-from .job import (
+from batchfit import __version__, engine, io
+from batchfit.core.options import resolve
+from batchfit.pipeline.job import (
     DEFAULT_BATCH_SIZE,
     DatasetPart,
     JobSummary,
@@ -62,7 +63,6 @@ from .job import (
     solve_statistics,
     untrusted_rows,
 )
-from .options import resolve
 
 PARTITION_BYTES = 32 << 20  # decoded input per partition: far below Ray's 128 MiB blocks
 
@@ -268,7 +268,7 @@ class _Job:
     points: int  # about how many the whole job has (every task chooses its backend alike)
 
     def backend(self):
-        return engine.moments(resolve(**self.fit_options), self.points)
+        return engine.moment_backend(resolve(**self.fit_options))
 
     def part(self, pieces) -> DatasetPart:
         return DatasetPart(pieces, self.columns, self.input_format)

@@ -27,10 +27,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .kernel import fingerprint
-from .linalg import Mat, Vec, mat_mat, mat_vec
-from .moments import cheb_to_mono
-from .names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns, poly_names  # noqa: F401
+from batchfit.core.keys import fingerprint
+from batchfit.core.names import FAMILY_PARAMS, FORMULAS, MAX_DEGREE, poly_columns, poly_names  # noqa: F401
+from batchfit.fitting.linalg import Mat, Vec, mat_mat, mat_vec
+from batchfit.moments.layout import cheb_to_mono
 
 
 class Sums(NamedTuple):

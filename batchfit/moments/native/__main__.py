@@ -1,12 +1,12 @@
-"""``python -m batchfit.native``: build this machine's native kernel (the background builder
-that ``batchfit.native.library`` starts), in the idle scheduling class (whatever else runs
+"""``python -m batchfit.moments.native``: build this machine's native kernel (the background builder
+that ``batchfit.moments.native.library`` starts), in the idle scheduling class (whatever else runs
 on the machine comes first)."""
 
 import contextlib
 import os
 import sys
 
-from . import build_once
+from batchfit.moments.native import build_once
 
 if __name__ == "__main__":
     os.nice(19)

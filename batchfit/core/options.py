@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .degrees import parse as parse_degree
-from .names import (
+from batchfit.core.names import (
     BUILTIN_LOSSES,
     DTYPES,
     FAMILY_PARAMS,
@@ -26,6 +25,7 @@ from .names import (
     family_columns,
     poly_columns,
 )
+from batchfit.moments.degrees import parse as parse_degree
 
 DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 DEFAULT_LR = 1e-3

@@ -15,7 +15,7 @@ The frame keeps float64's digits for any offset of x (Unix timestamps); the rows
 of a series merge exactly (each part's sums mapped onto a frame that holds both, then added),
 so a series can be spread over row groups, files, batches or Ray tasks, in any order. The
 native kernel (``batchfit/native/aggregate.c``) gathers and solves these tables on the CPU;
-``batchfit.stats`` is its torch twin. Torch is not imported here.
+``batchfit.fitting.moment_twin`` is its torch twin. Torch is not imported here.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
-from . import io
-from .models import FAMILIES
-from .names import STATUS_LABELS
-from .prediction import polynomial
+from batchfit import io
+from batchfit.core.names import STATUS_LABELS
+from batchfit.fitting.models import FAMILIES
+from batchfit.fitting.prediction import polynomial
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
 MAX_SCATTER = 20_000  # points drawn in a scatter over the batch (a reproducible sample)

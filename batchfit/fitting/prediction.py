@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from . import io
-from .names import FAMILY_PARAMS
+from batchfit import io
+from batchfit.core.names import FAMILY_PARAMS
 
 
 def predict(fit, x) -> np.ndarray:
@@ -39,7 +39,7 @@ def predict(fit, x) -> np.ndarray:
 def _points(x, batch: int) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind in "mM":
-        from .problem import datetime_seconds
+        from batchfit.fitting.data import datetime_seconds
 
         x = datetime_seconds(x)
     if x.dtype.kind not in "biuf":
@@ -117,7 +117,7 @@ def _predict_table(table, meta: dict, x) -> np.ndarray:
         return polynomial(np.stack([values(name) for name in columns], 1), None, None,
                            points)
     if meta["model"] in FAMILY_PARAMS:
-        from .models import FAMILIES
+        from batchfit.fitting.models import FAMILIES
 
         params = np.stack([values(name) for name in columns], axis=1)
         return _family(FAMILIES[meta["model"]].f, params, points)

@@ -20,9 +20,10 @@ import functools
 
 import torch
 
-from . import linalg
-from .losses import Loss
-from .models import (
+from batchfit.fitting import linalg
+from batchfit.fitting.data import Status
+from batchfit.fitting.losses import Loss
+from batchfit.fitting.models import (
     Sums,
     chebyshev_terms,
     gram_from_sums,
@@ -30,7 +31,6 @@ from .models import (
     to_raw_map,
     total_squares,
 )
-from .problem import Status
 
 # An internal status, never returned by ``batchfit.fit``: a float32 fit whose residuals are
 # within PRECISION_MARGIN rounding errors of the data's size (exact or nearly exact data, or y

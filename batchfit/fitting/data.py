@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .models import Model, polynomial
-from .names import STATUS_LABELS, Status
+from batchfit.core.names import STATUS_LABELS, Status
+from batchfit.fitting.models import Model, polynomial
 
 
 @dataclass(frozen=True)
@@ -212,8 +212,8 @@ class FitResult:
     def to_arrow(self, ids=None):
         """The fits as a pyarrow Table with the columns of ``batchfit run``'s output (``ids``:
         one per series, any sequence or Arrow array; default 0 .. B-1)."""
-        from . import io
-        from .models import output_columns
+        from batchfit import io
+        from batchfit.fitting.models import output_columns
 
         model = self.output_model
         return io.fit_arrow(self.record(), output_columns(model), ids,

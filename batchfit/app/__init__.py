@@ -1,0 +1,1 @@
+"""The commands: cli, demo, generate, plots, bench, peers."""

@@ -1,0 +1,1 @@
+"""The torch-free base: names, options, cache paths, kernel keys, interrupts."""

@@ -1,0 +1,1 @@
+"""Problem types, models, losses, linalg, the iterative loop, solvers, diagnostics."""

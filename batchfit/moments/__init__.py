@@ -1,0 +1,1 @@
+"""The statistics of MSE polynomial fits: layout, degree choice, the native kernel."""

@@ -1,0 +1,1 @@
+"""The job: read, statistics or whole-series chunks, solve, write; its Ray adapter."""
