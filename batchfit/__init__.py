@@ -12,7 +12,7 @@ import os
 # torch loads it): spinning threads steal the CPUs of other processes on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.2.0"
+from batchfit._version import __version__
 
 
 def __getattr__(name):

@@ -268,3 +268,56 @@ def test_a_ray_output_that_holds_the_input_is_refused(tmp_path):
         with pytest.raises(ValueError, match="input"):
             run_ray(str(data), str(output))
     assert (data / "part-0.parquet").read_bytes() == before
+
+
+def test_every_path_writes_the_same_metadata_keys(ray_cluster, tmp_path):
+    """One metadata builder for every path: the single-machine job, Ray's statistics path
+    (MSE polynomial, local Parquet) and Ray's points path (a robust loss) record the same
+    keys with the same values, but for what legitimately differs between them."""
+    generate(str(tmp_path / "d.parquet"), series=60, points=10)
+    data = str(tmp_path / "d.parquet")
+
+    def ray_metadata(name, **options):
+        summary = run_ray(data, str(tmp_path / name), **options)
+        return summary, batchfit.io.read_metadata(pq.ParquetDataset(tmp_path / name).files[0])
+
+    local = {loss: batchfit.io.read_metadata(batchfit.run_job(
+        data, str(tmp_path / f"one-{loss}.parquet"), loss=loss).output)
+        for loss in ("mse", "huber")}
+    summary, statistics = ray_metadata("ray-statistics", loss="mse")
+    assert stages(summary)["partial"]["tasks"] >= 1  # (the statistics path)
+    summary, points = ray_metadata("ray-points", loss="huber")
+    assert not stages(summary)  # (the points path)
+    # what legitimately differs: the engine; the device (one machine records where it ran,
+    # each Ray worker resolves "auto" for itself); batch_size (an option of run_job alone)
+    differ = {"engine", "device"}
+    for want, got in ((local["mse"], statistics), (local["huber"], points)):
+        assert got.keys() == want.keys()
+        assert (want["engine"], got["engine"]) == ("local", "ray")
+        assert (want["device"], got["device"]) == ("cpu", "auto")
+        assert {key for key in want if want[key] != got[key]} <= differ | {"options"}
+        assert want["options"].pop("batch_size") == batchfit.pipeline.job.DEFAULT_BATCH_SIZE
+        assert got["options"] == want["options"]
+        assert got["columns"] == want["columns"]
+    for meta in (*local.values(), statistics, points):
+        assert meta["input_format"] == "parquet" and "x_unit" in meta
+
+
+def test_a_remote_output_counts_its_series_and_points(ray_cluster, tmp_path, capsys):
+    """A remote output (here Ray's ``local://``, remote to batchfit) is not read back as a
+    local directory: the summary still counts the points and statuses the job wrote, its
+    own files only (a remote output may hold an earlier job's), on both paths."""
+    generate(str(tmp_path / "d.parquet"), series=50, points=10)
+    points = pq.read_table(tmp_path / "d.parquet").num_rows
+    (tmp_path / "remote").mkdir()
+    pq.write_table(pq.read_table(tmp_path / "d.parquet").slice(0, 5),
+                   tmp_path / "remote" / "earlier.parquet")
+    for loss in ("huber", "mse"):
+        assert main(["run", str(tmp_path / "d.parquet"), "-o", f"local://{tmp_path}/remote",
+                     "--engine", "ray", "--loss", loss]) == 0
+        assert f"fitted 50 series (ok 50) from {points:,} points" in capsys.readouterr().err
+        assert (tmp_path / "remote" / "_SUCCESS").exists()
+        summary = run_ray(str(tmp_path / "d.parquet"), f"local://{tmp_path}/remote",
+                          loss=loss)
+        assert (summary.n_series, summary.n_points, summary.status_counts) == \
+            (50, points, {"ok": 50})

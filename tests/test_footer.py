@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchfit.io.footer import vet
-from batchfit.io.read import ParquetSource
+from batchfit.io.sources import ParquetSource
 
 N = 1000
 
@@ -57,7 +57,7 @@ def test_valid_footers_of_every_type_pass(tmp_path, options):
 SWEEP = textwrap.dedent("""
     import collections, io, os, sys, tempfile
     import numpy as np, pyarrow as pa, pyarrow.parquet as pq
-    from batchfit.io.read import ParquetSource
+    from batchfit.io.sources import ParquetSource
     stride = int(sys.argv[1])
     table = pa.table({"series_id": np.repeat(np.arange(30), 10), "x": np.arange(300.0),
                       "y": np.ones(300), "l": pa.array([[1.0]] * 300, pa.list_(pa.float64())),

@@ -13,7 +13,7 @@ import pytest
 
 import batchfit
 from batchfit import io
-from batchfit.io import read
+from batchfit.io import dataset as read
 from batchfit.moments import layout, native
 
 
@@ -24,7 +24,7 @@ def test_ordered_streams_do_not_keep_a_consumer_that_stops_waiting():
     code = textwrap.dedent("""
         import faulthandler, time
         faulthandler.dump_traceback_later(30, exit=True)
-        from batchfit.io.read import _ordered_streams
+        from batchfit.io.ordered_pool import ordered_streams as _ordered_streams
 
         def stream(task):  # task: (items, raise after them)
             yield from range(task[0])

@@ -918,6 +918,58 @@ def test_id_statistics_that_lie_are_named_as_the_files_fault(tmp_path, capsys, f
         "footer's statistics give (1000 to 1050): the file's metadata is wrong", capsys)
 
 
+
+def text_ids(n: int, bad_at: int | None = None) -> pa.Array:
+    """String ids id-0, id-1, ...; the one at ``bad_at`` holds a byte that is not UTF-8
+    (pyarrow builds such an array from raw buffers without checking them)."""
+    texts = [f"id-{i}".encode() for i in range(n)]
+    if bad_at is not None:
+        texts[bad_at] = b"id-\xf6"
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in texts])]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets.tobytes()),
+                                                  pa.py_buffer(b"".join(texts))])
+
+
+def text_id_table(fmt: str, ids: pa.Array) -> pa.Table:
+    n = len(ids)
+    x = np.tile(np.linspace(0.0, 1.0, 6), n)
+    if fmt == "long":
+        return pa.table({"series_id": ids.take(pa.array(np.repeat(np.arange(n), 6))),
+                         "x": x, "y": 2 * x})
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * 6)
+    return pa.table({"series_id": ids, "x": pa.ListArray.from_arrays(offsets, x),
+                     "y": pa.ListArray.from_arrays(offsets, 2 * x)})
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+@pytest.mark.parametrize("encoding", ["plain", "dictionary", "damaged page"])
+@pytest.mark.parametrize("fmt", ["long", "list"])
+def test_string_ids_that_are_not_utf8_are_named_as_the_files_fault(tmp_path, capsys, fmt,
+                                                                   encoding, loss):
+    """pyarrow's Parquet reader does not check that text is UTF-8: ids whose bytes are not
+    were a UnicodeDecodeError naming no file where they became Python strings (MSE), or
+    reached the output as they were (the whole-series path). The fuzz found them in a
+    damaged dictionary page; here they are written so, or the page is damaged likewise."""
+    path = tmp_path / "d.parquet"
+    if encoding == "damaged page":  # the high bit of a dictionary entry's first byte
+        pq.write_table(text_id_table(fmt, text_ids(20).dictionary_encode()), path,
+                       compression="none")
+        raw = bytearray(path.read_bytes())
+        start = pq.ParquetFile(path).metadata.row_group(0).column(0).dictionary_page_offset
+        raw[raw.index(b"id-7", start)] ^= 0x80
+        path.write_bytes(bytes(raw))
+    else:
+        ids = text_ids(20, bad_at=7)
+        pq.write_table(text_id_table(fmt, ids.dictionary_encode() if encoding == "dictionary"
+                                     else ids), path)
+    with pytest.raises(pa.ArrowInvalid, match="UTF8"):
+        pq.read_table(path).validate(full=True)  # (the file holds what the test says)
+    message = f"cannot read {path}: column 'series_id' holds text that is not valid UTF-8"
+    bad(tmp_path, ["run", path, "--loss", loss, "--no-compile"], message, capsys)
+    with pytest.raises(ValueError, match=message):
+        batchfit.run_job(str(path), str(tmp_path / "out.parquet"), loss=loss, compile=False)
+
+
 # ---------------------------------------------------------------- extreme magnitudes
 
 MAGNITUDES = {  # name: (x scale, y scale, weight), powers of two so that an oracle is exact

@@ -12,7 +12,7 @@ import argparse
 import re
 import sys
 
-from batchfit import __version__
+from batchfit._version import __version__
 from batchfit.core import interrupts
 from batchfit.core.names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
 

@@ -25,13 +25,29 @@ from batchfit.core.names import (
     family_columns,
     poly_columns,
 )
-from batchfit.moments.degrees import parse as parse_degree
 
 DEFAULT_EPOCHS = {"gd": 15000, "adam": 15000, "newton": 50}
 DEFAULT_LR = 1e-3
 
 
 INTEGER_LIMIT = 2**63  # (integer options become int64 tensors and counters)
+DEFAULT_MAX_DEGREE = 3  # --degree auto: degrees 0..3 unless auto:D says otherwise
+
+
+def parse_degree(degree) -> tuple[int, bool]:
+    """``degree`` as (degree, chosen per series): an int, ``"auto"`` (up to
+    ``DEFAULT_MAX_DEGREE``) or ``"auto:D"``."""
+    if isinstance(degree, str):
+        head, _, top = degree.partition(":")
+        if head == "auto":
+            if not top:
+                return DEFAULT_MAX_DEGREE, True
+            if top.isdigit():
+                return int(top), True
+        if degree.isdigit():
+            return int(degree), False
+        raise ValueError(f"degree must be an integer, 'auto' or 'auto:D', got {degree!r}")
+    return degree, False
 
 
 def check_number(name, value, *, low=None, integer=False, strictly=False):

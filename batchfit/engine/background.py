@@ -44,7 +44,7 @@ def enabled() -> bool:
 
 def request(what: str, fn, in_dims, args, path: str):
     """Note the kernel at ``path`` for the builder (once per process)."""
-    if not enabled() or path in _ASKED or _fresh(_lock(path)):
+    if not enabled() or not cache.persistent() or path in _ASKED or _fresh(_lock(path)):
         return
     if not _PENDING:
         atexit.register(_at_exit)

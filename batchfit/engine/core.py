@@ -282,6 +282,9 @@ def _ahead_of_time(fn, in_dims, args, eager_s: float, compile):
     if known is not None:
         return known or None
     directory = cache.cache_dir("aot", f"torch-{torch.__version__}")
+    if directory is None:  # (no cache at all: nothing can be kept, so nothing is built)
+        _AHEAD[name] = False
+        return None
     path = os.path.join(directory, f"{name}.pt2")
     if os.path.exists(path) and os.path.exists(path + ".json"):
         _AHEAD[name] = aot.load(path) or False

@@ -158,14 +158,6 @@ def total_squares(y: torch.Tensor, w: torch.Tensor, ybar) -> torch.Tensor:
     return (w * (y - ybar) ** 2).sum()
 
 
-def polyval(x: torch.Tensor, p: Vec) -> torch.Tensor:
-    """Raw polynomial ``sum_i p_i x**i`` by Horner's rule (the seed's ``f(x, params)``)."""
-    out = torch.zeros_like(x) + p[-1]
-    for coef in reversed(p[:-1]):
-        out = out * x + coef
-    return out
-
-
 # ---------------------------------------------------------------- any model f(x, params)
 
 @dataclass(frozen=True)

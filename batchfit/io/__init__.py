@@ -1,8 +1,14 @@
 """Everything batchfit reads and writes, and the one package that imports pyarrow.
 
-schema: which columns hold what, checked; read: datasets (Parquet, CSV or Arrow IPC) as
-streams of decoded batches or of whole-series chunks; write: outputs, atomically; checkpoint: ``--resume``; artefacts: readers
-of batchfit's own files.
+Reading, bottom up: schema (which columns hold what, checked) and footer (a Parquet footer
+vetted before pyarrow touches it); listing (a dataset path's files and their formats);
+sources (a Parquet, CSV or Arrow IPC file as a stream of record batches); ordered_pool
+(threads whose results come back in order); series_codes (dense codes for series ids);
+chunks (whole series, back to back, in a canonical order); decode (pieces into the
+kernel's flat arrays); in_memory (Arrow for tables and ids that callers hold); dataset (a
+checked dataset, read as decoded batches or as whole-series chunks). Writing: write
+(outputs, atomically), checkpoint (``--resume``), artefacts (readers of batchfit's own
+files).
 """
 
 from batchfit.io.artefacts import (
@@ -13,26 +19,21 @@ from batchfit.io.artefacts import (
     read_parquet,
 )
 from batchfit.io.checkpoint import Checkpoint
-from batchfit.io.read import (
-    BATCH_ROWS,
+from batchfit.io.chunks import Chunk, table_chunks
+from batchfit.io.dataset import Dataset, read_series
+from batchfit.io.decode import Batch
+from batchfit.io.in_memory import arrow_table, ids_of_type, indices, positions_in
+from batchfit.io.listing import (
     EXTENSIONS,
     INPUT_FORMATS,
-    Batch,
-    Chunk,
-    Dataset,
-    arrow_table,
     check_input_format,
     dataset_files,
     file_format,
     format_by_name,
-    ids_of_type,
-    indices,
     list_files,
-    positions_in,
-    read_series,
-    table_chunks,
 )
 from batchfit.io.schema import FORMATS, ColumnSpec, describe, first_line
+from batchfit.io.sources import BATCH_ROWS
 from batchfit.io.write import (
     AtomicParquetWriter,
     check_apart,

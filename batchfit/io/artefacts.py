@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchfit.core.names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
-from batchfit.io.read import list_files
+from batchfit.io.listing import list_files
 from batchfit.io.schema import first_line
 
 

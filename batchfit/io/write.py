@@ -1,18 +1,23 @@
 """Writing batchfit's outputs: the coefficients table, atomically (a temporary file beside
-the target, renamed into place only on success), and training histories."""
+the target, renamed into place only on success), a directory of such files likewise (the Ray
+engine's output), and training histories."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchfit.core import interrupts
@@ -180,10 +185,10 @@ def check_apart(path: str, input_path: str, what: str = "output",
                          "destroy the data")
 
 
-def _default_permissions() -> int:
+def _default_permissions(directory: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def hidden_beside(path: str, suffix: str, room: int = TEMP_EXTRA_BYTES) -> str:
@@ -198,22 +203,34 @@ def hidden_beside(path: str, suffix: str, room: int = TEMP_EXTRA_BYTES) -> str:
     return os.path.join(directory, f".{name}{suffix}")
 
 
-def _temp_beside(path: str) -> str:
-    """A new hidden temporary file ``.NAME.PID.XXXX.tmp`` beside ``path``, after removing the
-    ones a killed run (a PID no longer alive on this machine) left behind."""
-    directory = os.path.dirname(os.path.abspath(path))
+def _temp_beside(path: str, directory: bool = False) -> str:
+    """A new hidden temporary file (or ``directory``) ``.NAME.PID.XXXX.tmp`` beside ``path``,
+    after removing the ones a killed run (a PID no longer alive on this machine) left
+    behind."""
+    parent = os.path.dirname(os.path.abspath(path))
     prefix = os.path.basename(hidden_beside(path, "."))
-    for entry in os.listdir(directory):
+    for entry in os.listdir(parent):
         pid = entry[len(prefix):].split(".")[0]
         if entry.startswith(prefix) and entry.endswith(".tmp") and pid.isdigit() \
                 and not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(directory, entry))
-            except OSError:  # gone already, or not ours to remove
-                pass
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
+            _remove(os.path.join(parent, entry))
+    name = {"dir": parent, "prefix": f"{prefix}{os.getpid()}.", "suffix": ".tmp"}
+    if directory:
+        return tempfile.mkdtemp(**name)
+    fd, temp = tempfile.mkstemp(**name)
     os.close(fd)
     return temp
+
+
+def _remove(path: str):
+    """Remove a file or a directory tree, if it is there and ours to remove."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError:  # gone already, or not ours to remove
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -332,6 +349,69 @@ class AtomicParquetWriter:
 def write_table_atomically(path: str, table: pa.Table):
     with AtomicParquetWriter(path, table.schema) as writer:
         writer.write(table)
+
+
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on this machine's file system (a plain path or a ``file://`` URI)
+    rather than a remote URI such as ``s3://bucket/key``."""
+    return "://" not in path or path.startswith("file://")
+
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, on_failure=None):
+    """A directory of files that appears complete at ``path`` only when the block succeeds;
+    the block is given the directory to write its files in. A local ``path``: a hidden
+    temporary directory beside it (named as ``AtomicParquetWriter``'s temporary files, so
+    that a killed run's is removed by the next), renamed into place at the end, an older
+    output removed only afterwards; if the block fails, ``on_failure()`` is called (to stop
+    writers elsewhere) and the temporary directory removed, an older output untouched. A
+    remote URI cannot be renamed atomically: the block writes at ``path`` itself, and a
+    ``_SUCCESS`` file written last (Spark's convention) marks the output complete."""
+    if not is_local(path):
+        try:
+            yield path
+        except BaseException:
+            if on_failure is not None:
+                on_failure()
+            raise
+        _write_success_marker(path)
+        return
+    temp = None
+    try:
+        with interrupts.deferred():  # (made and held at once: a failure below removes it)
+            temp = _temp_beside(path, directory=True)
+        yield temp
+        _replace_directory(temp, path)
+    except BaseException:
+        try:
+            if on_failure is not None:
+                on_failure()
+        finally:
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _replace_directory(temporary: str, final: str):
+    """Move the finished directory into place; an older output (a directory or a file) is
+    removed only afterwards."""
+    os.chmod(temporary, _default_permissions(directory=True))  # (mkdtemp's is private: 0700)
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(temporary, final)
+    if old:
+        _remove(old)
+
+
+def _write_success_marker(path: str):
+    filesystem, root = pafs.FileSystem.from_uri(path)
+    with filesystem.open_output_stream(f"{root.rstrip('/')}/{SUCCESS_MARKER}") as stream:
+        stream.write(b"")
 
 
 # ---------------------------------------------------------------- training history

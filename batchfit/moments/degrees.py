@@ -24,7 +24,6 @@ import numpy as np
 from batchfit.core.names import Status
 from batchfit.moments.layout import HEADER, YREF, YSCALE, block_size
 
-DEFAULT_MAX_DEGREE = 3
 # Relative rounding of a loss computed from float64 sums: below it, losses are noise.
 LOSS_FLOOR = 256 * np.finfo(np.float64).eps
 
@@ -109,19 +108,3 @@ def choose(table: np.ndarray, degree: int, weighted: bool,
         for name, values in chosen.items():
             values[rows] = record[name][rows]
     return chosen
-
-
-def parse(degree) -> tuple[int, bool]:
-    """``degree`` as (degree, chosen per series): an int, ``"auto"`` (up to
-    ``DEFAULT_MAX_DEGREE``) or ``"auto:D"``."""
-    if isinstance(degree, str):
-        head, _, top = degree.partition(":")
-        if head == "auto":
-            if not top:
-                return DEFAULT_MAX_DEGREE, True
-            if top.isdigit():
-                return int(top), True
-        if degree.isdigit():
-            return int(degree), False
-        raise ValueError(f"degree must be an integer, 'auto' or 'auto:D', got {degree!r}")
-    return degree, False

@@ -9,7 +9,7 @@ by series id; one merge task per partition merges the rows of each series from e
 (``job.merge_statistics``), solves them and writes its file. Series whose sums lost digits
 (the single-machine job's refinement) get one more pass: every task gathers their residual
 moments over its share (``job.residual_moments``), the driver adds them up, and their
-partitions are refined (``job.apply_refinement``) before they are written. List-format rows
+partitions are refined (``job.refine_untrusted``) before they are written. List-format rows
 are whole series: each task fits and writes its share, with no exchange at all.
 
 Other jobs (robust losses, nonlinear models, GD/Adam, and remote inputs) move points with Ray
@@ -19,21 +19,19 @@ partition holds every point of its series, and each partition is fitted as one b
 split into two blocks. Both paths check at the end that every input series came back exactly
 once (a split would show as a duplicate).
 
-Outputs: a directory of Parquet files in the single-machine output schema. A local output is
-written to a hidden temporary directory beside it and renamed into place only when every
-task succeeded; a remote one (``s3://...``) gets a ``_SUCCESS`` marker last (Spark's
+Outputs: a directory of Parquet files in the single-machine output schema, with the same
+metadata (``metadata.job_metadata``), published by ``io.write.atomic_directory``: a local
+output is written to a hidden temporary directory beside it and renamed into place only when
+every task succeeded; a remote one (``s3://...``) gets a ``_SUCCESS`` marker last (Spark's
 convention), so a failed job never leaves output that looks complete. Ray re-runs a task whose
 worker or node died (its default for tasks); an error raised by the fit itself fails the job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import os
-import shutil
-import tempfile
 import time
 import uuid
 import zlib
@@ -46,29 +44,27 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batchfit import __version__, engine, io
+from batchfit import engine, io
 from batchfit.core.options import resolve
+from batchfit.io.write import atomic_directory, is_local
 from batchfit.pipeline.job import (
     DEFAULT_BATCH_SIZE,
     DatasetPart,
     JobSummary,
-    apply_refinement,
     fit_part,
     fit_table,
     job_schema,
     merge_statistics,
     part_statistics,
+    refine_untrusted,
     residual_moments,
     share_out,
     solve_statistics,
     untrusted_rows,
 )
+from batchfit.pipeline.metadata import job_metadata
 
 PARTITION_BYTES = 32 << 20  # decoded input per partition: far below Ray's 128 MiB blocks
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
 
 
 def _fit_partition(table: pa.Table, columns: io.ColumnSpec, options: dict,
@@ -99,14 +95,13 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
     if num_gpus_per_worker < 0:
         raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
     resolved = resolve(**fit_options)
-    if kind == "ipc" and not (resolved.aggregates and _is_local(input_path)):
+    if kind == "ipc" and not (resolved.aggregates and is_local(input_path)):
         raise ValueError(f"the Ray engine moves points from Parquet and CSV, and {input_path} "
                          "is Arrow IPC: convert it to Parquet, or use the local engine (an "
                          "MSE polynomial fit of a local IPC input runs on Ray)")
-    local_output = _is_local(output_path)
-    if local_output:
+    if is_local(output_path):
         io.check_writable(output_path.rstrip("/") or ".", directory_output=True)
-        if _is_local(input_path):
+        if is_local(input_path):
             io.check_apart(output_path.rstrip("/") or ".", input_path, directory_output=True)
     started_here = not ray.is_initialized()
     if started_here:
@@ -114,7 +109,7 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
                  configure_logging=False)
     try:
         return _run(ray, input_path, output_path, columns, workers, num_gpus_per_worker,
-                    fit_options, resolved, local_output, start, kind)
+                    fit_options, resolved, start, kind)
     finally:
         if started_here:
             ray.shutdown()
@@ -124,7 +119,7 @@ def _input_kind(input_path: str, input_format: str) -> str:
     """parquet, csv or ipc: a local input's files by ``io.dataset_files``; a remote one as
     ``input_format`` says, else by its name's extension, else Parquet."""
     io.check_input_format(input_format)
-    if _is_local(input_path):
+    if is_local(input_path):
         kinds = {kind for _, kind in io.dataset_files(input_path, input_format)}
         kind = kinds.pop()
     else:
@@ -134,13 +129,14 @@ def _input_kind(input_path: str, input_format: str) -> str:
 
 
 def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, resolved,
-         local_output, start, kind) -> JobSummary:
-    local = _is_local(input_path)
+         start, kind) -> JobSummary:
+    local = is_local(input_path)
     if resolved.aggregates and local:
         return _run_statistics(ray, input_path, output_path, columns, workers, gpus,
-                               fit_options, resolved, local_output, start, kind)
+                               fit_options, resolved, start, kind)
     try:
         import ray.data
+        from ray.data.datasource import FilenameProvider
     except ImportError:
         raise ValueError("the Ray engine needs Ray Data: pip install 'batchfit[ray]'") from None
     files = [file for file, _ in io.dataset_files(input_path, kind)] if local else input_path
@@ -166,11 +162,8 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
     if layout.format == "long":
         partitions = max(1, -(-n_rows * 8 * len(layout.columns) // PARTITION_BYTES))
         dataset = dataset.repartition(partitions, keys=[columns.series_id])
-    metadata = {"version": __version__, **resolved.describe(), "input": input_path,
-                "format": layout.format, "engine": "ray",
-                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
-                            "weight": columns.weight if layout.has_weight else None},
-                "options": {k: v for k, v in fit_options.items() if not callable(v)}}
+    metadata = job_metadata(resolved, input_path, layout, kind, columns, fit_options,
+                            engine="ray")
     schema = job_schema(resolved, layout.id_type, metadata, columns.series_id)
     # device "auto" in a task means the worker's own GPU when it was given one.
     # batch_size None is a whole block per batch; GPU tasks must name a size: the whole
@@ -180,10 +173,12 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
         zero_copy_batch=True,
         fn_kwargs={"columns": columns, "options": fit_options, "schema": schema},
         num_gpus=gpus or None, concurrency=workers)
-    with _output_directory(output_path, local_output) as target:
-        fitted.write_parquet(target)
-        n_series, n_points, counts = _check_and_count(target, input_path, dataset, layout,
-                                                      columns)
+    # The files are named after this job: a remote output may hold an earlier job's too.
+    job_id = uuid.uuid4().hex
+    with atomic_directory(output_path) as target:
+        fitted.write_parquet(target, filename_provider=FilenameProvider(
+            dataset_uuid=job_id, file_format="parquet"))
+        n_series, n_points, counts = _check_and_count(target, job_id, dataset, columns)
     return JobSummary(input_path, output_path, n_series, n_points, counts,
                       time.perf_counter() - start, layout.format, True, metadata)
 
@@ -193,63 +188,22 @@ def _arrow_schema(dataset) -> pa.Schema:
     return schema.base_schema if hasattr(schema, "base_schema") else schema
 
 
-def _check_and_count(output_dir: str, input_path: str, dataset, layout, columns):
-    """Every input series exactly once in the output, or the job fails."""
-    out = pq.read_table(output_dir, columns=[columns.series_id, "n_points", "status"]) \
-        if _is_local(output_dir) else None
+def _check_and_count(target: str, job: str, dataset, columns):
+    """Every input series exactly once in the files of job ``job`` (local or remote), or the
+    job fails; the tally of those files: (series, points, series per status)."""
+    filesystem, root = (pafs.LocalFileSystem(), os.path.abspath(target)) \
+        if is_local(target) else pafs.FileSystem.from_uri(target)
+    files = sorted(info.path for info in filesystem.get_file_info(pafs.FileSelector(root))
+                   if info.base_name.startswith(job) and info.base_name.endswith(".parquet"))
     expected = dataset.select_columns([columns.series_id]).unique(columns.series_id)
-    if out is None:  # remote output: trust the row count
-        return len(expected), 0, {}
-    ids = out[columns.series_id]
-    distinct = pc.count_distinct(ids).as_py()
-    if out.num_rows != distinct or distinct != len(expected):
-        raise RuntimeError(f"{out.num_rows} output rows for {distinct} distinct ids and "
+    out = pq.read_table(files, filesystem=filesystem,
+                        columns=[columns.series_id, "n_points", "status"]) if files else None
+    rows = 0 if out is None else out.num_rows
+    distinct = 0 if out is None else pc.count_distinct(out[columns.series_id]).as_py()
+    if rows != distinct or distinct != len(expected):
+        raise RuntimeError(f"{rows} output rows for {distinct} distinct ids and "
                            f"{len(expected)} input series: a series was split or lost")
-    counts = Counter(out["status"].to_pylist())
-    return out.num_rows, int(pc.sum(out["n_points"]).as_py() or 0), dict(counts)
-
-
-@contextlib.contextmanager
-def _output_directory(output_path: str, local_output: bool, on_failure=None):
-    """Where the tasks write: a hidden temporary directory beside a local output, moved into
-    place only when the block succeeds (removed, after ``on_failure()``, when it fails); a
-    remote output itself, marked ``_SUCCESS`` last."""
-    target = output_path
-    if local_output:
-        parent = os.path.dirname(os.path.abspath(output_path))
-        target = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_path)}.")
-    try:
-        yield target
-    except BaseException:
-        if on_failure is not None:
-            on_failure()
-        if local_output:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    if local_output:
-        _replace_directory(target, output_path)
-    else:
-        _write_success_marker(output_path)
-
-
-def _replace_directory(temporary: str, final: str):
-    """Move the finished output into place; an older output is removed only afterwards."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(temporary, 0o777 & ~mask)  # (a temporary directory is private: 0700)
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(temporary, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
-
-
-def _write_success_marker(output_path: str):
-    filesystem, path = pafs.FileSystem.from_uri(output_path)
-    with filesystem.open_output_stream(f"{path.rstrip('/')}/_SUCCESS") as stream:
-        stream.write(b"")
+    return rows, io.column_sum(out, "n_points"), io.status_counts(out)
 
 
 # ---------------------------------------------------------------- MSE: statistics, not points
@@ -278,17 +232,13 @@ class _Job:
 
 
 def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_options,
-                    resolved, local_output, start, kind) -> JobSummary:
+                    resolved, start, kind) -> JobSummary:
     """An MSE polynomial job (see the module docstring): statistics travel, points stay."""
     begun = time.perf_counter()  # (after Ray started)
     dataset = io.Dataset(input_path, columns, kind)
     layout = dataset.layout
-    metadata = {"version": __version__, **resolved.describe(), "input": input_path,
-                "format": layout.format, "input_format": dataset.file_format,
-                "x_unit": layout.x_unit, "engine": "ray",
-                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
-                            "weight": columns.weight if layout.has_weight else None},
-                "options": {k: v for k, v in fit_options.items() if not callable(v)}}
+    metadata = job_metadata(resolved, input_path, layout, dataset.file_format, columns,
+                            fit_options, engine="ray")
     schema = job_schema(resolved, layout.id_type, metadata, columns.series_id)
     shares = share_out(dataset, workers or _slots(ray, gpus))
     job = _Job(columns, kind, fit_options, layout.has_weight,
@@ -300,7 +250,7 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
     refs: list = []  # every task started (waited for if the job fails)
     stages = {"start_s": begun - start, "plan_s": time.perf_counter() - begun,
               "tasks": len(shares)}
-    with _output_directory(output_path, local_output, lambda: _settle(ray, refs)) as target:
+    with atomic_directory(output_path, lambda: _settle(ray, refs)) as target:
         if layout.format == "list":
             rows, written = _whole_series(ray, shares, job, target, task, refs, stages)
         else:
@@ -413,7 +363,7 @@ def _merged_series(ray, shares, job, target, task, refs, stages):
         done, first = [], 0
         for p in flagged:
             count = len(infos[p]["flagged"]["ids"])
-            done.append(refine.remote(p, job, target, merged[p][1], q[first:first + count],
+            done.append(refine.remote(p, job, target, merged[p][1],
                                       moments[first:first + count]))
             first += count
         refs += done
@@ -472,11 +422,11 @@ def _merge_task(index: int, job: _Job, target: str, *parts):
     order = pc.sort_indices(ids).to_numpy().astype(np.int64)
     chunks, records = solve_statistics(backend, table, order, job.weighted,
                                        DEFAULT_BATCH_SIZE)
-    untrusted, picked = untrusted_rows(chunks, records)
-    if len(picked):
-        q = np.concatenate([record["q"][rows] for record, rows in zip(records, untrusted)])
-        return clock.info(flagged={"ids": ids.take(pa.array(picked)), "table": table[picked],
-                                   "q": q}), (ids, table, chunks, records)
+    untrusted = untrusted_rows(chunks, records)
+    if untrusted:
+        return clock.info(flagged={"ids": ids.take(pa.array(untrusted.picked)),
+                                   "table": table[untrusted.picked], "q": untrusted.q}), \
+            (ids, table, chunks, records)
     return clock.info(**_write_records(index, ids, chunks, records, job, target)), None
 
 
@@ -490,18 +440,15 @@ def _residual_task(pieces, job: _Job, flagged):
                             job.weighted, job.double), clock.info()
 
 
-def _refine_task(index: int, job: _Job, target: str, state, q, moments):
-    """A Ray task: a partition's flagged series refined with their residual moments, then
-    the partition written."""
+def _refine_task(index: int, job: _Job, target: str, state, moments):
+    """A Ray task: a partition's flagged series refined with their residual moments (in the
+    order of their flagged ids), then the partition written."""
     clock = _Clock()
     ids, table, chunks, records = state
     records = [{name: np.array(values) for name, values in record.items()}
                for record in records]  # (writable copies)
-    untrusted, picked = untrusted_rows(chunks, records)
-    q_rows, m_rows = np.zeros((len(table), q.shape[1])), np.zeros((len(table), moments.shape[1]))
-    q_rows[picked], m_rows[picked] = q, moments
-    apply_refinement(job.backend(), table, chunks, records, untrusted, q_rows, m_rows,
-                     job.weighted)
+    refine_untrusted(job.backend(), table, chunks, records, untrusted_rows(chunks, records),
+                     moments, job.weighted)
     return clock.info(**_write_records(index, ids, chunks, records, job, target))
 
 
@@ -529,7 +476,7 @@ def _write_part(index: int, tables: list, job: _Job, target: str) -> dict:
     begun = time.perf_counter()
     table = io.concat_tables(tables)
     name = f"part-{index:05d}.parquet"
-    if _is_local(target):
+    if is_local(target):
         # (dictionary-encode only the status, as run_job: on floats it costs write time)
         with io.AtomicParquetWriter(os.path.join(target, name), job.schema,
                                     use_dictionary=["status"]) as writer:
@@ -549,7 +496,7 @@ def _check_written(target: str, written: list, columns: io.ColumnSpec, fmt: str)
     output's, from the footers); list format: ids of different tasks may repeat (as input
     rows can), so a local output's ids are read back."""
     n_series = sum(info["series"] for info in written)
-    if _is_local(target):
+    if is_local(target):
         files = [pq.ParquetFile(os.path.join(target, name)) for name in sorted(
             os.listdir(target)) if name.endswith(".parquet") and name[0] not in "._"]
         rows = sum(file.metadata.num_rows for file in files)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from batchfit import __version__, engine, io
+from batchfit import engine, io
 from batchfit.core.options import Options, resolve
 from batchfit.moments import degrees
 from batchfit.moments import layout as moments
+from batchfit.pipeline.metadata import job_metadata
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
 DEFAULT_COLUMNS = io.ColumnSpec()
@@ -111,13 +112,9 @@ def run_job(input_path: str, output_path: str | None = None, *,
         engine.config(opts)
         engine.resolve_device(opts.device)
     device = backend.device if backend else str(engine.resolve_device(opts.device))
-    metadata = {"version": __version__, **opts.describe(device), "input": input_path,
-                "format": dataset.format, "input_format": dataset.file_format,
-                "x_unit": dataset.layout.x_unit,
-                "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
-                            "weight": columns.weight if dataset.layout.has_weight else None},
-                "options": {key: value for key, value in fit_options.items()
-                            if not callable(value)} | {"batch_size": batch_size}}
+    metadata = job_metadata(opts, input_path, dataset.layout, dataset.file_format, columns,
+                            fit_options, engine="local", device=device,
+                            batch_size=batch_size)
     schema = job_schema(opts, dataset.layout.id_type, metadata, columns.series_id)
     checkpoint = io.Checkpoint(output_path, {"metadata": metadata, "files": dataset.stamp()}) \
         if resume else None
@@ -220,38 +217,67 @@ def solve_statistics(backend, table, order: np.ndarray, weighted: bool, batch_si
 
 
 def _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers):
-    """One step of iterative refinement for the series whose sums lost digits (uneven x, or
-    a residual lost to cancellation): a second pass over the input gathers their residual
-    moments, and their records are replaced by the refined fits."""
-    untrusted = [np.flatnonzero(~record["trusted"]) for record in records]
-    if not any(len(rows) for rows in untrusted):
+    """Refine the untrusted rows (``untrusted_rows``): a second pass over the input gathers
+    their residual moments, then ``refine_untrusted``."""
+    untrusted = untrusted_rows(chunks, records)
+    if not untrusted:
         return
     k = backend.opts.degree + 1
     flagged, q = np.zeros(codes.size, np.uint8), np.zeros((codes.size, k))
-    for chunk, record, rows in zip(chunks, records, untrusted):
-        flagged[chunk[rows]] = 1
-        q[chunk[rows]] = record["q"][rows]
+    flagged[untrusted.picked], q[untrusted.picked] = 1, untrusted.q
     moments = np.zeros((codes.size, (k + 1) * (2 if weighted else 1)))
     codes.unique_rows = False  # the second pass sees every id again
     for batch in dataset.batches(codes, workers=workers):
         agg.residual(batch.codes, batch.x, batch.y, batch.w, flagged, q, moments, batch.offset)
-    apply_refinement(backend, table, chunks, records, untrusted, q, moments, weighted)
+    refine_untrusted(backend, table, chunks, records, untrusted, moments[untrusted.picked],
+                     weighted)
 
 
-def apply_refinement(backend, table, chunks, records, untrusted, q, moments, weighted):
-    """Replace the ``untrusted`` rows of each chunk's record by their refined fits, from the
-    residual moments of their points (``q`` and ``moments`` by table row)."""
+@dataclass(frozen=True)
+class Untrusted:
+    """The rows of solved chunks of a statistics table whose solve is not trusted: their
+    sums lost digits (uneven x, or a residual lost to cancellation), so their fits are
+    refined from the residual moments of their points (``refine_untrusted``)."""
+
+    rows: list  # per chunk, the rows of its record
+    picked: np.ndarray  # their table rows, chunk after chunk
+    q: np.ndarray  # their Chebyshev coefficients, in the order of ``picked``
+
+    def __bool__(self) -> bool:
+        return bool(len(self.picked))
+
+
+def untrusted_rows(chunks, records) -> Untrusted:
+    """The untrusted rows of each chunk's record (``solve_statistics``'s chunks and
+    records)."""
+    rows = [np.flatnonzero(~record["trusted"]) for record in records]
+    if not rows:
+        return Untrusted(rows, np.zeros(0, np.int64), np.zeros((0, 0)))
+    picked = np.concatenate([chunk[at] for chunk, at in zip(chunks, rows)]).astype(np.int64)
+    q = np.concatenate([np.asarray(record["q"], np.float64)[at]
+                        for record, at in zip(records, rows)])
+    return Untrusted(rows, picked, q)
+
+
+def refine_untrusted(backend, table, chunks, records, untrusted: Untrusted,
+                     moments: np.ndarray, weighted: bool):
+    """One step of iterative refinement: replace the untrusted rows of each chunk's record
+    (in place) by fits from the residual moments of their points, ``moments`` (one row per
+    untrusted row, in the order of ``untrusted.picked``), wherever they were gathered."""
     k = backend.opts.degree + 1
-    for chunk, record, rows in zip(chunks, records, untrusted):
+    bounds = np.cumsum([0] + [len(rows) for rows in untrusted.rows])
+    for chunk, record, rows, lo, hi in zip(chunks, records, untrusted.rows, bounds[:-1],
+                                           bounds[1:]):
         if not len(rows):
             continue
+        q, m = untrusted.q[lo:hi], moments[lo:hi]
         chosen = record.get("degrees", np.full(len(record["status"]), k - 1))[rows]
         for degree in np.unique(chosen):  # (one degree unless it is chosen per series)
-            at, picked = rows[chosen == degree], chunk[rows[chosen == degree]]
+            mine = chosen == degree
+            at = rows[mine]
             refined = backend.solve(
-                degrees.truncated(table[picked], k - 1, weighted, int(degree)), weighted,
-                _step(q[picked], moments[picked], k, int(degree), weighted),
-                degree=int(degree))
+                degrees.truncated(table[chunk[at]], k - 1, weighted, int(degree)), weighted,
+                _step(q[mine], m[mine], k, int(degree), weighted), degree=int(degree))
             if "degrees" in record:
                 refined = degrees.padded(refined, int(degree), k - 1)
             for name, values in record.items():
@@ -356,14 +382,6 @@ def merge_statistics(rows_of_parts: list, tables: list, n: int, backend,
         table[rows] = backend.merge(table[rows], np.ascontiguousarray(part, dtype=np.float64),
                                     weighted)
     return table
-
-
-def untrusted_rows(chunks, records) -> tuple[list, np.ndarray]:
-    """Each chunk's rows to refine, and their table rows, in order."""
-    untrusted = [np.flatnonzero(~record["trusted"]) for record in records]
-    picked = np.concatenate([chunk[rows] for chunk, rows in zip(chunks, untrusted)]) \
-        if untrusted else np.zeros(0, np.int64)
-    return untrusted, picked.astype(np.int64)
 
 
 def residual_moments(part, codes, backend, ids, table, q, weighted: bool,

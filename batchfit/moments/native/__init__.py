@@ -73,7 +73,8 @@ def _target_path(compiler: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = cache.digest(*sources, compiler, version, FLAGS, cache.cpu_signature())
-    return os.path.join(cache.cache_dir("native"), f"libbatchfit-{key}.so")
+    directory = cache.cache_dir("native")
+    return None if directory is None else os.path.join(directory, f"libbatchfit-{key}.so")
 
 
 def build(compiler: str, path: str) -> bool:
@@ -191,7 +192,8 @@ def library(points: float = 0):
             return None
         if not os.path.exists(path):
             if points * TWIN_EXTRA_S_PER_POINT < BUILD_S:
-                _build_in_background(path)
+                if cache.persistent():  # (a build for later processes needs a lasting cache)
+                    _build_in_background(path)
                 return None
             if not build(compiler, path):
                 _library.append(None)
