@@ -68,9 +68,7 @@ def wait_for_builders(cache: str, limit: float = 1800):
     while time.time() < deadline and quiet < 3:  # (three quiet looks in a row)
         locks = [name for root, _, files in os.walk(cache) for name in files
                  if name.endswith(".building")]
-        busy = subprocess.run(["pgrep", "-f", "batchfit.moments.native"], capture_output=True,
-                              check=False).stdout
-        quiet = 0 if locks or busy else quiet + 1
+        quiet = 0 if locks else quiet + 1
         time.sleep(5)
 
 

@@ -1,6 +1,6 @@
 """What a user pays for compiled kernels: never a compile that cannot pay back within the
 call, kernels kept per machine (a user's model too, by its code's fingerprint), builds in
-the background that later runs pick up, and the native kernel likewise."""
+the background that later runs pick up."""
 
 import os
 import subprocess
@@ -150,39 +150,6 @@ def test_a_users_model_is_built_in_the_background_and_kept_for_later_runs(tmp_pa
     assert again >= 4  # (the model's kernels and the step's, loaded: nothing compiled)
     assert "compil" not in notes_again
     assert ok_again == ok and total_again == pytest.approx(total, rel=1e-9)
-
-
-@pytest.mark.slow  # (builds the native kernel: 7-16 s)
-def test_a_first_small_job_never_waits_for_the_native_kernel(tmp_path):
-    """With no native kernel on the machine a small job aggregates with torch at once and
-    builds the kernel in the background; the next job uses it. Both give the same fits."""
-    from batchfit.app.generate import generate
-
-    data = tmp_path / "data.parquet"
-    generate(str(data), series=500, points=20, seed=1)
-    env = {**os.environ, "BATCHFIT_CACHE_DIR": str(tmp_path / "cache")}
-
-    def run(name):
-        out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "batchfit", "run", str(data), "-o",
-                               str(out), "--no-progress"], env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr
-        return out, done.stderr
-
-    first, notes = run("first.parquet")
-    assert "native aggregation kernel" in notes and "background" in notes
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "cache").rglob("*.so")):
-        time.sleep(1)
-    assert list((tmp_path / "cache").rglob("*.so"))
-    second, notes = run("second.parquet")
-    assert "native aggregation kernel" not in notes
-    import pyarrow.parquet as pq
-
-    a, b = pq.read_table(first), pq.read_table(second)
-    for name in ("a", "b", "c", "rmse"):
-        np.testing.assert_allclose(a[name].to_numpy(), b[name].to_numpy(), rtol=1e-9)
 
 
 @pytest.mark.slow  # (builds one small AOTInductor package: about half a minute on 2 cores)

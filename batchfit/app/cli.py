@@ -338,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     warm = commands.add_parser(
         "warmup", help="compile batchfit's kernels for this machine, once (an installer step)",
-        description="Build the native aggregation kernel and the ahead-of-time kernels of "
-                    "robust polynomial fits, kept in the cache directory ($BATCHFIT_CACHE_DIR, "
+        description="Build the ahead-of-time kernels of robust polynomial fits, kept in the cache directory ($BATCHFIT_CACHE_DIR, "
                     "else ~/.cache/batchfit) for every later process. Without it, the first run "
                     "that needs a kernel builds it (and says so). Example: batchfit warmup")
     warm.add_argument("--loss", nargs="+", default=["huber"],

@@ -1,7 +1,7 @@
 """Where batchfit keeps what it compiles once per machine, and how it says so.
 
-Compiled kernels (the native aggregation kernel, AOTInductor packages of the torch kernels)
-are built once per machine (when and where: ``batchfit.engine``) and kept under
+Compiled kernels (AOTInductor packages of the torch kernels; the native moment kernel is
+built at install) are built once per machine (when and where: ``batchfit.engine``) and kept under
 ``cache_dir()``:
 ``$BATCHFIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/batchfit``, else ``~/.cache/batchfit``. Every
 entry's name carries a key of everything it depends on (source, CPU, torch version), so a

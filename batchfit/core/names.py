@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-import numpy as np
-
 SOLVERS = ("auto", "exact", "newton", "gd", "adam")
 BUILTIN_LOSSES = ("mse", "huber", "soft_l1", "cauchy", "arctan")
 LOSS_ALIASES = {"linear": "mse"}  # scipy's name of the plain squared error
@@ -64,4 +62,4 @@ class Status(IntEnum):
         return self.name.lower()
 
 
-STATUS_LABELS = np.array([s.label for s in Status])
+STATUS_LABELS = tuple(s.label for s in Status)

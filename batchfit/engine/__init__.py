@@ -44,7 +44,7 @@ def usable_cpus() -> int:
 
 class MomentBackend:
     """Where a job's moment tables are gathered and solved: the native kernel (the CPU, no
-    torch at all), or torch (``--device cuda``, or no C compiler here)."""
+    torch at all), or its torch twin (``--device cuda``, or no usable native kernel)."""
 
     def __init__(self, opts: Options, uses_torch: bool):
         self.opts, self.uses_torch = opts, uses_torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -350,13 +349,13 @@ NATIVE_MIN_ROWS = 8192  # rows per thread of the native kernel, at least
 def _exact(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> FitResult:
     """The exact fit of dense inputs from their moment tables (``batchfit.moments.layout``): on the
     CPU gathered and solved by the native kernel (rows shared out over the threads), else
-    (CUDA, or no C compiler) by its torch twin on the inputs' device. Series whose sums lost
+    (CUDA, or no usable native kernel) by its torch twin on the inputs' device. Series whose sums lost
     digits are fitted again on their points. ``opts.auto_degree``: each series' degree is
     chosen (``batchfit.moments.degrees``) and its refit made at that degree."""
     def points(rows):
         return problem_of(inputs.take(rows), dtype=torch.float64)
 
-    torch_twin = inputs.y.device.type != "cpu" or native.library(inputs.y.numel()) is None
+    torch_twin = inputs.y.device.type != "cpu" or native.library() is None
     if torch_twin and not opts.auto_degree:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
         return solve_exact(table, weighted, cfg, vectorize, points)
@@ -802,14 +801,14 @@ def _take_rows(value, rows: np.ndarray, per_series_ndim: int):
 
 
 def warmup(losses=("huber",), dtypes=("float32",), degree: int = 2) -> list[str]:
-    """Build, once for this machine, what batchfit compiles: the native kernel, and the
-    ahead-of-time kernels of robust polynomial fits for ``losses`` in ``dtypes`` (shaped as
+    """Build, once for this machine, what batchfit compiles (and check the native kernel
+    that the install built): the ahead-of-time kernels of robust polynomial fits for ``losses`` in ``dtypes`` (shaped as
     ``batchfit run`` and ``fit`` call them) and of the exact solver's refinement step. What
     is built already is only loaded. Returns what was done, a line each."""
     done = []
     start = time.perf_counter()
-    if native.library(points=math.inf) is None:
-        done.append("native kernel: not available (no working C compiler); torch is used")
+    if native.library() is None:
+        done.append("native kernel: unusable (see the warning above); the torch twin does the sums")
     else:
         done.append(f"native kernel: ready ({time.perf_counter() - start:.1f} s)")
     rng = np.random.default_rng(0)

@@ -249,7 +249,7 @@ class FitResult:
 
     def status_labels(self) -> np.ndarray:
         """Status names ('ok', 'singular', ...) as a numpy array of str."""
-        return STATUS_LABELS[self.status.cpu().numpy()]
+        return np.asarray(STATUS_LABELS)[self.status.cpu().numpy()]
 
     def status_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.status.long().cpu().reshape(-1), minlength=len(Status))

@@ -1,5 +1,5 @@
 """The torch twin of the native kernel: moment tables (``batchfit.moments.layout``) gathered and
-solved with torch, on any device. It serves CUDA, machines without a C compiler, and the
+solved with torch, on any device. It serves CUDA, installs without a usable native kernel, and the
 tests (as an independent implementation of the same statistics).
 
 ``TorchAggregator`` gathers a table a batch at a time (``index_add``); ``dense_kernel``
@@ -21,20 +21,24 @@ from batchfit.fitting.data import scale_for, shared_tensor, used_points
 from batchfit.fitting.diagnostics import coefficient_errors, finalize, frame_of
 from batchfit.fitting.models import Sums, gram_from_sums, to_raw_map
 from batchfit.moments.layout import (
-    CANCELLATION_MARGIN,
     CENTRE,
     HALF,
-    HEADER,
     HI,
     INVH,
     LO,
     NPTS,
-    TRUST_PIVOT,
     WSCALE,
     YREF,
     YSCALE,
     block_size,
     new_table,
+)
+from batchfit.moments.shared import (
+    CANCELLATION_MARGIN,
+    HEADER,
+    SLACK,
+    SLACK_MAX_DEGREE,
+    TRUST_PIVOT,
 )
 
 # ---------------------------------------------------------------- frames, in torch
@@ -112,15 +116,13 @@ class TorchAggregator:
     """The native kernel's algorithm in vectorised torch, a batch at a time, on any device:
     the batch's range per series first (frames widened where needed), then its sums."""
 
-    SLACK = 1.25  # as native.SLACK, for degrees up to 3 (exact reframes above)
 
     def __init__(self, degree: int, weighted: bool, device, rows: int = 1):
         self.degree, self.weighted, self.device = degree, weighted, torch.device(device)
-        self.slack = self.SLACK if degree <= 3 else 1.0
+        self.slack = SLACK if degree <= SLACK_MAX_DEGREE else 1.0
         self.table = torch.from_numpy(new_table(0, degree, weighted)).to(self.device)
         self.seen = torch.zeros(0, dtype=torch.bool, device=self.device)
         self.last, self.nruns, self.runlist = -1, 0, []
-        self.reframes = 0
         self.reserve(rows)
 
     @property
@@ -205,7 +207,6 @@ class TorchAggregator:
             half = (part[:, HI] - part[:, LO]) / 2 * self.slack
             half = torch.maximum(half, torch.maximum(centre - part[:, LO], part[:, HI] - centre))
             table[rows_g] = reframe(part, self.degree, self.weighted, centre, half)
-            self.reframes += len(rows_g)
         self._sum(codes, x, y, w)
 
     def _sum(self, codes, x, y, w):
@@ -422,7 +423,7 @@ EAGER_S_PER_ROW = 3e-7  # the solve, eager, per series (measured: 2-core Xeon, t
 @factory
 def dense_kernel(degree: int, weighted: bool):
     """One series' row from its points (torch; vmapped): the native kernel's result for a
-    whole series, for CUDA and where no C compiler is available. Float64 throughout."""
+    whole series, for CUDA and where no native kernel is usable. Float64 throughout."""
     nm, k = 2 * degree + 1, degree + 1
 
     def kernel(series):

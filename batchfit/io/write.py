@@ -102,7 +102,7 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
                    loss=floats(record["loss"]), rmse=floats(record["rmse"]),
                    r2=floats(record["r2"]),
                    iterations=pa.array(np.asarray(record["iterations"], np.int64)),
-                   status=pa.array(STATUS_LABELS[record["status"]], pa.string()))
+                   status=pa.array(np.asarray(STATUS_LABELS)[record["status"]], pa.string()))
     if "converged_starts" in record:
         columns["converged_starts"] = pa.array(np.asarray(record["converged_starts"], np.int64))
     return pa.table([columns[field.name] for field in schema], schema=schema)

@@ -14,7 +14,7 @@ range, y and the weights scaled by powers of two (``yscale``, ``wscale``; else 1
 The frame keeps float64's digits for any offset of x (Unix timestamps); the rows of two parts
 of a series merge exactly (each part's sums mapped onto a frame that holds both, then added),
 so a series can be spread over row groups, files, batches or Ray tasks, in any order. The
-native kernel (``batchfit/native/aggregate.c``) gathers and solves these tables on the CPU;
+native kernel (``batchfit/moments/native/aggregate.c``) gathers and solves these tables on the CPU;
 ``batchfit.fitting.moment_twin`` is its torch twin. Torch is not imported here.
 """
 
@@ -23,16 +23,12 @@ from __future__ import annotations
 import numpy as np
 from numpy.polynomial import chebyshev
 
-# Row layout (the same in aggregate.c): a header, then one block of sums, and for weighted
-# tables a second block with unit weights (the unweighted rmse needs it).
-CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE = range(9)
-HEADER = 9
-TRUST_PIVOT = 0.25  # below this relative Cholesky pivot, one refinement step on the points
-# The residual sum of squares follows from the sums as Y2 - q.R, which loses digits when it is
-# small next to Y2 (a fit explaining almost all of the spread): trusted only when it is at
-# least this many eps of Y2 (then it keeps ~12 digits, the row-order promise); below, the
-# series gets one refinement step with its points. (The same constants are in aggregate.c.)
-CANCELLATION_MARGIN = 2.0**42
+from batchfit.moments.shared import HEADER, Field
+
+# The row's header fields (their numbers are batchfit.moments.shared's, as aggregate.c's), then
+# one block of sums, and for weighted tables a second block with unit weights (the unweighted
+# rmse needs it).
+CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE = (int(field) for field in Field)
 
 
 def cheb_to_mono(k: int) -> np.ndarray:

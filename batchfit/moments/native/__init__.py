@@ -1,159 +1,89 @@
-"""The native aggregation kernel (aggregate.c): built once per machine, loaded through ctypes.
+"""The native moment kernel (aggregate.c), built with the package and loaded through ctypes.
 
-``library(points)`` loads the kernel compiled for this source, compiler and CPU from the
-cache directory (milliseconds). The first time, aggregate.c is compiled with the system C
-compiler (``$CC``, else cc/gcc/clang: the compiler torch.compile needs on the CPU anyway),
-which takes 7-16 s on 2 cores: for a job of ``points`` points big enough to pay that back
-(the torch twin is about 10x slower per point) it is built then and there; otherwise it is
-built in a detached, low-priority background process (``python -m batchfit.moments.native``) and
-this job aggregates with torch (``batchfit.fitting.moment_twin.TorchAggregator``: same numbers to
-rounding), so a first small run never waits for a compiler. Without a working compiler it
-returns None and torch does the sums.
+``library()`` loads the extension ``batchfit.moments.native._aggregate`` (or its AVX-512
+build, ``_aggregate_avx512``, on a CPU that has it) once per process (milliseconds; nothing
+is compiled at run time) after checking that it was built from this package's shared numbers (``batchfit.moments.shared``: ``bf_shared`` and ``bf_width``). A
+kernel that is missing (an install without a compiler), unloadable or stale gets one warning
+line, and the job sums with the torch twin (``batchfit.fitting.moment_twin``: the same numbers
+to rounding, about 10x slower per point); ``BATCHFIT_NATIVE=0`` picks the twin without a word.
 
-``Aggregator`` owns a table of per-series statistics (layout in ``batchfit.fitting.moment_twin``) and adds
-batches of points to it. Its calls release the GIL, so other threads decode meanwhile.
+``Aggregator`` owns a table of per-series statistics (layout in ``batchfit.moments.layout``)
+and adds batches of points to it. Its calls release the GIL, so other threads decode meanwhile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import importlib.util
 import os
-import shutil
-import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 
 from batchfit.core import cache
-from batchfit.core.names import Status
+from batchfit.core.names import MAX_DEGREE, Status
 from batchfit.moments import layout as moments
+from batchfit.moments import shared
 
-SOURCES = ("aggregate.c", "sums.h", "sums_all.h")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
-# Widened frames get this much room to grow, so scattered series are reframed fewer times.
-# Mapping sums from a wider frame onto the exact one at the end costs about slack**(2D)
-# rounding errors, so high degrees reframe exactly instead.
-SLACK = 1.25
-SLACK_MAX_DEGREE = 3
-
-# Building the kernel costs about BUILD_S; the torch twin costs TWIN_EXTRA_S_PER_POINT more
-# per point than the kernel (2-core Xeon: 7-16 s; 1e6 x 100 points: 28.4 s against 2.35 s).
-BUILD_S = 15.0
-TWIN_EXTRA_S_PER_POINT = 2.6e-7
-STALE_BUILD_S = 600  # a background build's lock older than this is abandoned
+# The kernel's builds (setup.py), the fastest first.
+BUILDS = ("batchfit.moments.native._aggregate_avx512", "batchfit.moments.native._aggregate")
 
 _lock = threading.Lock()
-_library: list = []  # [ctypes.CDLL or None], once loaded or known to be impossible
-_target: list = []  # [(compiler, path)] of this machine's kernel, once looked for
+_library: list = []  # [ctypes.CDLL or None], once looked for
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+def _unusable(why: str):
+    cache.notice(f"warning: the native moment kernel is unusable ({why}); the torch twin "
+                 "does the sums, about 10x slower (reinstall batchfit with a C compiler "
+                 "present; BATCHFIT_NATIVE=0 silences this)")
 
 
-def _source_dir() -> str:
-    return os.path.dirname(os.path.abspath(__file__))
+def _installed_build():
+    """The path of the fastest installed build that this CPU runs (None: none installed), and
+    the build loaded (None when it cannot be: then the reason instead)."""
+    for name in BUILDS:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:
+            spec = None
+        if spec is None or not spec.origin:
+            continue
+        try:
+            lib = ctypes.CDLL(spec.origin)
+            runs_here = lib.bf_cpu_ok
+        except (OSError, AttributeError) as error:
+            return spec.origin, f"cannot load {spec.origin}: {error}"
+        runs_here.restype, runs_here.argtypes = ctypes.c_int64, []
+        if runs_here():
+            return spec.origin, lib
+    return None, None
 
 
-def _target_path(compiler: str) -> str | None:
-    """Where the library for this source, compiler and CPU is kept (built or not)."""
-    sources = []
-    for name in SOURCES:
-        with open(os.path.join(_source_dir(), name), "rb") as f:
-            sources.append(f.read())
-    try:
-        version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
-                                 text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    key = cache.digest(*sources, compiler, version, FLAGS, cache.cpu_signature())
-    directory = cache.cache_dir("native")
-    return None if directory is None else os.path.join(directory, f"libbatchfit-{key}.so")
-
-
-def build(compiler: str, path: str) -> bool:
-    """Compile the library into ``path`` (through a temporary file, renamed into place)."""
-    start = time.perf_counter()
-    directory = os.path.dirname(path)
-    temp = cache.temp_path(directory, ".so")
-    try:
-        done = subprocess.run([compiler, *FLAGS, "-o", temp,
-                               os.path.join(_source_dir(), "aggregate.c")],
-                              check=False, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            return False
-        os.replace(temp, path)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    cache.notice(f"compiled the native aggregation kernel for this machine in "
-                 f"{time.perf_counter() - start:.1f} s (once; kept in {directory})")
-    return True
-
-
-def _build_lock(path: str) -> str:
-    return path + ".building"
-
-
-def _building(path: str) -> bool:
-    """Whether a background build of ``path`` is under way (a fresh lock file)."""
-    try:
-        return time.time() - os.path.getmtime(_build_lock(path)) < STALE_BUILD_S
-    except OSError:
-        return False
-
-
-def _build_in_background(path: str):
-    """Start ``python -m batchfit.moments.native`` detached (it outlives this process), unless one
-    is building already; say so once."""
-    if _building(path):
-        return
-    try:
-        subprocess.Popen([sys.executable, "-m", "batchfit.moments.native"], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env={**os.environ, "BATCHFIT_NATIVE": "1"})
-    except OSError:
-        return
-    cache.notice(f"building the native aggregation kernel for this machine in the background "
-                 f"(once; kept in {os.path.dirname(path)}); meanwhile torch does the sums "
-                 "(`batchfit warmup` builds it ahead)")
-
-
-def build_once() -> bool:
-    """The background builder's work: build this machine's library unless it exists or
-    another process holds the lock; True when the library is there afterwards."""
-    compiler = _compiler()
-    path = _target_path(compiler) if compiler else None
+def _load():
+    """The checked kernel, or None after saying why it cannot be used."""
+    path, lib = _installed_build()
     if path is None:
-        return False
-    if os.path.exists(path):
-        return True
-    if not _building(path):  # (a lock left by a builder that died is abandoned)
-        with contextlib.suppress(OSError):
-            os.unlink(_build_lock(path))
+        return _unusable("not installed: batchfit was installed without building it")
+    if isinstance(lib, str):
+        return _unusable(lib)
     try:
-        os.close(os.open(_build_lock(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    try:
-        return build(compiler, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(_build_lock(path))
+        built_from, widths = lib.bf_shared, lib.bf_width
+    except AttributeError as error:
+        return _unusable(f"stale: {path}: {error}")
+    built_from.restype, built_from.argtypes = ctypes.c_int64, []
+    widths.restype, widths.argtypes = ctypes.c_int64, [ctypes.c_int, ctypes.c_int]
+    if built_from() != shared.signature() or any(
+            widths(d, w) != moments.width(d, bool(w))
+            for d in range(MAX_DEGREE + 1) for w in (0, 1)):
+        return _unusable(f"stale: {path} was built from other shared numbers than this "
+                         "package's")
+    return _declare(lib)
 
 
 def _declare(lib):
     V, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bf_width.restype, lib.bf_width.argtypes = I, [C, C]
-    lib.bf_new.restype, lib.bf_new.argtypes = V, [C, C, C, ctypes.c_double]
+    lib.bf_new.restype, lib.bf_new.argtypes = V, [C, C, C]
     lib.bf_free.restype, lib.bf_free.argtypes = None, [V]
     lib.bf_set_table.restype, lib.bf_set_table.argtypes = C, [V, V, V, I]
     for name in ("f32", "f64"):
@@ -167,7 +97,6 @@ def _declare(lib):
     lib.bf_note.restype, lib.bf_note.argtypes = C, [V, I, V, I]
     lib.bf_finish.restype, lib.bf_finish.argtypes = None, [V, I]
     lib.bf_runs.restype, lib.bf_runs.argtypes = I, [V, V]
-    lib.bf_reframes.restype, lib.bf_reframes.argtypes = I, [V]
     lib.bf_merge.restype, lib.bf_merge.argtypes = None, [C, C, V, V, I]
     lib.bf_get_state.restype, lib.bf_get_state.argtypes = None, [V, V]
     lib.bf_solve.restype = None
@@ -176,32 +105,13 @@ def _declare(lib):
     return lib
 
 
-def library(points: float = 0):
-    """The loaded native library, or None when torch is to do the sums: no compiler here,
-    ``BATCHFIT_NATIVE=0``, or (the first time on a machine) a job of ``points`` points too
-    small to pay back the build, which then runs in the background (see the module doc)."""
+def library():
+    """The loaded native kernel, or None when the torch twin is to do the sums (see the
+    module's doc)."""
     with _lock:
-        if _library:
-            return _library[0]
-        if not _target:
-            compiler = _compiler() if os.environ.get("BATCHFIT_NATIVE", "1") != "0" else None
-            _target.append((compiler, _target_path(compiler) if compiler else None))
-        compiler, path = _target[0]
-        if path is None:
-            _library.append(None)
-            return None
-        if not os.path.exists(path):
-            if points * TWIN_EXTRA_S_PER_POINT < BUILD_S:
-                if cache.persistent():  # (a build for later processes needs a lasting cache)
-                    _build_in_background(path)
-                return None
-            if not build(compiler, path):
-                _library.append(None)
-                return None
-        try:
-            _library.append(_declare(ctypes.CDLL(path)))
-        except OSError:
-            _library.append(None)
+        if not _library:
+            wanted = os.environ.get("BATCHFIT_NATIVE", "1") != "0"
+            _library.append(_load() if wanted else None)
         return _library[0]
 
 
@@ -224,11 +134,11 @@ def _require(array, what: str, name: str, dtype, shape: tuple, writable: bool = 
 
 
 def _check(code: int, what: str):
-    if code == -1:
+    if code == shared.ERRORS["BF_BAD_CODE"]:
         raise ValueError(f"{what}: a series code is outside the table (a bug in batchfit)")
-    if code == -2:
+    if code == shared.ERRORS["BF_NO_MEMORY"]:
         raise MemoryError(f"{what}: out of memory in the native aggregation kernel")
-    if code == -3:
+    if code == shared.ERRORS["BF_MISMATCH"]:
         raise ValueError(f"{what}: inputs do not match the aggregator (a bug in batchfit)")
 
 
@@ -242,8 +152,7 @@ class Aggregator:
             raise RuntimeError("the native aggregation kernel is not available")
         self.degree, self.weighted, self.double = degree, weighted, double
         self.dtype = np.float64 if double else np.float32
-        slack = SLACK if degree <= SLACK_MAX_DEGREE else 1.0
-        self.handle = self.lib.bf_new(degree, int(weighted), int(double), slack)
+        self.handle = self.lib.bf_new(degree, int(weighted), int(double))
         if not self.handle:
             raise MemoryError("cannot create the native aggregator")
         self.table = moments.new_table(0, degree, weighted)
@@ -366,10 +275,6 @@ class Aggregator:
         _check(self.lib.bf_set_state(self.handle, int(state["last"]), int(state["nruns"]),
                                      _pointer(runlist)), "load_state")
 
-    @property
-    def reframes(self) -> int:
-        return self.lib.bf_reframes(self.handle)
-
     def residual(self, codes, x, y, w, flagged: np.ndarray, q: np.ndarray,
                  out: np.ndarray, offset: int = 0):
         """Add the residual moments of the flagged rows' points to ``out`` (see aggregate.c):
@@ -428,7 +333,9 @@ def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | Non
                  *(_pointer(out[name]) for name in ("params", "stderr", "loss", "rmse", "r2",
                                                     "n_points", "status", "trusted", "q")))
     out["trusted"] = out["trusted"].astype(bool)
-    out["iterations"] = (out["status"] == 0).astype(np.int64) | (out["status"] == 4)
+    # (one step, as an iterative solver counts it, for a solved or a diverged fit)
+    out["iterations"] = np.isin(out["status"], (int(Status.OK), int(Status.DIVERGED))
+                                ).astype(np.int64)
     return _as_record(out, table)
 
 

@@ -1,9 +1,11 @@
 /* batchfit's aggregation kernel: per-series sufficient statistics of a polynomial MSE fit,
  * accumulated in one pass over points that arrive in any order.
  *
- * Compiled once per machine by batchfit/native/__init__.py (with the system C compiler, the
- * one torch.compile uses) and called through ctypes, which releases the GIL: the caller
- * decodes the next Parquet batch in other threads while this runs.
+ * Built with the package (setup.py: the extension batchfit.moments.native._aggregate) and
+ * called through ctypes, which releases the GIL: the caller decodes the next Parquet batch in
+ * other threads while this runs. On x86-64 it is built twice, for the baseline and for
+ * AVX-512 (x86-64-v4: 4x faster on grouped points), and the loader takes the AVX-512 build
+ * where bf_cpu_ok says the CPU runs it.
  *
  * A series' statistics live in one row of a float64 table that the caller owns:
  *   CENTRE, HALF, INVH   its frame: t = (x - CENTRE) / HALF; every accumulated point has
@@ -37,7 +39,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#define MAX_DEGREE 10
+#include "shared.h" /* the numbers Python shares: row header, thresholds, statuses, errors */
+
 #define MAX_M (2 * MAX_DEGREE + 1)
 #define LANES 8
 #define RUN_MIN 8
@@ -46,8 +49,6 @@
 #define BUCKET_MAX_POINTS 262144
 #define BUCKET_MIN_POINTS 1024
 #define BUCKET_BUDGET (256L << 20) /* bytes of buffered points, all buckets together */
-
-enum { CENTRE, HALF, INVH, YREF, LO, HI, NPTS, YSCALE, WSCALE, HEADER };
 
 /* a buffered point: x, y, w and the row's offset inside its bucket */
 typedef struct { float x, y, w; uint32_t r; } pt_f32;
@@ -69,11 +70,25 @@ typedef struct {
   double *xs, *ys, *ws;
   int64_t last, nruns, runcap;
   int64_t *runlist;
-  int64_t reframes;
 } agg;
 
 static inline int nm_of(int degree) { return 2 * degree + 1; }
 static inline int block_of(int degree) { return nm_of(degree) + degree + 2; }
+
+/* What the loader checks against batchfit.moments.shared before it uses this kernel. */
+int64_t bf_shared(void) { return BF_SHARED; }
+
+/* Whether this CPU runs this build's instructions (itself baseline code, so that any x86-64
+ * CPU can ask). (GCC's target_clones would keep one file, but it compiles the vector
+ * extensions' compares of the cloned functions element by element: 3x slower.) */
+#if defined(__x86_64__) && defined(__AVX512F__)
+__attribute__((target("arch=x86-64"))) int64_t bf_cpu_ok(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("x86-64-v4");
+}
+#else
+int64_t bf_cpu_ok(void) { return 1; }
+#endif
 
 int64_t bf_width(int degree, int weighted) {
   return HEADER + (int64_t)block_of(degree) * (weighted ? 2 : 1);
@@ -171,7 +186,6 @@ static void widen(agg *a, double *row, double lo, double hi, double first_y, dou
     if (centre - half > row[LO] || centre + half < row[HI]) /* (whatever rounding did) */
       half = fmax(centre - row[LO], row[HI] - centre);
     reframe(row, a->degree, a->weighted, centre, half);
-    a->reframes++;
   }
 }
 
@@ -217,7 +231,7 @@ static int note_run(agg *a, int64_t code) {
   if (a->nruns > a->runcap) {
     int64_t cap = a->runcap ? 2 * a->runcap : 1 << 16;
     int64_t *list = realloc(a->runlist, sizeof(int64_t) * cap);
-    if (!list) return -2;
+    if (!list) return BF_NO_MEMORY;
     a->runlist = list;
     a->runcap = cap;
   }
@@ -256,14 +270,14 @@ static int note_run(agg *a, int64_t code) {
                                                                                            \
   int bf_add_##TN(agg *a, int64_t n, const int64_t *codes, int64_t offset, const T *x,     \
                   const T *y, const T *w, int note) {                                      \
-    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return -3;                       \
+    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return BF_MISMATCH;                       \
     run_##TN##_fn run = (w ? RUN_##TN##_W1 : RUN_##TN##_W0)[a->degree];                    \
     int64_t i = 0;                                                                         \
     while (i < n) {                                                                        \
       int64_t raw = codes[i], code = raw - offset, j = i + 1;                              \
-      if (code < 0 || code >= a->rows) return -1;                                          \
+      if (code < 0 || code >= a->rows) return BF_BAD_CODE;                                          \
       while (j < n && codes[j] == raw) j++;                                                \
-      if (note && note_run(a, code)) return -2;                                            \
+      if (note && note_run(a, code)) return BF_NO_MEMORY;                                            \
       if (j - i >= RUN_MIN) {                                                              \
         a->seen[code] = 1;                                                                 \
         run(a, a->table + code * a->width, j - i, x + i, y + i, w ? w + i : NULL);         \
@@ -292,8 +306,8 @@ DEFINE_BATCH(double, f64, pt_f64)
 #define DEFINE_DENSE(T, TN)                                                                 \
   int bf_add_dense_##TN(agg *a, int64_t first, int64_t rows, int64_t n, const T *x,       \
                         int64_t x_stride, const T *y, const T *w) {                        \
-    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return -3;                       \
-    if (first < 0 || first + rows > a->rows) return -1;                                    \
+    if (!w != !a->weighted || a->dbl != (sizeof(T) == 8)) return BF_MISMATCH;                       \
+    if (first < 0 || first + rows > a->rows) return BF_BAD_CODE;                                    \
     run_##TN##_fn run = (w ? RUN_##TN##_W1 : RUN_##TN##_W0)[a->degree];                    \
     for (int64_t r = 0; r < rows; r++) {                                                   \
       int64_t code = first + r;                                                            \
@@ -310,8 +324,8 @@ DEFINE_DENSE(double, f64)
 int bf_note(agg *a, int64_t n, const int64_t *codes, int64_t offset) {
   for (int64_t i = 0; i < n; i++) {
     int64_t code = codes[i] - offset;
-    if (code < 0 || code >= a->rows) return -1;
-    if (note_run(a, code)) return -2;
+    if (code < 0 || code >= a->rows) return BF_BAD_CODE;
+    if (note_run(a, code)) return BF_NO_MEMORY;
     a->seen[code] = 1;
   }
   return 0;
@@ -340,9 +354,9 @@ void bf_free(agg *a) {
   free(a);
 }
 
-/* An aggregator for one degree, weighted or not, float64 (dbl) or float32 inputs; slack: how
- * much wider than the points a widened frame is made (1: exactly as wide). */
-agg *bf_new(int degree, int weighted, int dbl, double slack) {
+/* An aggregator for one degree, weighted or not, float64 (dbl) or float32 inputs. Widened
+ * frames are SLACK times wider than the points up to SLACK_MAX_DEGREE, else exactly as wide. */
+agg *bf_new(int degree, int weighted, int dbl) {
   if (degree < 0 || degree > MAX_DEGREE) return NULL;
   agg *a = calloc(1, sizeof(agg));
   if (!a) return NULL;
@@ -350,7 +364,7 @@ agg *bf_new(int degree, int weighted, int dbl, double slack) {
   a->weighted = weighted;
   a->dbl = dbl;
   a->width = bf_width(degree, weighted);
-  a->slack = slack;
+  a->slack = degree <= SLACK_MAX_DEGREE ? SLACK : 1.0;
   a->last = -1;
   a->entry = dbl ? sizeof(pt_f64) : sizeof(pt_f32);
   a->bucket_points = BUCKET_MAX_POINTS;
@@ -386,7 +400,7 @@ int bf_set_table(agg *a, double *table, uint8_t *seen, int64_t rows) {
       free(bucket);
       free(fill);
       if (region != MAP_FAILED) munmap(region, bytes);
-      return -2;
+      return BF_NO_MEMORY;
     }
 #ifdef MADV_HUGEPAGE
     /* huge pages keep the writes to a few hundred buffers from missing the TLB each time */
@@ -421,7 +435,6 @@ void bf_finish(agg *a, int64_t rows) {
   }
 }
 
-int64_t bf_reframes(agg *a) { return a->reframes; }
 
 /* The number of runs so far; with out, the runs' codes in order (when every series was one
  * run: the input was grouped). -1: more runs than rows, so scattered. */
@@ -434,9 +447,6 @@ int64_t bf_runs(agg *a, int64_t *out) {
 
 /* ---------------------------------------------------------------- the fit of each series */
 
-enum { OK, TOO_FEW_POINTS, SINGULAR, NOT_CONVERGED, DIVERGED }; /* = batchfit.Status */
-#define TRUST_PIVOT 0.25          /* below: refine on the points (uneven x) */
-#define CANCELLATION_MARGIN 4398046511104.0 /* 2^42: sse below this many eps of Y2: refine */
 
 /* Lower Cholesky factor of the k x k matrix A (row-major) in L, with the reciprocals of its
  * diagonal on L's diagonal (the solves multiply); returns 1 when every pivot is above rel_tol
@@ -657,7 +667,7 @@ int bf_set_state(agg *a, int64_t last, int64_t nruns, const int64_t *runlist) {
   a->nruns = nruns;
   if (runlist && nruns) {
     a->runlist = malloc(sizeof(int64_t) * nruns);
-    if (!a->runlist) return -2;
+    if (!a->runlist) return BF_NO_MEMORY;
     memcpy(a->runlist, runlist, sizeof(int64_t) * nruns);
     a->runcap = nruns;
   }
@@ -734,7 +744,7 @@ void bf_merge(int degree, int weighted, double *dst, const double *src, int64_t 
     int k = degree + 1, ow = (k + 1) * (weighted ? 2 : 1);                                 \
     for (int64_t i = 0; i < n; i++) {                                                      \
       int64_t code = codes[i] - offset;                                                    \
-      if (code < 0 || code >= rows) return -1;                                             \
+      if (code < 0 || code >= rows) return BF_BAD_CODE;                                             \
       if (!flagged[code]) continue;                                                        \
       double xv = x[i], yv = y[i], wv = w ? (double)w[i] : 1.0;                           \
       if (!valid(xv, yv, wv)) continue;                                                    \
