@@ -105,14 +105,14 @@ BUILD_AND_FIT = textwrap.dedent("""
     import sys, time, numpy as np, torch
     sys.path.insert(0, sys.argv[1])
     import batchfit
-    from batchfit.engine import core
+    from batchfit.engine import ahead
     from user_models import model
     rng = np.random.default_rng(0)
     x = np.linspace(0, 4, 300)
     truth = rng.uniform([1, 0.5, -1], [3, 1.5, 1], (2000, 3))
     y = truth[:, :1] * np.exp(-truth[:, 1:2] * x) + truth[:, 2:] + rng.normal(0, 0.05, (2000, 300))
     fit = batchfit.fit(x, y, model=model, p0=[2.0, 1.0, 0.0], dtype="float64")
-    loaded = sum(1 for kernel in core._AHEAD.values() if kernel)
+    loaded = sum(1 for kernel in ahead._AHEAD.values() if kernel)
     print(loaded, float(fit.params.sum()), fit.status_counts()["ok"])
     """)
 

@@ -13,7 +13,8 @@ import pytest
 
 import batchfit
 from batchfit import io
-from batchfit.io import dataset as read
+from batchfit.io import dataset as dataset_module
+from batchfit.io.series_codes import DenseCodes, HashedCodes, dense_row_bytes
 from batchfit.moments import layout, native
 
 
@@ -24,7 +25,7 @@ def test_ordered_streams_do_not_keep_a_consumer_that_stops_waiting():
     code = textwrap.dedent("""
         import faulthandler, time
         faulthandler.dump_traceback_later(30, exit=True)
-        from batchfit.io.ordered_pool import ordered_streams as _ordered_streams
+        from batchfit.io.ordered_pool import ordered_streams
 
         def stream(task):  # task: (items, raise after them)
             yield from range(task[0])
@@ -40,7 +41,7 @@ def test_ordered_streams_do_not_keep_a_consumer_that_stops_waiting():
 
         for tasks in ([(2, False)] * 7, [(2, True)] * 7, [(200, False)] * 7):
             for fail in (False, True):
-                items = _ordered_streams(tasks, stream, workers=3, depth=2)
+                items = ordered_streams(tasks, stream, workers=3, depth=2)
                 try:
                     consume(items, fail)
                 except RuntimeError:
@@ -124,22 +125,22 @@ def test_dense_codes_are_sized_for_the_jobs_degree_and_weights(tmp_path, monkeyp
                       "weight": np.ones(len(x))})
     path = str(tmp_path / "d.parquet")
     pq.write_table(table, path)
-    small, big = read.dense_row_bytes(2, True), read.dense_row_bytes(10, True)
+    small, big = dense_row_bytes(2, True), dense_row_bytes(10, True)
     assert big > layout.width(10, True) * 8 > small
     # memory that holds a quarter's worth of degree-2 rows, not of degree-10 ones
-    monkeypatch.setattr(read, "_available_memory", lambda: 4 * span * (small + big) // 2)
+    monkeypatch.setattr(dataset_module, "_available_memory", lambda: 4 * span * (small + big) // 2)
     dataset = io.Dataset(path, io.ColumnSpec())
-    assert isinstance(dataset.series_codes(degree=2), read.DenseCodes)
-    assert isinstance(dataset.series_codes(degree=10), read.HashedCodes)
+    assert isinstance(dataset.series_codes(degree=2), DenseCodes)
+    assert isinstance(dataset.series_codes(degree=10), HashedCodes)
 
-    kinds, series_codes = [], read.Dataset.series_codes
+    kinds, series_codes = [], io.Dataset.series_codes
 
     def spy(self, *args, **kwargs):
         codes = series_codes(self, *args, **kwargs)
         kinds.append(type(codes).__name__)
         return codes
 
-    monkeypatch.setattr(read.Dataset, "series_codes", spy)
+    monkeypatch.setattr(io.Dataset, "series_codes", spy)
     for degree in (10, 2):
         batchfit.run_job(path, str(tmp_path / f"o{degree}.parquet"), degree=degree)
     assert kinds == ["HashedCodes", "DenseCodes"]

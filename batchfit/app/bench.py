@@ -22,7 +22,7 @@ import torch
 from torch.func import grad, vmap
 
 from batchfit.app import peers
-from batchfit.engine.core import fit
+from batchfit.engine.front import fit
 
 SEED_EPOCHS = 15_000
 ACCURACY_SERIES = 200  # series checked against the float64 reference

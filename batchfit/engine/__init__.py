@@ -2,12 +2,23 @@
 
 This module is torch-free: the CPUs this process may use, and where a job's moment tables
 (``batchfit.moments.layout``) are gathered and solved, the native kernel or torch (``MomentBackend``).
-The torch side (the front door ``fit``, devices, vmap, the compile policy: ``engine.core``)
-loads on first use of one of its names, so the MSE job runs without importing torch.
+The torch side loads on first use of one of its names (``engine.fit``, ...), so the MSE job
+runs without importing torch. Its modules, each one job, lowest first:
+
+- ``devices``: where a fit runs, and the threads;
+- ``aot`` and ``background``: building and loading kernels ahead of time, and the detached
+  builder;
+- ``ahead``: the cache lookup of those kernels and when to build one;
+- ``policy``: the compile policy (``Vectorizer``: vmap, compiled or not);
+- ``exact``: the exact MSE fit (the native kernel or its torch twin);
+- ``front``: the front door ``fit``;
+- ``ragged``: ``fit_ragged``;
+- ``warm``: ``warmup``.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -50,7 +61,7 @@ class MomentBackend:
         self.opts, self.uses_torch = opts, uses_torch
         self.device = "cpu"
         if uses_torch:
-            from batchfit.engine.core import resolve_device
+            from batchfit.engine.devices import resolve_device
 
             self.device = str(resolve_device(opts.device))
 
@@ -71,7 +82,7 @@ class MomentBackend:
         degree = self.opts.degree if degree is None else degree
         if not self.uses_torch:
             return native.solve(table, degree, weighted, step)
-        from batchfit.engine.core import solve_moments
+        from batchfit.engine.exact import solve_moments
 
         return solve_moments(table, weighted, step, self.opts.with_(degree=degree))
 
@@ -101,10 +112,20 @@ def moment_backend(opts: Options) -> MomentBackend:
     return MomentBackend.choose(opts)
 
 
+# The torch side's modules, in the order their names are looked up.
+TORCH_SIDE = ("front", "ragged", "warm", "exact", "policy", "ahead", "devices")
+
+
 def __getattr__(name):
     """The torch side's names (``fit``, ``fit_ragged``, ``resolve_device``, ...)."""
-    if name == "core" or name.startswith("__"):  # (the import machinery asks for these)
+    # (the import machinery asks for dunders, and for a submodule before importing it)
+    if name.startswith("__") or name in TORCH_SIDE or name in ("aot", "background"):
         raise AttributeError(name)
-    from batchfit.engine import core
+    for module in TORCH_SIDE:
+        found = getattr(importlib.import_module(f"batchfit.engine.{module}"), name, _MISSING)
+        if found is not _MISSING:
+            return found
+    raise AttributeError(f"module 'batchfit.engine' has no attribute {name!r}")
 
-    return getattr(core, name)
+
+_MISSING = object()

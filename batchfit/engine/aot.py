@@ -6,7 +6,7 @@ operations with symbolic sizes (``make_fx``: the torch.func transforms, grad of 
 included, are applied while tracing, which torch.export cannot do with them inside), exports
 that graph with a dynamic batch size and number of points, and compiles it with AOTInductor
 into a ``.pt2`` package at ``path``. ``Loaded(path)`` runs it. The engine decides when
-(``batchfit.engine.core``); the cache's location and keys are ``batchfit.core.cache``'s.
+(``batchfit.engine.ahead``); the cache's location and keys are ``batchfit.core.cache``'s.
 """
 
 from __future__ import annotations

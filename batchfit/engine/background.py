@@ -1,6 +1,6 @@
 """Compiling kernels in the background, so that no run waits for a compiler.
 
-When the compile policy (``engine.core._Vectorizer``) meets a kernel worth keeping for this
+When the compile policy (``engine.policy.Vectorizer``) meets a kernel worth keeping for this
 machine whose build would not pay back within the call, the call runs uncompiled and the
 kernel is noted here (``request``, with the first rows of its real arguments). When the
 process ends, one builder process is forked for everything noted: it has the functions in
@@ -104,7 +104,7 @@ def start_builder(pending: list):
 
 def _build_all(pending: list, directory: str):
     """The builder's work: each kernel not built yet, one at a time, under a lock."""
-    from batchfit.engine.core import build_kernel
+    from batchfit.engine.ahead import build_kernel
 
     os.setsid()
     # (forked from an exit handler, where Python refuses new exit hooks, which the compiler

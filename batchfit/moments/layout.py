@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.polynomial import chebyshev
 
+from batchfit.core.names import Status
 from batchfit.moments.shared import HEADER, Field
 
 # The row's header fields (their numbers are batchfit.moments.shared's, as aggregate.c's), then
@@ -57,6 +58,12 @@ def exact_r2(record: dict) -> dict:
     if record["params"].shape[1] == 1:
         record["r2"] = np.where(np.isnan(record["r2"]), np.nan, 0.0)
     return record
+
+
+def exact_iterations(status: np.ndarray) -> np.ndarray:
+    """The iterations of exact fits, as an iterative solver counts them: one step for a
+    solved or a diverged fit, none for one that is not identified."""
+    return np.isin(status, (int(Status.OK), int(Status.DIVERGED))).astype(np.int64)
 
 
 def block_size(degree: int) -> int:

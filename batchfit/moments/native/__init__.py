@@ -333,9 +333,7 @@ def solve(table: np.ndarray, degree: int, weighted: bool, step: np.ndarray | Non
                  *(_pointer(out[name]) for name in ("params", "stderr", "loss", "rmse", "r2",
                                                     "n_points", "status", "trusted", "q")))
     out["trusted"] = out["trusted"].astype(bool)
-    # (one step, as an iterative solver counts it, for a solved or a diverged fit)
-    out["iterations"] = np.isin(out["status"], (int(Status.OK), int(Status.DIVERGED))
-                                ).astype(np.int64)
+    out["iterations"] = moments.exact_iterations(out["status"])
     return _as_record(out, table)
 
 
