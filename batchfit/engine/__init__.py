@@ -18,7 +18,6 @@ runs without importing torch. Its modules, each one job, lowest first:
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -112,20 +111,15 @@ def moment_backend(opts: Options) -> MomentBackend:
     return MomentBackend.choose(opts)
 
 
-# The torch side's modules, in the order their names are looked up.
-TORCH_SIDE = ("front", "ragged", "warm", "exact", "policy", "ahead", "devices")
-
-
 def __getattr__(name):
     """The torch side's names (``fit``, ``fit_ragged``, ``resolve_device``, ...)."""
     # (the import machinery asks for dunders, and for a submodule before importing it)
-    if name.startswith("__") or name in TORCH_SIDE or name in ("aot", "background"):
+    if name.startswith("__") or os.path.exists(os.path.join(os.path.dirname(__file__),
+                                                            f"{name}.py")):
         raise AttributeError(name)
-    for module in TORCH_SIDE:
-        found = getattr(importlib.import_module(f"batchfit.engine.{module}"), name, _MISSING)
-        if found is not _MISSING:
-            return found
+    from batchfit.engine import ahead, devices, exact, front, policy, ragged, warm
+
+    for module in (front, ragged, warm, exact, policy, ahead, devices):
+        if hasattr(module, name):
+            return getattr(module, name)
     raise AttributeError(f"module 'batchfit.engine' has no attribute {name!r}")
-
-
-_MISSING = object()
