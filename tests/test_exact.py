@@ -148,17 +148,23 @@ def test_the_compiled_twin_matches_the_eager_twin_and_the_kernel(rng, monkeypatc
     eager = batchfit.fit(x, y, compile=False)
 
     def compiled_kernels():
-        return sum(1 for k in ahead._AHEAD.values() if k) + len(policy._COMPILED)
+        return sum(1 for k in ahead._AHEAD.values() if k) + sum(
+            1 for k in policy._COMPILED.values() if k is not policy.UNCOMPILABLE)
 
     before = compiled_kernels()
     compiled = batchfit.fit(x, y, compile=True)
-    assert compiled_kernels() > before  # (else this compares eager with eager)
+    failed = any(k is policy.UNCOMPILABLE for k in policy._COMPILED.values())
+    assert compiled_kernels() > before or failed  # (neither: the policy left it eager)
     for got, want_fit in ((eager, kernel), (compiled, eager), (compiled, kernel)):
         for name in ("params", "stderr", "loss", "rmse", "r2"):  # float32, sums reordered
             want = getattr(want_fit, name).numpy()
             np.testing.assert_allclose(getattr(got, name), want, rtol=1e-4,
                                        atol=1e-6 * np.nanmax(np.abs(want)))
         assert (got.status == want_fit.status).all()
+    if compiled_kernels() == before:  # (checked above: torch's compiler failed)
+        pytest.skip("torch.compile failed on the twin's kernel here (inductor's C++ code for "
+                    "this CPU does not build): its eager fallback was checked, a compiled "
+                    "twin was not")
 
 
 def test_runs_on_device(device, rng):

@@ -16,9 +16,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from torch.func import vmap
 from torch.utils import _pytree as pytree
 
+from batchfit.core import cache
 from batchfit.core.keys import key_of
 from batchfit.core.options import Options
 from batchfit.engine import aot
@@ -77,6 +80,11 @@ def _chunk_size(args, fan_out: int) -> int | None:
     return size if size < batch else None
 
 
+# What torch.compile raises when its own compiler fails (not an error of the fitted code).
+COMPILER_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError)
+UNCOMPILABLE = object()  # a kernel whose compile failed, in _COMPILED
+
+
 class Vectorizer:
     """``vectorize(fn, *args, eager_s=0)``: run per-series ``fn`` over the batch.
 
@@ -123,17 +131,23 @@ class Vectorizer:
             self.compile == "auto" and key_of(fn) is None and weight >= compile_s)
         in_dims = _in_dims(args)
         key = (fn, in_dims)
-        if hot:
+        if hot and _COMPILED.get(key) is not UNCOMPILABLE:
             batched_fn = _COMPILED.get(key)
             if batched_fn is None:
                 batched_fn = torch.compile(_own_entry(vmap(fn, in_dims=in_dims)), dynamic=True,
                                            fullgraph=self.fullgraph)
                 _COMPILED.put(key, batched_fn)
-            with warnings.catch_warnings():
-                # inductor's own lowering calls a deprecated torch helper: not the user's business
-                warnings.filterwarnings("ignore", message="`torch._prims_common.check` is "
-                                        "deprecated", category=FutureWarning)
-                return batched_fn(*args)
+            try:
+                with warnings.catch_warnings():
+                    # inductor's own lowering calls a deprecated torch helper: not the user's
+                    # business
+                    warnings.filterwarnings("ignore", message="`torch._prims_common.check` is "
+                                            "deprecated", category=FutureWarning)
+                    return batched_fn(*args)
+            except COMPILER_ERRORS as exc:  # (torch's compiler failed: the kernel runs eager)
+                _COMPILED.put(key, UNCOMPILABLE)
+                cache.notice(f"could not compile {getattr(fn, '__qualname__', 'a kernel')} "
+                             f"({type(exc).__name__}); it runs uncompiled")
         if batched:  # (elementwise code on tuples: it runs on the whole batch as it is)
             return fn(*args)
         chunk = _chunk_size(args, fan_out)

@@ -327,7 +327,9 @@ def scale_for(magnitude: torch.Tensor) -> torch.Tensor:
     power of two that brings it into [0.5, 1) (at most 2^1000)."""
     far = (magnitude > 0) & torch.isfinite(magnitude) & ~((magnitude > 2.0**-100)
                                                           & (magnitude < 2.0**100))
-    exponent = torch.frexp(torch.where(far, magnitude, 1)).exponent.clamp(min=-1000)
+    # (the exponent as a float: inductor's AVX-512 code cannot take the maximum of int32s)
+    exponent = torch.frexp(torch.where(far, magnitude, 1)).exponent.to(magnitude.dtype
+                                                                       ).clamp(min=-1000)
     return torch.where(far, torch.ldexp(torch.ones_like(magnitude), -exponent), 1)
 
 
