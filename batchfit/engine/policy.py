@@ -85,6 +85,17 @@ COMPILER_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.
 UNCOMPILABLE = object()  # a kernel whose compile failed, in _COMPILED
 
 
+def _interrupt_in(exc: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt (Ctrl-C, SIGTERM) that torch's compiler wrapped, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if not isinstance(exc, Exception):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class Vectorizer:
     """``vectorize(fn, *args, eager_s=0)``: run per-series ``fn`` over the batch.
 
@@ -145,6 +156,9 @@ class Vectorizer:
                                             "deprecated", category=FutureWarning)
                     return batched_fn(*args)
             except COMPILER_ERRORS as exc:  # (torch's compiler failed: the kernel runs eager)
+                interrupt = _interrupt_in(exc)
+                if interrupt is not None:  # (a signal that arrived while it compiled)
+                    raise interrupt from None
                 _COMPILED.put(key, UNCOMPILABLE)
                 cache.notice(f"could not compile {getattr(fn, '__qualname__', 'a kernel')} "
                              f"({type(exc).__name__}); it runs uncompiled")
