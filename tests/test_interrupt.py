@@ -54,6 +54,16 @@ def job(data, tmp_path_factory):
         options[at] = str(int(int(options[at]) * 1.5 * MIN_JOB_S / seconds))
 
 
+def longer(options, factor=4):
+    """``options`` with ``factor`` times the epochs: the runs that a signal must catch in
+    flight, so that it still does where this run is much faster than the reference was
+    (a machine whose load dropped meanwhile)."""
+    options = list(options)
+    at = options.index("--epochs") + 1
+    options[at] = str(int(options[at]) * factor)
+    return options
+
+
 def start(options, data, out, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "batchfit", "run", data, "-o", out,
@@ -100,10 +110,11 @@ def test_signal_cleans_up_and_keeps_the_old_output(data, job, tmp_path, signum, 
     out = str(tmp_path / "out.parquet")
     with open(out, "wb") as handle:
         handle.write(b"an older output")
-    process = start(options, data, out)
+    process = start(longer(options), data, out)
     assert wait_for(process, lambda: temp_files(tmp_path))  # the writer is open
     # (the fits, most of the run, come after this)
     time.sleep(random.Random(int(signum)).uniform(0, 0.25) * seconds)
+    assert process.poll() is None, "the run ended before the signal"
     process.send_signal(signum)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == code, stderr
@@ -116,7 +127,7 @@ def test_signal_cleans_up_and_keeps_the_old_output(data, job, tmp_path, signum, 
 def test_sigkill_leaves_no_output_and_the_next_run_cleans_up(data, tmp_path, job):
     options, reference, seconds = job
     out = str(tmp_path / "out.parquet")
-    process = start(options, data, out)
+    process = start(longer(options), data, out)
     wait_for(process, lambda: temp_files(tmp_path))
     time.sleep(random.Random(9).uniform(0, 0.25) * seconds)
     process.kill()
