@@ -69,7 +69,8 @@ def _run(args) -> int:
             raise ValueError("--history is not available with --engine ray")
         summary = run_ray(args.input, args.output, columns=columns, address=args.address,
                           workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
-                          input_format=args.input_format, **fit_options)
+                          input_format=args.input_format,
+                          storage_options=_storage_options(args), **fit_options)
         _report(summary)
         return 0
     elif args.address or args.workers or args.num_gpus_per_worker:
@@ -80,11 +81,24 @@ def _run(args) -> int:
                           history_path=args.history, track=args.track,
                           track_ids=args.track_ids.split(",") if args.track_ids else None,
                           resume=args.resume, progress=update,
-                          input_format=args.input_format, **fit_options)
+                          input_format=args.input_format,
+                          storage_options=_storage_options(args), **fit_options)
     finally:
         close()
     _report(summary)
     return 0
+
+
+def _storage_options(args) -> dict[str, str]:
+    from batchfit.io.storage import parse_options
+
+    return parse_options(args.storage_option or [])
+
+
+def _add_storage_option(parser):
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="an option of the store a URI names (repeatable; S3: "
+                             "endpoint_override, region, scheme, ...)")
 
 
 def _report(summary):
@@ -118,7 +132,8 @@ def _plot(args) -> int:
     paths = plot_all(args.data, args.coeffs, args.output, history_path=args.history,
                      truth_path=args.truth, reference_path=args.compare, series=series,
                      sample=args.sample, seed=args.seed, columns=columns,
-                     input_format=args.input_format)
+                     input_format=args.input_format,
+                     storage_options=_storage_options(args))
     _say("wrote " + ", ".join(paths))
     return 0
 
@@ -258,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, help="Ray: concurrent fitting tasks")
     run.add_argument("--num-gpus-per-worker", type=float, default=0,
                      help="Ray: GPUs per fitting task (0: CPU workers) [0]")
+    _add_storage_option(run)
     run.set_defaults(handler=_run)
 
     gen = commands.add_parser(
@@ -306,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--id-col", default="series_id")
     plot.add_argument("--x-col", default="x")
     plot.add_argument("--y-col", default="y")
+    _add_storage_option(plot)
     plot.set_defaults(handler=_plot)
 
     bench = commands.add_parser(
@@ -365,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The library's errors name its parameters; on the command line they are these flags.
 PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
+                   "storage_option": "--storage-option",
                    "resume": "--resume", "track": "--track", "track_ids": "--track-ids",
                    "format": "--format", "fmt": "--format", "workers": "--workers",
                    "num_gpus_per_worker": "--num-gpus-per-worker", "noise": "--noise",

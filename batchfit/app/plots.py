@@ -412,9 +412,18 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
              history_path: str | None = None, truth_path: str | None = None,
              reference_path: str | None = None, series: list | None = None, sample: int = 9,
              seed: int = 0, columns: io.ColumnSpec | None = None,
-             input_format: str = "auto") -> list[str]:
-    """Read a job's files and write every picture into ``out_dir``; returns their paths."""
-    columns = columns or io.ColumnSpec()
+             input_format: str = "auto", storage_options: dict | None = None) -> list[str]:
+    """Read a job's files (on this machine or in a store: URIs, with ``storage_options``)
+    and write every picture into ``out_dir``; returns their paths."""
+    paths, options = io.split_paths([data_path, coefficients_path, history_path, truth_path,
+                                     reference_path], storage_options)
+    with io.storage.using(options):
+        return _plot_all(*paths, out_dir, series, sample, seed, columns or io.ColumnSpec(),
+                         input_format)
+
+
+def _plot_all(data_path, coefficients_path, history_path, truth_path, reference_path,
+              out_dir, series, sample, seed, columns, input_format) -> list[str]:
     coefficients, meta = io.read_coefficients(coefficients_path)
     history, history_meta = io.read_history(history_path) if history_path else (None, None)
     truth = io.read_parquet(truth_path) if truth_path else None

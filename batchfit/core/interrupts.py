@@ -42,7 +42,7 @@ class Terminated(KeyboardInterrupt):
 # pending: the signal to raise once it may be; raised: its exception is unwinding the stack;
 # previous: the handlers (and the unraisable hook) from before ``install``.
 _state = types.SimpleNamespace(installed=False, held=False, previous={}, pending=None,
-                               raised=False, finished=False, shields=0, leftovers=set())
+                               raised=False, finished=False, shields=0, leftovers={})
 
 
 def hold():
@@ -69,7 +69,7 @@ def install() -> bool:
     except ValueError:  # not the main thread
         return False
     _state.pending, _state.raised, _state.finished, _state.shields = None, False, False, 0
-    _state.leftovers = set()
+    _state.leftovers = {}
     _state.previous = {**previous, "hook": sys.unraisablehook}
     sys.unraisablehook = _unraisable
     _state.installed = True
@@ -151,18 +151,19 @@ def ignore():
         signal.signal(signum, signal.SIG_IGN)
 
 
-def remove_on_interrupt(path: str):
-    """``path`` is a temporary file until ``forget(path)``: ``clean_up`` removes it."""
-    _state.leftovers.add(path)
+def remove_on_interrupt(path: str, remove=os.unlink):
+    """``path`` is a temporary file until ``forget(path)``: ``clean_up`` removes it (by
+    ``remove(path)``: a file in a store has its own way)."""
+    _state.leftovers[path] = remove
 
 
 def forget(path: str):
-    _state.leftovers.discard(path)
+    _state.leftovers.pop(path, None)
 
 
 def clean_up():
     """After an interrupt: remove the temporary files that the unwinding did not reach."""
-    for path in sorted(_state.leftovers):
+    for path, remove in sorted(_state.leftovers.items()):
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            remove(path)
     _state.leftovers.clear()

@@ -8,9 +8,10 @@ chunks (whole series, back to back, in a canonical order); decode (pieces into t
 kernel's flat arrays); in_memory (Arrow for tables and ids that callers hold); dataset (a
 checked dataset, read as decoded batches or as whole-series chunks). Writing: write
 (outputs, atomically), checkpoint (``--resume``), artefacts (readers of batchfit's own
-files).
+files). Beneath them all, storage: where a path lives (this machine, or a store a URI names).
 """
 
+from batchfit.io import storage
 from batchfit.io.artefacts import (
     coefficient_table,
     read_coefficients,
@@ -34,6 +35,7 @@ from batchfit.io.listing import (
 )
 from batchfit.io.schema import FORMATS, ColumnSpec, describe, first_line
 from batchfit.io.sources import BATCH_ROWS
+from batchfit.io.storage import same_file, split_paths
 from batchfit.io.write import (
     AtomicParquetWriter,
     check_apart,
@@ -88,7 +90,10 @@ __all__ = [
     "read_parquet",
     "read_series",
     "result_table",
+    "same_file",
+    "split_paths",
     "status_counts",
+    "storage",
     "table_chunks",
     "write_table_atomically",
 ]

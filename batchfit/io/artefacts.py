@@ -10,13 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchfit.core.names import FAMILY_PARAMS, MAX_DEGREE, family_columns, poly_columns
+from batchfit.io import storage
 from batchfit.io.listing import list_files
 from batchfit.io.schema import first_line
 
 
 def read_metadata(path: str) -> dict:
     """The ``batchfit`` metadata entry of an output file."""
-    metadata = pq.read_schema(path).metadata or {}
+    filesystem, inner = storage.locate(path)
+    metadata = pq.read_schema(inner, filesystem=filesystem).metadata or {}
     return json.loads(metadata.get(b"batchfit", b"{}"))
 
 
@@ -50,7 +52,9 @@ def read_parquet(path: str, columns=None, filters=None) -> pa.Table:
     tables = []
     for file in list_files(path):
         try:
-            tables.append(pq.read_table(file, columns=columns, filters=filters))
+            filesystem, inner = storage.locate(file)
+            tables.append(pq.read_table(inner, columns=columns, filters=filters,
+                                        filesystem=filesystem))
         except (pa.ArrowException, OSError) as exc:
             raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

@@ -1,5 +1,5 @@
 """Checkpoints of ``batchfit run --resume``: what an interrupted run finished, kept beside
-the output so that the same command continues it."""
+the output (on this machine or in a store) so that the same command continues it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchfit.core import interrupts
+from batchfit.io import storage
 from batchfit.io.write import hidden_beside
 
 FORMAT = 2  # of manifest.json; a checkpoint of another format is another job's
@@ -34,14 +35,20 @@ class Checkpoint:
     leaves a manifest whose files are whole; a file that does not match its digest on
     resume (damaged, edited or swapped) is an error, and files the manifest does not name
     are ignored and removed. The job removes the directory once the output is in place.
+    In a store, the directory is a prefix that appears with its manifest, and each file is
+    one upload, which is never seen half-written.
     """
 
     def __init__(self, output_path: str, job: dict):
-        self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM)
+        self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM) \
+            if not storage.is_remote(output_path) else \
+            storage.join(storage.parent(output_path),
+                         f".{storage.basename(output_path)}.resume")
         self.job = json.loads(json.dumps(job, sort_keys=True, default=str))
         self.parts: dict[tuple[int, int], list] = {}  # (first, count) -> [file, digest]
         self.statistics: dict | None = None  # {"batches": n, "files": {role: [file, digest]}}
-        if not os.path.isdir(self.directory):
+        if not storage.exists(self._path(MANIFEST)) if storage.is_remote(self.directory) \
+                else not os.path.isdir(self.directory):
             self._create()
             return
         manifest = self._load()
@@ -61,8 +68,13 @@ class Checkpoint:
                 "parts": [[first, count, name, digest]
                           for (first, count), (name, digest) in sorted(self.parts.items())]}
 
+    def _path(self, name: str) -> str:
+        return storage.join(self.directory, name)
+
     def _create(self):
         """The directory appears whole, with its manifest, or not at all."""
+        if storage.is_remote(self.directory):
+            return self._publish()
         parent = os.path.dirname(self.directory)
         with interrupts.deferred():  # (a signal waits for these few small steps)
             temp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(self.directory) + ".",
@@ -75,12 +87,11 @@ class Checkpoint:
                 raise
 
     def _publish(self):
-        _write_json(os.path.join(self.directory, MANIFEST), self._manifest())
+        _write_json(self._path(MANIFEST), self._manifest())
 
     def _load(self) -> dict:
         try:
-            with open(os.path.join(self.directory, MANIFEST), "rb") as handle:
-                manifest = json.loads(handle.read())
+            manifest = json.loads(storage.read_bytes(self._path(MANIFEST)))
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
                 raise ValueError("not a manifest of this format")
             for first, count, name, digest in manifest["parts"]:
@@ -106,29 +117,24 @@ class Checkpoint:
         named = {MANIFEST} | {name for name, _ in self.parts.values()}
         if self.statistics is not None:
             named |= {name for name, _ in self.statistics["files"].values()}
-        for entry in os.listdir(self.directory):
+        for entry in storage.names(self.directory):
             if entry not in named:
                 try:
-                    os.unlink(os.path.join(self.directory, entry))
+                    _unlink(self._path(entry))
                 except OSError:  # (a directory, or not ours to remove: leave it)
                     pass
 
     def _keep(self, name: str, data: bytes) -> list:
-        """Write ``data`` as ``name`` (temporary name, then renamed); [name, digest]."""
-        path = os.path.join(self.directory, name)
-        temp = f"{path}.{os.getpid()}.tmp"
-        with open(temp, "wb") as handle:
-            handle.write(data)
-        os.replace(temp, path)
+        """Write ``data`` as ``name``, never seen half-written; [name, digest]."""
+        storage.write_whole(self._path(name), data)
         return [name, hashlib.sha256(data).hexdigest()]
 
     def _verified(self, entry: list) -> bytes:
         name, digest = entry
-        path = os.path.join(self.directory, name)
+        path = self._path(name)
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError:
+            data = storage.read_bytes(path)
+        except (OSError, ValueError):
             data = None
         if data is None or hashlib.sha256(data).hexdigest() != digest:
             raise ValueError(f"checkpoint {path} is damaged (its content is not what was "
@@ -155,7 +161,7 @@ class Checkpoint:
         except (pa.ArrowException, OSError):
             table = None
         if table is None or table.num_rows != count:
-            raise ValueError(f"checkpoint {os.path.join(self.directory, entry[0])} does not "
+            raise ValueError(f"checkpoint {self._path(entry[0])} does not "
                              f"hold {count} rows of this job's output; delete "
                              f"{self.directory} and run again")
         return table
@@ -181,7 +187,7 @@ class Checkpoint:
         self._publish()
         for name, _ in (replaced or {"files": {}})["files"].values():
             if name not in {new for new, _ in files.values()}:
-                os.unlink(os.path.join(self.directory, name))
+                _unlink(self._path(name))
 
     def restore_statistics(self, aggregator, codes) -> int:
         """Load the kept state into ``aggregator`` and ``codes``; the number of decoded
@@ -209,7 +215,10 @@ class Checkpoint:
         return int(self.statistics["batches"])
 
     def remove(self):
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if storage.is_remote(self.directory):
+            storage.remove(self.directory)
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _plain(name) -> bool:
@@ -220,7 +229,11 @@ def _plain(name) -> bool:
 
 
 def _write_json(path: str, value):
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w") as handle:
-        json.dump(value, handle, sort_keys=True)
-    os.replace(temp, path)
+    storage.write_whole(path, json.dumps(value, sort_keys=True).encode())
+
+
+def _unlink(path: str):
+    if storage.is_remote(path):
+        storage.remove(path)
+    else:
+        os.unlink(path)

@@ -14,7 +14,6 @@ once and read as often as a job needs. Two ways to read, for two kinds of solver
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from batchfit.core.names import MAX_DEGREE
+from batchfit.io import storage
 from batchfit.io.chunks import Chunk, canonical_order, scan_ids, table_chunks, whole_series
 from batchfit.io.decode import Batch, decode
 from batchfit.io.in_memory import ids_of_type
@@ -121,13 +121,12 @@ class Dataset:
     def points_estimate(self) -> int:
         """Roughly how many points the input holds, from its files' sizes alone (about 4
         bytes a point in the formats' usual encodings): enough to size the job's choices."""
-        return sum(os.stat(file).st_size for file, _ in self.files) // 4
+        return sum(storage.size(file) for file, _ in self.files) // 4
 
     def stamp(self) -> list:
         """What identifies this input's contents cheaply: each file's path, size and
         modification time (a checkpoint is only resumed on the same input)."""
-        stats = [(os.path.abspath(file), os.stat(file)) for file, _ in self.files]
-        return [[path, stat.st_size, stat.st_mtime_ns] for path, stat in stats]
+        return [storage.stamp(file) for file, _ in self.files]
 
     def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
         """Batches of ``columns`` in the read types, file after file (a file whose types

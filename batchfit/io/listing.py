@@ -2,14 +2,15 @@
 of files; a file's format (Parquet, CSV or Arrow IPC) is the one asked for, else the one its
 extension names, else the one its first bytes show, and a file whose first bytes show another
 binary format is refused. A directory's data files must all be of one format, and no file
-may appear twice under two names (its points would count twice). Nothing here opens a file
+may appear twice under two names (its points would count twice). A path may be a URI of a
+store (``storage``): a key, or a prefix standing for a directory. Nothing here opens a file
 as data: ``sources`` does that."""
 
 from __future__ import annotations
 
 import os
 
-from batchfit.io.schema import first_line
+from batchfit.io import storage
 
 INPUT_FORMATS = ("auto", "parquet", "csv", "ipc")
 EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"),
@@ -37,11 +38,7 @@ def _format_by_content(file: str) -> str | None:
 
 def first_bytes(file: str) -> bytes:
     """A file's first 8 bytes (its magic number, if it has one)."""
-    try:
-        with open(file, "rb") as f:
-            return f.read(8)
-    except OSError as exc:
-        raise ValueError(f"cannot read {file}: {first_line(exc)}") from None
+    return storage.head(file, 8)
 
 
 def file_format(file: str, input_format: str = "auto") -> str:
@@ -75,21 +72,26 @@ def list_files(path: str, input_format: str = "parquet") -> list[str]:
     extension is ``input_format``'s (auto: any format's; names starting with . or _ are
     not data). The default, Parquet, is what batchfit's own outputs are."""
     check_input_format(input_format)
-    if not os.path.exists(path):
-        raise ValueError(f"input not found: {path}")
-    if not os.path.isdir(path):
+    remote = storage.is_remote(path)
+    path = storage.local_path(path)
+    if not storage.exists(path):
+        raise ValueError(storage.not_found("input", path))
+    if not storage.is_dir(path):
         return [path]
     kinds = list(EXTENSIONS) if input_format == "auto" else [input_format]
-    files = sorted(os.path.join(path, name) for name in os.listdir(path)
-                   if format_by_name(name) in kinds and name[0] not in "._"
-                   and os.path.isfile(os.path.join(path, name)))
+    names = [storage.basename(file) for file in storage.children(path)] if remote else \
+        [name for name in os.listdir(path) if os.path.isfile(os.path.join(path, name))]
+    files = sorted(storage.join(path, name) for name in names
+                   if format_by_name(name) in kinds and name[0] not in "._")
     if not files:
         patterns = ", ".join(f"*{end}" for kind in kinds for end in EXTENSIONS[kind])
         others = [LABELS[kind] for kind in kinds if kind != "parquet"]
         what = "Parquet files" if "parquet" in kinds else f"{others.pop(0)} files"
         if others:
             what += f" (nor {' or '.join(others)} files)"
-        raise ValueError(f"no {what} ({patterns}) in directory {path}")
+        raise ValueError(f"no {what} ({patterns}) in directory {storage.shown(path)}")
+    if remote:
+        return files  # (a store's keys are its objects: no two name one)
     seen = {}
     for file in files:  # (two links to one file would count its every point twice)
         info = os.stat(file)

@@ -8,7 +8,6 @@ bounds, text that is not UTF-8. ``Dataset`` holds the logic common to every form
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
+from batchfit.io import storage
 from batchfit.io.footer import vet as vet_footer
 from batchfit.io.listing import first_bytes
 from batchfit.io.schema import ColumnSpec, Layout, first_line
@@ -30,11 +30,15 @@ CSV_BLOCK = 1 << 20
 COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")  # what pyarrow decompresses, by the name
 
 
-def open_parquet(file: str) -> pq.ParquetFile:
+def open_parquet(file: str, metadata=None) -> pq.ParquetFile:
+    """A reader of a Parquet file (``metadata``: its footer, read already)."""
     try:
-        # pre_buffer would read every requested row group up front; stream instead. Pages
-        # written with checksums (Spark's default, and batchfit's) are verified as read.
-        return pq.ParquetFile(file, pre_buffer=False, page_checksum_verification=True)
+        # Locally, pre_buffer would read every requested row group up front: stream instead.
+        # From a store, it joins a row group's column chunks into few large requests.
+        # Pages written with checksums (Spark's default, and batchfit's) are verified.
+        return pq.ParquetFile(storage.open_input_file(file), metadata=metadata,
+                              pre_buffer=storage.is_remote(file),
+                              page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:  # (a damaged schema: NotImplemented too)
         raise ValueError(f"cannot read {file} as Parquet: {first_line(exc)}") from None
 
@@ -233,8 +237,7 @@ class ParquetSource(Source):
         file, metadata = self.file, self.handle.metadata
         try:
             # (a reader of its own: this runs in a decoding thread)
-            reader = pq.ParquetFile(file, metadata=metadata, pre_buffer=False,
-                                    page_checksum_verification=True)
+            reader = open_parquet(file, metadata)
             if metadata.row_group(group).num_rows <= per:
                 pieces = iter([reader.read_row_group(group, columns=layout.columns,
                                                      use_threads=False)])
@@ -269,7 +272,8 @@ class ParquetSource(Source):
     def rows_of(self, columns, id_column, value_set):
         # (row groups whose statistics exclude every id are not read)
         try:
-            yield _checked_text(pq.read_table(self.file, columns=columns,
+            filesystem, inner = storage.locate(self.file)
+            yield _checked_text(pq.read_table(inner, columns=columns, filesystem=filesystem,
                                               filters=[(id_column, "in",
                                                         value_set.to_pylist())]), self.file)
         except (pa.ArrowException, OSError) as exc:
@@ -288,13 +292,13 @@ class CsvSource(Source):
     def __init__(self, file: str, spec: ColumnSpec):
         super().__init__(file)
         with self._reading():
-            reader = pacsv.open_csv(file, read_options=pacsv.ReadOptions(
-                block_size=CSV_BLOCK))
+            reader = pacsv.open_csv(storage.open_input_stream(file),
+                                    read_options=pacsv.ReadOptions(block_size=CSV_BLOCK))
             first, inferred = _next_batch(reader), reader.schema
             reader.close()
         # (the first block held the whole file: its rows are counted)
         whole = not file.lower().endswith(COMPRESSED) and \
-            os.path.getsize(file) < CSV_BLOCK // 2
+            storage.size(file) < CSV_BLOCK // 2
         values = (spec.x, spec.y, spec.weight)
         self.schema_arrow = pa.schema([
             field.with_type(pa.float64()) if field.name in values and (
@@ -317,20 +321,21 @@ class CsvSource(Source):
     def _batches(self, columns, rows):
         types = {name: self.schema_arrow.field(name).type for name in columns}
         convert = pacsv.ConvertOptions(column_types=types, include_columns=columns)
-        yield from pacsv.open_csv(self.file, convert_options=convert,
+        yield from pacsv.open_csv(storage.open_input_stream(self.file),
+                                  convert_options=convert,
                                   read_options=pacsv.ReadOptions(block_size=CSV_BLOCK))
 
 
 class IpcSource(Source):
-    """An Arrow IPC file (Feather v2) or stream, memory-mapped: batches are read in place
-    (decompressed if compressed), only the columns asked for."""
+    """An Arrow IPC file (Feather v2) or stream, memory-mapped (from a store: read through):
+    batches are read in place (decompressed if compressed), only the columns asked for."""
 
     kind, label = "ipc", "Arrow IPC"
 
     def __init__(self, file: str):
         super().__init__(file)
         self.stream = not first_bytes(file).startswith(b"ARROW1")
-        with self._reading(), pa.memory_map(file) as source:
+        with self._reading(), _mapped(file) as source:
             if self.stream:
                 reader = paipc.open_stream(source)
                 self.schema_arrow = reader.schema
@@ -344,7 +349,7 @@ class IpcSource(Source):
     def _batches(self, columns, rows):
         fields = [self.schema_arrow.get_field_index(name) for name in columns]
         options = paipc.IpcReadOptions(included_fields=sorted(fields))
-        with pa.memory_map(self.file) as source:
+        with _mapped(self.file) as source:
             if self.stream:
                 batches = paipc.open_stream(source, options=options)
             else:
@@ -354,6 +359,10 @@ class IpcSource(Source):
                 # (damaged offsets would be read out of bounds: an error, not a crash)
                 batch.validate(full=True)
                 yield batch.select(columns)
+
+
+def _mapped(file: str):
+    return storage.open_input_file(file) if storage.is_remote(file) else pa.memory_map(file)
 
 
 def _next_batch(reader) -> pa.RecordBatch | None:

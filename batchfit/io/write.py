@@ -1,6 +1,8 @@
 """Writing batchfit's outputs: the coefficients table, atomically (a temporary file beside
 the target, renamed into place only on success), a directory of such files likewise (the Ray
-engine's output), and training histories."""
+engine's output), and training histories. A target may be in a store (a URI, ``storage``),
+which has no rename: a temporary object beside the target is moved into place at the end
+(``move``: one copy, so that the target switches from the older object to the new whole)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 
 from batchfit.core import interrupts
 from batchfit.core.names import STATUS_LABELS
+from batchfit.io import storage
 from batchfit.io.schema import first_line
 
 FRAME_COLUMNS = ("x_centre", "x_scale")
@@ -141,6 +144,9 @@ def check_writable(path: str, directory_output: bool = False, what: str = "outpu
     """Fail before any work if ``path`` (a file, or with ``directory_output`` a directory of
     files that will replace any existing one) cannot be written: it must name a regular file
     or nothing (a FIFO or device would be replaced by a file), and a name the system allows."""
+    if storage.is_remote(path):
+        return _check_remote_writable(path, directory_output, what)
+    path = storage.local_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) and not directory_output:
         raise ValueError(f"{what} {path} is a directory; give a file name")
@@ -160,6 +166,19 @@ def check_writable(path: str, directory_output: bool = False, what: str = "outpu
         raise ValueError(f"{what} directory is not writable: {directory}")
 
 
+def _check_remote_writable(path: str, directory_output: bool, what: str):
+    """A store's target: not a "directory" where a file is asked for, in a bucket (or
+    container) that exists."""
+    shown = storage.shown(path)
+    if not directory_output and path.endswith("/"):
+        raise ValueError(f"{what} {shown} ends in '/'; give a file name")
+    if not directory_output and storage.is_dir(path):
+        raise ValueError(f"{what} {shown} is a directory; give a file name")
+    bucket = storage.missing_bucket(path)
+    if bucket:
+        raise ValueError(f"{what} bucket does not exist: {bucket}")
+
+
 def _name_max(directory: str) -> int:
     try:
         return os.pathconf(directory, "PC_NAME_MAX")
@@ -172,15 +191,28 @@ def check_apart(path: str, input_path: str, what: str = "output",
     """Refuse to write ``path`` over the input: the input file itself, a file inside an
     input directory (the next run would read it as data), or, for a directory output that
     replaces what is there, a directory holding the input."""
+    if storage.is_remote(path) or storage.is_remote(input_path):
+        if storage.scheme(path) == storage.scheme(input_path) and storage.exists(input_path):
+            _check_apart(storage.identity(path)[1], storage.identity(input_path)[1], "/",
+                         storage.is_dir(input_path), path, input_path, what, directory_output)
+        return
+    path, input_path = storage.local_path(path), storage.local_path(input_path)
     if not os.path.exists(input_path):
         return  # (the reader says so)
-    target, source = os.path.realpath(path), os.path.realpath(input_path)
+    source = os.path.realpath(input_path)
+    _check_apart(os.path.realpath(path), source, os.sep, os.path.isdir(source), path,
+                 input_path, what, directory_output)
+
+
+def _check_apart(target: str, source: str, sep: str, source_is_dir: bool, path: str,
+                 input_path: str, what: str, directory_output: bool):
+    path, input_path = storage.shown(path), storage.shown(input_path)
     if target == source:
         raise ValueError(f"{what} {path} is the input; writing it would destroy the data")
-    if os.path.isdir(source) and target.startswith(source + os.sep):
+    if source_is_dir and target.startswith(source + sep):
         raise ValueError(f"{what} {path} lies inside the input directory {input_path}; "
                          "the next run would read it as input")
-    if directory_output and source.startswith(target + os.sep):
+    if directory_output and source.startswith(target + sep):
         raise ValueError(f"{what} {path} holds the input {input_path}; replacing it would "
                          "destroy the data")
 
@@ -222,6 +254,23 @@ def _temp_beside(path: str, directory: bool = False) -> str:
     return temp
 
 
+def _remote_temp(path: str) -> str:
+    """A hidden temporary name ``.NAME.PID.XXXXXXXX.tmp`` beside a store's ``path`` (of a
+    file or a prefix). What a killed run leaves there is not removed by the next: a PID
+    tells nothing about another machine's runs."""
+    name = f".{storage.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    return storage.join(storage.parent(path), name)
+
+
+def move(source: str, target: str):
+    """Move a store's object ``source`` to ``target`` (same store), replacing what is there."""
+    filesystem, inner = storage.locate(source)
+    try:
+        filesystem.move(inner, storage.locate(target)[1])
+    except (OSError, pa.ArrowException) as exc:
+        raise storage.failure(f"cannot write {storage.shown(target)}", exc) from None
+
+
 def _remove(path: str):
     """Remove a file or a directory tree, if it is there and ours to remove."""
     try:
@@ -260,11 +309,15 @@ class AtomicParquetWriter:
                  background: bool = False, final: bool = False):
         check_writable(path)
         self.path, self.final = path, final
+        self.remote = storage.is_remote(path)
         with interrupts.deferred():  # (made and recorded at once: an interrupt removes it)
-            self.temp = _temp_beside(path)
-            interrupts.remove_on_interrupt(self.temp)
+            self.temp = _remote_temp(path) if self.remote else _temp_beside(path)
+            interrupts.remove_on_interrupt(self.temp,
+                                           storage.remove if self.remote else os.unlink)
         try:
-            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=use_dictionary,
+            filesystem, where = storage.locate(self.temp) if self.remote else (None, self.temp)
+            self.writer = pq.ParquetWriter(where, schema, filesystem=filesystem,
+                                           use_dictionary=use_dictionary,
                                            write_page_checksum=True)
         except BaseException:
             self._remove_temp()
@@ -312,10 +365,14 @@ class AtomicParquetWriter:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
         self.writer.close()
-        os.chmod(self.temp, _default_permissions())
+        if not self.remote:
+            os.chmod(self.temp, _default_permissions())
         if self.final:
             interrupts.finish()
-        os.replace(self.temp, self.path)
+        if self.remote:
+            move(self.temp, self.path)
+        else:
+            os.replace(self.temp, self.path)
         interrupts.forget(self.temp)
 
     def abort(self):
@@ -327,7 +384,9 @@ class AtomicParquetWriter:
             self._remove_temp()
 
     def _remove_temp(self):
-        if os.path.exists(self.temp):
+        if self.remote:
+            storage.remove(self.temp)
+        elif os.path.exists(self.temp):
             os.unlink(self.temp)
         interrupts.forget(self.temp)
 
@@ -353,8 +412,8 @@ def write_table_atomically(path: str, table: pa.Table):
 
 def is_local(path: str) -> bool:
     """Whether ``path`` is on this machine's file system (a plain path or a ``file://`` URI)
-    rather than a remote URI such as ``s3://bucket/key``."""
-    return "://" not in path or path.startswith("file://")
+    rather than a store's URI such as ``s3://bucket/key``."""
+    return not storage.is_remote(path)
 
 
 SUCCESS_MARKER = "_SUCCESS"
@@ -368,16 +427,12 @@ def atomic_directory(path: str, on_failure=None):
     that a killed run's is removed by the next), renamed into place at the end, an older
     output removed only afterwards; if the block fails, ``on_failure()`` is called (to stop
     writers elsewhere) and the temporary directory removed, an older output untouched. A
-    remote URI cannot be renamed atomically: the block writes at ``path`` itself, and a
-    ``_SUCCESS`` file written last (Spark's convention) marks the output complete."""
+    store's ``path`` has no rename: the block writes under a hidden temporary prefix beside
+    it, and on success an older output's objects are removed, the new ones moved in, and a
+    ``_SUCCESS`` object written last (Spark's convention) marks the output complete; on
+    failure, the temporary prefix is removed and an older output is untouched."""
     if not is_local(path):
-        try:
-            yield path
-        except BaseException:
-            if on_failure is not None:
-                on_failure()
-            raise
-        _write_success_marker(path)
+        yield from _remote_directory(path, on_failure)
         return
     temp = None
     try:
@@ -408,10 +463,38 @@ def _replace_directory(temporary: str, final: str):
         _remove(old)
 
 
-def _write_success_marker(path: str):
-    filesystem, root = pafs.FileSystem.from_uri(path)
-    with filesystem.open_output_stream(f"{root.rstrip('/')}/{SUCCESS_MARKER}") as stream:
-        stream.write(b"")
+def _remote_directory(path: str, on_failure):
+    temp = _remote_temp(path.rstrip("/"))
+    try:
+        filesystem, inner = storage.locate(temp)
+        filesystem.create_dir(inner, recursive=True)  # (a real one under local://)
+        yield temp
+        _publish_directory(temp, path)
+    except BaseException:
+        try:
+            if on_failure is not None:
+                on_failure()
+        finally:
+            storage.remove(temp)
+        raise
+
+
+def _publish_directory(temporary: str, final: str):
+    """A store's finished directory into place: an older output's objects removed, the new
+    ones moved in, ``_SUCCESS`` last; the temporary prefix removed."""
+    filesystem, source = storage.locate(temporary)
+    target = storage.locate(final)[1].rstrip("/")
+    try:
+        storage.remove(final)
+        filesystem.create_dir(target, recursive=True)
+        for entry in filesystem.get_file_info(pafs.FileSelector(source, recursive=True)):
+            if entry.type == pafs.FileType.File:
+                filesystem.move(entry.path, target + entry.path[len(source):])
+        with filesystem.open_output_stream(f"{target}/{SUCCESS_MARKER}") as stream:
+            stream.write(b"")
+    except (OSError, pa.ArrowException) as exc:
+        raise storage.failure(f"cannot write {storage.shown(final)}", exc) from None
+    storage.remove(temporary)
 
 
 # ---------------------------------------------------------------- training history

@@ -1,7 +1,8 @@
 """Ray adapter: ``batchfit run --engine ray``. No maths here: every task runs the
 single-machine library (``batchfit.pipeline.job``'s statistics in parts, or ``fit_table``).
 
-MSE polynomial fits (``Options.aggregates``) of a local input move statistics, not points:
+MSE polynomial fits (``Options.aggregates``) move statistics, not points, whether the input
+is on this machine or in a store (``io.storage``: each task reads its share from there):
 the input's batches are shared out (``job.share_out``) among one Ray task per worker slot,
 each reading its share with batchfit's own reader and gathering the per-series statistics of
 the single-machine job (``job.part_statistics``). Each task hash-partitions its small table
@@ -12,8 +13,8 @@ moments over its share (``job.residual_moments``), the driver adds them up, and 
 partitions are refined (``job.refine_untrusted``) before they are written. List-format rows
 are whole series: each task fits and writes its share, with no exchange at all.
 
-Other jobs (robust losses, nonlinear models, GD/Adam, and remote inputs) move points with Ray
-Data: long-format rows are hash-partitioned by series id (``repartition(keys=...)``), so each
+Other jobs (robust losses, nonlinear models, GD/Adam) move points with Ray Data (reading
+through the same filesystem as batchfit's reader): long-format rows are hash-partitioned by series id (``repartition(keys=...)``), so each
 partition holds every point of its series, and each partition is fitted as one batch by
 ``fit_table``. Partitions are sized well under Ray's block size limit so a partition is never
 split into two blocks. Both paths check at the end that every input series came back exactly
@@ -22,16 +23,17 @@ once (a split would show as a duplicate).
 Outputs: a directory of Parquet files in the single-machine output schema, with the same
 metadata (``metadata.job_metadata``), published by ``io.write.atomic_directory``: a local
 output is written to a hidden temporary directory beside it and renamed into place only when
-every task succeeded; a remote one (``s3://...``) gets a ``_SUCCESS`` marker last (Spark's
-convention), so a failed job never leaves output that looks complete. Ray re-runs a task whose
+every task succeeded; a store's is written under a temporary prefix and moved into place at
+the end, with a ``_SUCCESS`` marker last (Spark's convention), so a failed job never leaves
+output that looks complete. Ray re-runs a task whose
 worker or node died (its default for tasks); an error raised by the fit itself fails the job.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
-import os
 import time
 import uuid
 import zlib
@@ -46,7 +48,8 @@ import pyarrow.parquet as pq
 
 from batchfit import engine, io
 from batchfit.core.options import resolve
-from batchfit.io.write import atomic_directory, is_local
+from batchfit.io import storage
+from batchfit.io.write import atomic_directory
 from batchfit.pipeline.job import (
     DEFAULT_BATCH_SIZE,
     DatasetPart,
@@ -78,11 +81,21 @@ def _fit_partition(table: pa.Table, columns: io.ColumnSpec, options: dict,
 def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None = None,
             address: str | None = None, workers: int | None = None,
             num_gpus_per_worker: float = 0, input_format: str = "auto",
-            **fit_options) -> JobSummary:
+            storage_options: dict[str, str] | None = None, **fit_options) -> JobSummary:
     """Fit every series of ``input_path`` on a Ray cluster (or a local Ray started here) and
     write a directory of Parquet files to ``output_path``. Same options and output schema as
     ``run_job``; raises ValueError with a one-line message for bad input. Reads Parquet and
-    CSV (Ray Data has no Arrow IPC reader: an IPC input is refused)."""
+    CSV (Ray Data has no Arrow IPC reader: an IPC input is refused). Either path may be a
+    store's URI (``run_job``'s ``storage_options``); the tasks reach it alike."""
+    (input_path, output_path), options = io.split_paths([input_path, output_path],
+                                                        storage_options)
+    with storage.using(options):
+        return _run_ray(input_path, output_path, columns, address, workers,
+                        num_gpus_per_worker, input_format, fit_options)
+
+
+def _run_ray(input_path, output_path, columns, address, workers, num_gpus_per_worker,
+             input_format, fit_options) -> JobSummary:
     kind = _input_kind(input_path, input_format)
     try:
         import ray  # (ray.data, ~1 s more to import, only where points travel: see _run)
@@ -95,14 +108,14 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
     if num_gpus_per_worker < 0:
         raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
     resolved = resolve(**fit_options)
-    if kind == "ipc" and not (resolved.aggregates and is_local(input_path)):
-        raise ValueError(f"the Ray engine moves points from Parquet and CSV, and {input_path} "
-                         "is Arrow IPC: convert it to Parquet, or use the local engine (an "
-                         "MSE polynomial fit of a local IPC input runs on Ray)")
-    if is_local(output_path):
-        io.check_writable(output_path.rstrip("/") or ".", directory_output=True)
-        if is_local(input_path):
-            io.check_apart(output_path.rstrip("/") or ".", input_path, directory_output=True)
+    if kind == "ipc" and not resolved.aggregates:
+        raise ValueError(f"the Ray engine moves points from Parquet and CSV, and "
+                         f"{storage.shown(input_path)} is Arrow IPC: convert it to Parquet, "
+                         "or use the local engine (an MSE polynomial fit of an IPC input "
+                         "runs on Ray)")
+    output_path = output_path.rstrip("/") or "."
+    io.check_writable(output_path, directory_output=True)
+    io.check_apart(output_path, input_path, directory_output=True)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -116,22 +129,13 @@ def run_ray(input_path: str, output_path: str, *, columns: io.ColumnSpec | None 
 
 
 def _input_kind(input_path: str, input_format: str) -> str:
-    """parquet, csv or ipc: a local input's files by ``io.dataset_files``; a remote one as
-    ``input_format`` says, else by its name's extension, else Parquet."""
-    io.check_input_format(input_format)
-    if is_local(input_path):
-        kinds = {kind for _, kind in io.dataset_files(input_path, input_format)}
-        kind = kinds.pop()
-    else:
-        kind = input_format if input_format != "auto" else (
-            io.format_by_name(input_path.rstrip("/")) or "parquet")
-    return kind
+    """parquet, csv or ipc: the input's files' (``io.dataset_files``)."""
+    return {kind for _, kind in io.dataset_files(input_path, input_format)}.pop()
 
 
 def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, resolved,
          start, kind) -> JobSummary:
-    local = is_local(input_path)
-    if resolved.aggregates and local:
+    if resolved.aggregates:
         return _run_statistics(ray, input_path, output_path, columns, workers, gpus,
                                fit_options, resolved, start, kind)
     try:
@@ -139,22 +143,22 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
         from ray.data.datasource import FilenameProvider
     except ImportError:
         raise ValueError("the Ray engine needs Ray Data: pip install 'batchfit[ray]'") from None
-    files = [file for file, _ in io.dataset_files(input_path, kind)] if local else input_path
-    # A local path gets the local filesystem explicitly: Ray's own resolution of several
-    # paths reaches for fsspec's HTTP filesystem (which needs aiohttp) on the way.
-    filesystem = pafs.LocalFileSystem() if local else None
+    # The files, and the filesystem, as batchfit's reader has them (Ray's own resolution
+    # of several paths reaches for fsspec's HTTP filesystem, and knows no storage options).
+    filesystem = storage.locate(input_path)[0]
+    files = [storage.locate(file)[1] for file, _ in io.dataset_files(input_path, kind)]
     try:
         if kind == "csv":
             # One set of column types for every file (Ray infers them per file otherwise),
             # from batchfit's own reading of the files' first blocks.
             options = {"convert_options": io.Dataset(input_path, columns, "csv")
-                       .csv_convert_options()} if local else {}
+                       .csv_convert_options()}
             dataset = ray.data.read_csv(files, filesystem=filesystem, **options)
         else:
             dataset = ray.data.read_parquet(files, filesystem=filesystem)
         layout = io.describe(_arrow_schema(dataset), columns, input_path)
     except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"cannot read {input_path}: {io.first_line(exc)}") from None
+        raise storage.failure(f"cannot read {storage.shown(input_path)}", exc) from None
     dataset = dataset.select_columns(layout.columns)
     n_rows = dataset.count()
     if n_rows == 0:
@@ -176,8 +180,10 @@ def _run(ray, input_path, output_path, columns, workers, gpus, fit_options, reso
     # The files are named after this job: a remote output may hold an earlier job's too.
     job_id = uuid.uuid4().hex
     with atomic_directory(output_path) as target:
-        fitted.write_parquet(target, filename_provider=FilenameProvider(
-            dataset_uuid=job_id, file_format="parquet"))
+        out_filesystem, out_path = storage.locate(target)
+        fitted.write_parquet(out_path, filesystem=out_filesystem,
+                             filename_provider=FilenameProvider(dataset_uuid=job_id,
+                                                                file_format="parquet"))
         n_series, n_points, counts = _check_and_count(target, job_id, dataset, columns)
     return JobSummary(input_path, output_path, n_series, n_points, counts,
                       time.perf_counter() - start, layout.format, True, metadata)
@@ -191,8 +197,7 @@ def _arrow_schema(dataset) -> pa.Schema:
 def _check_and_count(target: str, job: str, dataset, columns):
     """Every input series exactly once in the files of job ``job`` (local or remote), or the
     job fails; the tally of those files: (series, points, series per status)."""
-    filesystem, root = (pafs.LocalFileSystem(), os.path.abspath(target)) \
-        if is_local(target) else pafs.FileSystem.from_uri(target)
+    filesystem, root = storage.locate(target)
     files = sorted(info.path for info in filesystem.get_file_info(pafs.FileSelector(root))
                    if info.base_name.startswith(job) and info.base_name.endswith(".parquet"))
     expected = dataset.select_columns([columns.series_id]).unique(columns.series_id)
@@ -220,6 +225,7 @@ class _Job:
     schema: pa.Schema
     codes: object  # the dataset's SeriesCodes, fresh (each task codes its own share)
     points: int  # about how many the whole job has (every task chooses its backend alike)
+    storage_options: dict  # how the tasks reach a store (``io.storage.using``)
 
     def backend(self):
         return engine.moment_backend(resolve(**self.fit_options))
@@ -245,7 +251,7 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
                dataset.point_dtype == np.float64, schema,
                dataset.series_codes(unique_rows=layout.format == "list",
                                     degree=resolved.degree),
-               dataset.points_estimate)
+               dataset.points_estimate, storage.current_options())
     task = {"num_cpus": 1, "num_gpus": gpus or 0}
     refs: list = []  # every task started (waited for if the job fails)
     stages = {"start_s": begun - start, "plan_s": time.perf_counter() - begun,
@@ -258,7 +264,7 @@ def _run_statistics(ray, input_path, output_path, columns, workers, gpus, fit_op
         known = [source.num_rows for _, source in dataset.files if source.has_rows]
         if None not in known and rows != sum(known):
             raise RuntimeError(f"the tasks read {rows} rows of the {sum(known)} in "
-                               f"{input_path}: a share was read twice or lost (a bug)")
+                               f"{storage.shown(input_path)}: a share was read twice or lost (a bug)")
         checked = time.perf_counter()
         n_series, n_points, counts = _check_written(target, written, columns, layout.format)
         stages["check_s"] = time.perf_counter() - checked
@@ -275,8 +281,11 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
     def info(self, **values) -> dict:
+        import ray  # (in a task: Ray is there)
+
         return {**values, "wall_s": time.perf_counter() - self.wall,
-                "cpu_s": time.process_time() - self.cpu}
+                "cpu_s": time.process_time() - self.cpu,
+                "node": ray.get_runtime_context().get_node_id()}
 
 
 def _stage(infos: list, submitted: float) -> dict:
@@ -285,6 +294,7 @@ def _stage(infos: list, submitted: float) -> dict:
     return {"tasks": len(infos), "wall_s": max((i["wall_s"] for i in infos), default=0.0),
             "cpu_s": sum(i["cpu_s"] for i in infos),
             "write_s": sum(i.get("write_s", 0.0) for i in infos),
+            "nodes": len({i["node"] for i in infos}),
             "done_after_s": time.perf_counter() - submitted}
 
 
@@ -377,6 +387,17 @@ def _merged_series(ray, shares, job, target, task, refs, stages):
     return sum(info["rows"] for info in gathered), infos
 
 
+def _in_store(task):
+    """A task that reaches the job's store with the job's storage options."""
+    @functools.wraps(task)
+    def run(*args):
+        job = next(arg for arg in args if isinstance(arg, _Job))
+        with storage.using(job.storage_options):
+            return task(*args)
+    return run
+
+
+@_in_store
 def _partial_task(pieces, job: _Job, parts: int):
     """A Ray task: the statistics of the series in a share, one table per merge partition."""
     clock = _Clock()
@@ -405,6 +426,7 @@ def _buckets(ids: pa.Array, parts: int) -> np.ndarray:
     return ((mixed >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
 
 
+@_in_store
 def _merge_task(index: int, job: _Job, target: str, *parts):
     """A Ray task: one partition's series, their rows from every share merged and solved;
     written unless some need refining (then the solved state is returned for that)."""
@@ -430,6 +452,7 @@ def _merge_task(index: int, job: _Job, target: str, *parts):
     return clock.info(**_write_records(index, ids, chunks, records, job, target)), None
 
 
+@_in_store
 def _residual_task(pieces, job: _Job, flagged):
     """A Ray task: the residual moments of the flagged series over a share."""
     clock = _Clock()
@@ -440,6 +463,7 @@ def _residual_task(pieces, job: _Job, flagged):
                             job.weighted, job.double), clock.info()
 
 
+@_in_store
 def _refine_task(index: int, job: _Job, target: str, state, moments):
     """A Ray task: a partition's flagged series refined with their residual moments (in the
     order of their flagged ids), then the partition written."""
@@ -452,6 +476,7 @@ def _refine_task(index: int, job: _Job, target: str, state, moments):
     return clock.info(**_write_records(index, ids, chunks, records, job, target))
 
 
+@_in_store
 def _whole_series_task(index: int, pieces, job: _Job, target: str):
     """A Ray task (list format): fit and write the whole series of a share."""
     clock = _Clock()
@@ -470,21 +495,17 @@ def _write_records(index: int, ids: pa.Array, chunks, records, job: _Job, target
 
 
 def _write_part(index: int, tables: list, job: _Job, target: str) -> dict:
-    """Write one part file of the output (none for no series), with io's writer locally."""
+    """Write one part file of the output (none for no series), with io's writer (the
+    target is a temporary directory, or prefix, of ``atomic_directory``)."""
     if not tables:
         return {"series": 0, "points": 0, "statuses": {}, "write_s": 0.0}
     begun = time.perf_counter()
     table = io.concat_tables(tables)
     name = f"part-{index:05d}.parquet"
-    if is_local(target):
-        # (dictionary-encode only the status, as run_job: on floats it costs write time)
-        with io.AtomicParquetWriter(os.path.join(target, name), job.schema,
-                                    use_dictionary=["status"]) as writer:
-            writer.write(table)
-    else:
-        filesystem, path = pafs.FileSystem.from_uri(target)
-        pq.write_table(table, f"{path.rstrip('/')}/{name}", filesystem=filesystem,
-                       use_dictionary=["status"], write_page_checksum=True)
+    # (dictionary-encode only the status, as run_job: on floats it costs write time)
+    with io.AtomicParquetWriter(storage.join(target, name), job.schema,
+                                use_dictionary=["status"]) as writer:
+        writer.write(table)
     return {"series": table.num_rows, "points": io.column_sum(table, "n_points"),
             "statuses": io.status_counts(table), "write_s": time.perf_counter() - begun}
 
@@ -492,25 +513,25 @@ def _write_part(index: int, tables: list, job: _Job, target: str) -> dict:
 def _check_written(target: str, written: list, columns: io.ColumnSpec, fmt: str):
     """Every series exactly once in the output, or the job fails; the tally. Long format:
     a partition's ids are distinct (one merged row each) and the partitions' ids disjoint
-    (a hash of the id), so the files' row counts are checked against the tasks' (a local
-    output's, from the footers); list format: ids of different tasks may repeat (as input
-    rows can), so a local output's ids are read back."""
+    (a hash of the id), so the files' row counts are checked against the tasks' (from the
+    footers); list format: ids of different tasks may repeat (as input rows can), so the
+    output's ids are read back."""
     n_series = sum(info["series"] for info in written)
-    if is_local(target):
-        files = [pq.ParquetFile(os.path.join(target, name)) for name in sorted(
-            os.listdir(target)) if name.endswith(".parquet") and name[0] not in "._"]
-        rows = sum(file.metadata.num_rows for file in files)
-        distinct = rows
-        if fmt == "list" and files:
-            ids = pa.chunked_array([file.read(columns=[columns.series_id])[0]
-                                    for file in files])
-            distinct = pc.count_distinct(ids).as_py()
-        if distinct < rows:
-            raise ValueError(f"series ids repeat in list format ({rows - distinct} "
-                             "duplicates): each row must be its own series")
-        if rows != n_series:
-            raise RuntimeError(f"{rows} output rows for {n_series} series fitted: a part "
-                               "file is missing or extra (a bug)")
+    files = [pq.ParquetFile(storage.open_input_file(storage.join(target, name)))
+             for name in sorted(storage.names(target))
+             if name.endswith(".parquet") and name[0] not in "._"]
+    rows = sum(file.metadata.num_rows for file in files)
+    distinct = rows
+    if fmt == "list" and files:
+        ids = pa.chunked_array([file.read(columns=[columns.series_id])[0]
+                                for file in files])
+        distinct = pc.count_distinct(ids).as_py()
+    if distinct < rows:
+        raise ValueError(f"series ids repeat in list format ({rows - distinct} "
+                         "duplicates): each row must be its own series")
+    if rows != n_series:
+        raise RuntimeError(f"{rows} output rows for {n_series} series fitted: a part "
+                           "file is missing or extra (a bug)")
     counts = Counter()
     for info in written:
         counts.update({str(status): int(n) for status, n in info["statuses"].items()})

@@ -54,7 +54,7 @@ class JobSummary:
 def default_output(path: str) -> str:
     """``data.parquet`` (or ``data.csv``, ``data.feather``, ...) -> ``data.coeffs.parquet``;
     a directory ``data/`` -> ``data.coeffs.parquet`` beside it."""
-    path = os.path.normpath(path)
+    path = path.rstrip("/") if io.storage.is_remote(path) else os.path.normpath(path)
     ends = [end for ends in io.EXTENSIONS.values() for end in ends
             if path.lower().endswith(end)]
     stem = path[: -len(max(ends, key=len))] if ends else path
@@ -72,10 +72,13 @@ def run_job(input_path: str, output_path: str | None = None, *,
             columns: io.ColumnSpec = DEFAULT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE,
             history_path: str | None = None, track: int = 5, track_ids=None,
             resume: bool = False, progress: Callable[[int, int], None] | None = None,
-            input_format: str = "auto", **fit_options) -> JobSummary:
+            input_format: str = "auto", storage_options: dict[str, str] | None = None,
+            **fit_options) -> JobSummary:
     """Fit every series of a dataset (a Parquet, CSV or Arrow IPC file, or a directory of
     them); write one row per series to ``output_path``. ``input_format``: auto (each file
-    by its extension, else its first bytes), parquet, csv or ipc.
+    by its extension, else its first bytes), parquet, csv or ipc. Any path may be a URI of
+    a store (``s3://bucket/key``, ``gs://``, ``abfs://``, ``hdfs://``, ``file://``; a
+    prefix is a directory), reached with ``storage_options`` (``io.storage``).
 
     ``fit_options`` are ``batchfit.fit``'s (degree, loss, f_scale, solver, lr, epochs, tol,
     device, dtype, compile). ``history_path``: also write the training history of an
@@ -87,6 +90,15 @@ def run_job(input_path: str, output_path: str | None = None, *,
     are written. Raises ValueError (one line) for bad input; the outputs then do not exist
     (older files are left untouched).
     """
+    (input_path, output_path, history_path), options = io.split_paths(
+        [input_path, output_path, history_path], storage_options)
+    with io.storage.using(options):
+        return _run_job(input_path, output_path, columns, batch_size, history_path, track,
+                        track_ids, resume, progress, input_format, fit_options)
+
+
+def _run_job(input_path, output_path, columns, batch_size, history_path, track, track_ids,
+             resume, progress, input_format, fit_options) -> JobSummary:
     start = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -100,7 +112,7 @@ def run_job(input_path: str, output_path: str | None = None, *,
                              "newton): the exact solver does not train")
         io.check_writable(history_path, what="history")
         io.check_apart(history_path, input_path, "history")
-        if os.path.realpath(history_path) == os.path.realpath(output_path):
+        if io.same_file(history_path, output_path):
             raise ValueError(f"history {history_path} is also the output; give them two "
                              "names")
         if resume:

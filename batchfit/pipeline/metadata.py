@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from batchfit._version import __version__
+from batchfit.io import storage
 
 if TYPE_CHECKING:
     from batchfit.core.options import Options
@@ -28,7 +29,7 @@ def job_metadata(opts: Options, input_path: str, layout: Layout, input_format: s
     options = {key: value for key, value in fit_options.items() if not callable(value)}
     if batch_size is not None:
         options["batch_size"] = batch_size
-    return {"version": __version__, **opts.describe(device), "input": input_path,
+    return {"version": __version__, **opts.describe(device), "input": storage.shown(input_path),
             "format": layout.format, "input_format": input_format, "x_unit": layout.x_unit,
             "engine": engine,
             "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
