@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     scratch = args.dir or tempfile.mkdtemp(prefix="batchfit-s3-")
+    os.makedirs(scratch, exist_ok=True)
     s3_port, ray_port = free_port(), free_port()
     env = {**os.environ, **RAY_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
            "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

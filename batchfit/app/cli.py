@@ -215,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "them), write coefficients",
         description="Fit every series of INPUT; write one row per series to OUTPUT. "
                     "Example: batchfit run data.parquet -o fits.parquet --loss huber")
-    run.add_argument("input", help="a Parquet, CSV or Arrow IPC file, or a directory of them")
-    run.add_argument("-o", "--output", help="output Parquet file [INPUT.coeffs.parquet]")
+    run.add_argument("input", help="a Parquet, CSV or Arrow IPC file, or a directory of them; "
+                                  "a path or a URI (s3://bucket/key, gs://, abfs://, ...)")
+    run.add_argument("-o", "--output", help="output Parquet file, a path or a URI "
+                                            "[INPUT.coeffs.parquet]")
     run.add_argument("--input-format", choices=["auto", "parquet", "csv", "ipc"],
                      default="auto", help=INPUT_FORMAT_HELP)
     run.add_argument("--format", choices=["auto", "long", "list"], default="auto",

@@ -136,6 +136,7 @@ def _environment() -> tuple:
 
 @functools.lru_cache(maxsize=4096)  # (a store's client is made once per file and options)
 def _located(path: str, options: tuple, environment: tuple) -> tuple[pafs.FileSystem, str]:
+    """(``environment``: only a part of the cache's key; from_uri reads it itself.)"""
     name = scheme(path)
     split = urllib.parse.urlsplit(path)
     query = urllib.parse.urlencode([*urllib.parse.parse_qsl(split.query), *options])
