@@ -68,8 +68,10 @@ def test_robust_newton_equals_the_torch_func_path(name, rng):
 
 
 @pytest.mark.parametrize("solver,lr,dtype,tolerance",
-                         [("gd", 1e-3, "float64", 1e-10), ("adam", 1e-2, "float64", 1e-9),
-                          ("gd", 1e-3, "float32", 2e-5)])
+                         [("gd", 1e-3, "float64", 1e-10),
+                          # (the other two in the slow tier: 4-5 s each, eager)
+                          pytest.param("adam", 1e-2, "float64", 1e-9, marks=pytest.mark.slow),
+                          pytest.param("gd", 1e-3, "float32", 2e-5, marks=pytest.mark.slow)])
 def test_moment_descent_equals_the_torch_func_path(solver, lr, dtype, tolerance, rng):
     """The seed's protocol (lr 1e-3; 3,000 of its 15,000 epochs, to keep the generic path's
     time short) and Adam, batched on the sums, against vmap(grad) of the same MSE over the

@@ -111,8 +111,9 @@ def stale_kernel() -> bytes:
 
 @pytest.mark.parametrize("kernel, why", [
     (None, "not installed"),
-    (b"\x7fELF this is no shared object", "cannot load"),
-    ("stale", "stale"),
+    # (the other two in the slow tier: a fresh process each, 3 s)
+    pytest.param(b"\x7fELF this is no shared object", "cannot load", marks=pytest.mark.slow),
+    pytest.param("stale", "stale", marks=pytest.mark.slow),
 ])
 def test_an_unusable_kernel_warns_once_and_the_twin_fits(data, reference, tmp_path,
                                                           kernel, why):

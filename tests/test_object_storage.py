@@ -146,6 +146,7 @@ def test_the_single_machine_reads_and_writes_the_store(s3, layouts, tmp_path, la
     assert [k for k in keys(s3, "data/out") if k.endswith(".tmp")] == []
 
 
+@pytest.mark.slow  # (a robust fit, GD and plots: 4 s)
 def test_points_jobs_history_and_plots_from_the_store(s3, layouts, tmp_path):
     """A robust job (whole series gathered from scattered files), its --history in the
     store, and `batchfit plot` reading everything from there."""
