@@ -68,6 +68,18 @@ def shuffled(data: str, directory: str, files: int):
         pq.write_table(table.take(pa.array(rows)), os.path.join(directory, f"part-{i}.parquet"))
 
 
+def shuffled_input(scratch: str, series: int, points: int, files: int) -> str:
+    """The generated series (made once in ``scratch``), shuffled over ``files`` files: their
+    directory."""
+    data = os.path.join(scratch, "d.parquet")
+    if not os.path.exists(data):
+        generate(data, series=series, points=points)
+    parts = os.path.join(scratch, f"shuffled-{files}")
+    if not os.path.isdir(parts):
+        shuffled(data, parts, files)
+    return parts
+
+
 def agreement(want: pa.Table, got: pa.Table, coefficients: list) -> dict:
     """Per column: the largest difference, relative to the series' largest coefficient for
     ``coefficients`` (README's row-order promise) and to the value itself for the rest (0.0
@@ -110,12 +122,7 @@ def main():
     workers = [int(w) for w in args.workers.split(",")]
     scratch = args.dir or tempfile.mkdtemp(prefix="batchfit-ray-")
     try:
-        data = os.path.join(scratch, "d.parquet")
-        if not os.path.exists(data):
-            generate(data, series=int(args.series), points=args.points)
-        parts = os.path.join(scratch, f"shuffled-{args.files}")
-        if not os.path.isdir(parts):
-            shuffled(data, parts, args.files)
+        parts = shuffled_input(scratch, int(args.series), args.points, args.files)
         one = os.path.join(scratch, "one.parquet")
         runs = {"single": []} | {f"ray{w}": [] for w in workers}
         for _ in range(args.reps):  # side by side, in turn: the machine's noise hits all

@@ -30,9 +30,7 @@ import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_ray import RAY_ENV, STAGES, agreement, run, shuffled, time_v
-
-from batchfit.app.generate import generate
+from bench_ray import RAY_ENV, STAGES, agreement, run, shuffled_input, time_v
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -76,12 +74,7 @@ def main():
     os.environ.update(env)  # (time_v's commands inherit it)
     processes = []
     try:
-        data = os.path.join(scratch, "d.parquet")
-        if not os.path.exists(data):
-            generate(data, series=int(args.series), points=args.points)
-        parts = os.path.join(scratch, f"shuffled-{args.files}")
-        if not os.path.isdir(parts):
-            shuffled(data, parts, args.files)
+        parts = shuffled_input(scratch, int(args.series), args.points, args.files)
         processes.append(started([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                   "-p", str(s3_port)], env))
         time.sleep(3)

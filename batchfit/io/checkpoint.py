@@ -40,15 +40,11 @@ class Checkpoint:
     """
 
     def __init__(self, output_path: str, job: dict):
-        self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM) \
-            if not storage.is_remote(output_path) else \
-            storage.join(storage.parent(output_path),
-                         f".{storage.basename(output_path)}.resume")
+        self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM)
         self.job = json.loads(json.dumps(job, sort_keys=True, default=str))
         self.parts: dict[tuple[int, int], list] = {}  # (first, count) -> [file, digest]
         self.statistics: dict | None = None  # {"batches": n, "files": {role: [file, digest]}}
-        if not storage.exists(self._path(MANIFEST)) if storage.is_remote(self.directory) \
-                else not os.path.isdir(self.directory):
+        if not self._present():
             self._create()
             return
         manifest = self._load()
@@ -70,6 +66,12 @@ class Checkpoint:
 
     def _path(self, name: str) -> str:
         return storage.join(self.directory, name)
+
+    def _present(self) -> bool:
+        """A checkpoint is there (in a store: its prefix appears with the manifest)."""
+        if storage.is_remote(self.directory):
+            return storage.exists(self._path(MANIFEST))
+        return os.path.isdir(self.directory)
 
     def _create(self):
         """The directory appears whole, with its manifest, or not at all."""
@@ -120,7 +122,7 @@ class Checkpoint:
         for entry in storage.names(self.directory):
             if entry not in named:
                 try:
-                    _unlink(self._path(entry))
+                    storage.unlink(self._path(entry))
                 except OSError:  # (a directory, or not ours to remove: leave it)
                     pass
 
@@ -187,7 +189,7 @@ class Checkpoint:
         self._publish()
         for name, _ in (replaced or {"files": {}})["files"].values():
             if name not in {new for new, _ in files.values()}:
-                _unlink(self._path(name))
+                storage.unlink(self._path(name))
 
     def restore_statistics(self, aggregator, codes) -> int:
         """Load the kept state into ``aggregator`` and ``codes``; the number of decoded
@@ -230,10 +232,3 @@ def _plain(name) -> bool:
 
 def _write_json(path: str, value):
     storage.write_whole(path, json.dumps(value, sort_keys=True).encode())
-
-
-def _unlink(path: str):
-    if storage.is_remote(path):
-        storage.remove(path)
-    else:
-        os.unlink(path)

@@ -278,6 +278,14 @@ def identity(path: str) -> tuple[str, str]:
     return scheme(path), locate(path)[1].rstrip("/")
 
 
+def unlink(path: str):
+    """Remove the file ``path`` (locally ``OSError`` if it cannot be)."""
+    if is_remote(path):
+        remove(path)
+    else:
+        os.unlink(path)
+
+
 def remove(path: str):
     """Remove a file or a directory (a prefix and everything under it) if there."""
     filesystem, inner = locate(path)

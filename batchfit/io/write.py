@@ -225,7 +225,10 @@ def _default_permissions(directory: bool = False) -> int:
 
 def hidden_beside(path: str, suffix: str, room: int = TEMP_EXTRA_BYTES) -> str:
     """``.NAME`` + ``suffix`` beside ``path``. A name too near the system's limit to take
-    ``room`` more bytes is cut, with a digest of the whole name so that cut names differ."""
+    ``room`` more bytes is cut, with a digest of the whole name so that cut names differ.
+    (In a store: no limit is known, the name is kept whole.)"""
+    if storage.is_remote(path):
+        return storage.join(storage.parent(path), f".{storage.basename(path)}{suffix}")
     directory, name = os.path.split(os.path.abspath(path))
     encoded = os.fsencode(name)
     if len(encoded) + room > _name_max(directory):
@@ -258,8 +261,7 @@ def _remote_temp(path: str) -> str:
     """A hidden temporary name ``.NAME.PID.XXXXXXXX.tmp`` beside a store's ``path`` (of a
     file or a prefix). What a killed run leaves there is not removed by the next: a PID
     tells nothing about another machine's runs."""
-    name = f".{storage.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    return storage.join(storage.parent(path), name)
+    return hidden_beside(path, f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def move(source: str, target: str):
@@ -312,8 +314,7 @@ class AtomicParquetWriter:
         self.remote = storage.is_remote(path)
         with interrupts.deferred():  # (made and recorded at once: an interrupt removes it)
             self.temp = _remote_temp(path) if self.remote else _temp_beside(path)
-            interrupts.remove_on_interrupt(self.temp,
-                                           storage.remove if self.remote else os.unlink)
+            interrupts.remove_on_interrupt(self.temp, storage.unlink)
         try:
             filesystem, where = storage.locate(self.temp) if self.remote else (None, self.temp)
             self.writer = pq.ParquetWriter(where, schema, filesystem=filesystem,
