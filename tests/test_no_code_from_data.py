@@ -18,8 +18,11 @@ PACKAGE = pathlib.Path(batchfit.__file__).parent
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "loads", "load", "import_module",
                    "literal_eval", "unsafe_load"}
 # json of batchfit's own metadata; torch.compile of batchfit's functions; aot.load of the
-# kernels this machine compiled into its own cache (never a path from the data)
-ALLOWED = {("json", "load"), ("json", "loads"), ("torch", "compile"), ("aot", "load")}
+# kernels this machine compiled into its own cache (never a path from the data); the module
+# a user names in --model package.module:function or fit(model=...) (their own code, never a
+# name read from a file: a table's metadata is not imported, see test_user_models)
+ALLOWED = {("json", "load"), ("json", "loads"), ("torch", "compile"), ("aot", "load"),
+           ("importlib", "import_module")}
 FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "yaml",
                      "joblib"}
 

@@ -14,7 +14,17 @@ import sys
 
 from batchfit._version import __version__
 from batchfit.core import interrupts
-from batchfit.core.names import BUILTIN_LOSSES, DEVICES, DTYPES, MODELS, SOLVERS
+from batchfit.core.names import (
+    BUILTIN_LOSSES,
+    DEVICES,
+    DTYPES,
+    FAMILY_PARAMS,
+    FAMILY_X_COLUMNS,
+    FORMULA_FUNCTIONS,
+    MODELS,
+    RESIDUAL_LOSSES,
+    SOLVERS,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,13 +63,15 @@ def _run(args) -> int:
     with interrupts.deferred():
         pa.array(np.zeros(0))
 
-    columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col,
+    columns = ColumnSpec(series_id=args.id_col, x=_x_columns(args.x_col), y=args.y_col,
                          weight=args.weight_col or "weight",
                          weight_given=args.weight_col is not None, format=args.format)
     fit_options = dict(degree=args.degree, model=args.model, loss=args.loss, f_scale=args.f_scale,
                        solver=args.solver, lr=args.lr, epochs=args.epochs, tol=args.tol,
                        device=args.device, dtype=args.dtype,
-                       compile=False if args.no_compile else "auto", restarts=args.restarts)
+                       compile=False if args.no_compile else "auto", restarts=args.restarts,
+                       covariance=args.covariance, param_names=args.params, p0=args.p0,
+                       bounds=args.bounds)
     if args.engine == "ray":
         from batchfit.pipeline.distributed import run_ray
 
@@ -87,6 +99,34 @@ def _run(args) -> int:
         close()
     _report(summary)
     return 0
+
+
+def _x_columns(text: str):
+    """``--x-col``: one column, or a comma list of several (x with d columns)."""
+    return tuple(name.strip() for name in text.split(",")) if "," in text else text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(name.isidentifier() for name in names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got "
+                                         f"{text!r}") from None
+
+
+def _bounds(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    lower, colon, upper = text.partition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"expected LOWER:UPPER (two comma lists), got "
+                                         f"{text!r}")
+    return _numbers(lower), _numbers(upper)
 
 
 def _storage_options(args) -> dict[str, str]:
@@ -127,7 +167,7 @@ def _plot(args) -> int:
     from batchfit.app.plots import plot_all
     from batchfit.io import ColumnSpec
 
-    columns = ColumnSpec(series_id=args.id_col, x=args.x_col, y=args.y_col)
+    columns = ColumnSpec(series_id=args.id_col, x=_x_columns(args.x_col), y=args.y_col)
     series = args.series.split(",") if args.series else None
     paths = plot_all(args.data, args.coeffs, args.output, history_path=args.history,
                      truth_path=args.truth, reference_path=args.compare, series=series,
@@ -224,18 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=["auto", "long", "list"], default="auto",
                      help="long: a row per point; list: a row per series [auto: by x's type]")
     run.add_argument("--id-col", default="series_id", help="series id column [series_id]")
-    run.add_argument("--x-col", default="x", help="x column [x]")
+    run.add_argument("--x-col", default="x",
+                     help="x column [x], or a comma list of several for a model of "
+                          "multi-dimensional x (--model gauss2d --x-col x0,x1)")
     run.add_argument("--y-col", default="y", help="y column [y]")
     run.add_argument("--weight-col", help="weight column, >= 0 [weight, used when present]")
-    run.add_argument("--model", default="poly", choices=MODELS,
-                     help="poly: the polynomial of --degree; exp: a*exp(-b*x)+c; gauss: "
-                          "a*exp(-(x-mu)^2/(2*sigma^2))+c; logistic: L/(1+exp(-k*(x-x0)))+c; "
-                          "power: a*x^b+c (x > 0) [poly]")
+    run.add_argument("--model", default="poly",
+                     help="poly: the polynomial of --degree; a family ("
+                          + ", ".join(FAMILY_PARAMS) + "); a formula such as "
+                          "'a*exp(-x/tau) + c' (x, or x0, x1, ... for several --x-col; "
+                          "+ - * / ** and " + ", ".join(FORMULA_FUNCTIONS) + "); "
+                          "package.module:function, your own f(x, params); auto:A,B,...: each series' model chosen "
+                          "among these candidates (families, poly, polyD) by AICc [poly]")
     run.add_argument("--degree", default="2",
                      help="polynomial degree, or auto[:D]: each series' degree in 0..D "
                           "(default 3) chosen by BIC, recorded in a degree column [2]")
     run.add_argument("--loss", default="mse",
-                     choices=BUILTIN_LOSSES, help="[mse]")
+                     choices=BUILTIN_LOSSES,
+                     help="poisson: the Poisson deviance of counts y >= 0 (nonlinear models) "
+                          "[mse]")
     run.add_argument("--f-scale", type=float, default=1.0,
                      help="residual scale of the robust losses [1.0]")
     run.add_argument("--solver", default="auto",
@@ -248,10 +295,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tol", type=float,
                      help="relative excess-loss tolerance of the iterative solvers [1e-6; "
                           "1e-10 for nonlinear models in float64]")
+    run.add_argument("--params", type=_names, metavar="A,B,...",
+                     help="a formula's or a module model's parameter names, in order [a "
+                          "formula's: as they first appear; a module's: p0, p1, ...]")
+    run.add_argument("--p0", type=_numbers, metavar="V,V,...",
+                     help="starting parameters of a nonlinear model, one per parameter [a "
+                          "family's data-driven start; a formula's all ones]")
+    run.add_argument("--bounds", type=_bounds, metavar="LOWER:UPPER",
+                     help="box constraints, two comma lists (inf, -inf: free), e.g. "
+                          "0,0,-inf:inf,10,inf")
     run.add_argument("--restarts", type=int, default=0, metavar="K",
                      help="nonlinear models: K more starts per series, each parameter of the "
                           "first scaled by a random factor in [1/10, 10]; keeps the best "
                           "converged fit and writes converged_starts [0]")
+    run.add_argument("--covariance", action="store_true",
+                     help="also write each series' parameter covariance, its upper triangle "
+                          "as cov_<name_i>_<name_j> columns (what predict's interval uses)")
     run.add_argument("--device", default="auto", choices=DEVICES,
                      help="[auto: the CPU for MSE polynomial jobs (an aggregation), CUDA when "
                           "present for the others]")
@@ -297,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--outliers", type=float, default=0.0,
                      help="fraction of points pushed 10-30 noise sds away [0]")
     gen.add_argument("--degree", type=int, default=2, help="[2]")
-    gen.add_argument("--model", default="poly", choices=MODELS,
+    gen.add_argument("--model", default="poly",
+                     choices=[m for m in MODELS if m not in FAMILY_X_COLUMNS],  # (1-D x)
                      help="poly: around the seed's quadratic; a family: parameters and x "
                           "range from batchfit.app.generate.FAMILY_EXAMPLES [poly]")
     gen.set_defaults(handler=_generate)
@@ -361,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "else ~/.cache/batchfit) for every later process. Without it, the first run "
                     "that needs a kernel builds it (and says so). Example: batchfit warmup")
     warm.add_argument("--loss", nargs="+", default=["huber"],
-                      choices=[name for name in BUILTIN_LOSSES if name != "mse"],
+                      choices=[name for name in RESIDUAL_LOSSES if name != "mse"],
                       help="robust losses to build for [huber]")
     warm.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES,
                       help="working precisions to build for [float32]")
@@ -392,7 +452,8 @@ PARAMETER_FLAGS = {"batch_size": "--batch-size", "history_path": "--history",
                    "max_points": "--max-points", "epochs": "--epochs", "tol": "--tol",
                    "lr": "--lr", "f_scale": "--f-scale", "dtype": "--dtype",
                    "restarts": "--restarts", "input_format": "--input-format",
-                   "degree": "--degree"}
+                   "degree": "--degree", "p0": "--p0", "param_names": "--params",
+                   "params": "--params", "bounds": "--bounds", "model": "--model"}
 _UNDERSCORED = r"\b(" + "|".join(n for n in PARAMETER_FLAGS if "_" in n) + r")\b"
 
 

@@ -28,7 +28,13 @@ FAMILY_EXAMPLES = {
     "gauss": ((-5.0, 5.0), ((2.0, 6.0), (-2.0, 2.0), (0.5, 1.5), (-1.0, 1.0))),
     "logistic": ((-6.0, 6.0), ((2.0, 6.0), (0.5, 2.0), (-2.0, 2.0), (-1.0, 1.0))),
     "power": ((0.1, 5.0), ((1.0, 3.0), (0.5, 2.0), (-1.0, 1.0))),
+    # (hill4: x is a dose, 10**u for u in the range: doses spread evenly on a log scale)
+    "hill4": ((-3.0, 2.0), ((0.0, 1.0), (4.0, 6.0), (-1.5, 0.5), (0.7, 2.0))),
+    "biexp": ((0.0, 10.0), ((20.0, 40.0), (0.5, 1.0), (10.0, 20.0), (3.0, 5.0), (-0.5, 0.5))),
+    "lorentz": ((-5.0, 5.0), ((2.0, 6.0), (-2.0, 2.0), (0.3, 1.0), (-1.0, 1.0))),
+    "pvoigt": ((-5.0, 5.0), ((2.0, 6.0), (-2.0, 2.0), (0.8, 2.0), (0.2, 0.8), (-1.0, 1.0))),
 }
+LOG_X_FAMILIES = ("hill4",)  # families whose FAMILY_EXAMPLES x range is log10(x)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ def make_block(first: int, n: int, *, points: int, noise: float, seed: int, x_ki
         x = x[np.lexsort((x, series))]
     if model != "poly":
         x = x_lo + (x_hi - x_lo) * x
+        if model in LOG_X_FAMILIES:
+            x = 10.0**x
         y = FAMILIES[model].f(torch.from_numpy(x), torch.from_numpy(
             coefficients[series].T)).numpy()
     else:

@@ -33,9 +33,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
 from batchfit import io
-from batchfit.core.names import STATUS_LABELS
+from batchfit.core.names import FAMILY_X_COLUMNS, STATUS_LABELS
 from batchfit.fitting.models import FAMILIES
 from batchfit.fitting.prediction import polynomial
+from batchfit.fitting.user_models import table_model
 
 POINT_COLOR, FIT_COLOR, BEFORE_COLOR, REFERENCE_COLOR = "#4c72b0", "#c44e52", "#8c8c8c", "#55a868"
 MAX_SCATTER = 20_000  # points drawn in a scatter over the batch (a reproducible sample)
@@ -124,7 +125,7 @@ def _declutter(fig: Figure) -> Figure:
 
 def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
     """Evaluate output-row coefficients ({name: value}) at x; None when any is missing or
-    the model is not a built-in one. ``fitted``: ``io.read_coefficients``' metadata."""
+    the model is neither a built-in one nor a formula. ``fitted``: ``io.read_coefficients``' metadata."""
     columns = fitted["columns"]
     if any(coefficients.get(name) is None for name, _ in columns):
         return None
@@ -139,11 +140,12 @@ def curve(coefficients: dict, fitted: dict, x: np.ndarray) -> np.ndarray | None:
                               x[None])[0]
         return polynomial(np.array([[coefficients[name] for name in names]]), None, None,
                           x[None])[0]
-    if fitted["model"] not in FAMILIES:
+    model = FAMILIES.get(fitted["model"]) or table_model(fitted)
+    if model is None:
         return None  # a custom model: its code is not in the file (and never will be)
     params = [coefficients[name] for name, _ in sorted(columns, key=lambda c: c[1])]
     with np.errstate(all="ignore"):
-        return FAMILIES[fitted["model"]].f(torch.as_tensor(x, dtype=torch.float64),
+        return model.f(torch.as_tensor(x, dtype=torch.float64),
                                            torch.tensor(params, dtype=torch.float64)).numpy()
 
 
@@ -425,6 +427,10 @@ def plot_all(data_path: str, coefficients_path: str, out_dir: str, *,
 def _plot_all(data_path, coefficients_path, history_path, truth_path, reference_path,
               out_dir, series, sample, seed, columns, input_format) -> list[str]:
     coefficients, meta = io.read_coefficients(coefficients_path)
+    if columns.more_x or FAMILY_X_COLUMNS.get(meta.get("model"), 1) > 1:
+        raise ValueError(f"batchfit plot draws series of one x column; {coefficients_path} "
+                         "is a fit of x with several columns (predict it with "
+                         "batchfit.predict instead)")
     history, history_meta = io.read_history(history_path) if history_path else (None, None)
     truth = io.read_parquet(truth_path) if truth_path else None
     if series:  # ids typed like the coefficients' series_id

@@ -31,6 +31,7 @@ from batchfit.fitting.solvers import (
 )
 from batchfit.moments import layout as moments
 from batchfit.moments import native
+from batchfit.moments.covariance import covariance
 from batchfit.moments.degrees import padded
 
 NATIVE_MIN_ROWS = 8192  # rows per thread of the native kernel, at least
@@ -48,10 +49,15 @@ def exact_fit(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> Fi
     torch_twin = inputs.y.device.type != "cpu" or native.library() is None
     if torch_twin and not opts.auto_degree:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
-        return solve_exact(table, weighted, cfg, vectorize, points)
+        result = solve_exact(table, weighted, cfg, vectorize, points)
+        if not opts.covariance:
+            return result
+        cov = covariance(table.cpu().numpy(), result.record())
+        return dataclasses.replace(result, covariance=torch.from_numpy(cov).to(table.device))
     if torch_twin:
         table, weighted = _aggregate_torch(inputs, cfg.degree, vectorize)
-        record = MomentBackend(opts, uses_torch=True).fits(table.cpu().numpy(), weighted)
+        record = _with_covariance(MomentBackend(opts, uses_torch=True).fits(
+            table.cpu().numpy(), weighted), table.cpu().numpy(), opts)
     else:
         record = _solve_native(inputs, opts)
     result = FitResult.from_record(record, solver="exact", loss_name=cfg.loss.name,
@@ -69,6 +75,13 @@ def exact_fit(inputs: Inputs, cfg: SolverConfig, vectorize, opts: Options) -> Fi
                                          model=cfg.model, device=inputs.y.device)
         result = result.with_rows(torch.from_numpy(rows), part)
     return result
+
+
+def _with_covariance(record: dict, table: np.ndarray, opts: Options) -> dict:
+    """A solved table's record, with each row's covariance when the options ask for it."""
+    if opts.covariance:
+        record["covariance"] = covariance(table, record)
+    return record
 
 
 def _aggregate_torch(inputs: Inputs, degree: int, vectorize) -> tuple[torch.Tensor, bool]:
@@ -105,7 +118,9 @@ def _solve_native(inputs: Inputs, opts: Options) -> dict:
                                 rows=hi - lo)
         agg.add_dense(0, xs if xs.ndim == 1 else xs[lo:hi], ys[lo:hi],
                       None if ws is None else ws[lo:hi])
-        return MomentBackend(opts, uses_torch=False).fits(agg.finish(hi - lo), ws is not None)
+        table = agg.finish(hi - lo)
+        return _with_covariance(MomentBackend(opts, uses_torch=False).fits(
+            table, ws is not None), table, opts)
 
     records = list(thread_pool().map(part, bounds[:-1], bounds[1:]))
     return records[0] if parts == 1 else {

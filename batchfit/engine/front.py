@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from batchfit.core.names import Status
-from batchfit.core.options import Options, resolve
+from batchfit.core.options import Options, parse_models, resolve
+from batchfit.engine.choice import fit_choice
 from batchfit.engine.devices import configure_threads, resolve_device
 from batchfit.engine.exact import exact_fit
 from batchfit.engine.policy import vectorizer
@@ -25,6 +26,7 @@ from batchfit.fitting.data import (
     make_problem,
     out_of_range_rows,
     used_points,
+    x_columns_of,
 )
 from batchfit.fitting.diagnostics import PRECISION_LIMITED
 from batchfit.fitting.loop import SolverConfig
@@ -49,7 +51,7 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         epochs: int | None = None, tol: float | None = None, init="random", seed: int = 0,
         device="auto", dtype=None, compile="auto", history_every: int = 0,
         history_sample: int = 1 << 14, track=None, restarts: int = 0,
-        axis: int = -1) -> FitResult:
+        axis: int = -1, covariance: bool = False) -> FitResult:
     """Fit ``y = sum_i p_i x**i`` (degree 2: ``a x^2 + b x + c``) to every series at once.
 
     Parameters
@@ -58,7 +60,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         Any batch shape works: ``y`` (..., N), e.g. an (H, W, T) image stack, with ``x``
         (N,) or broadcastable to ``y`` (and weights, mask likewise, lengths (...)); ``axis``
         picks the points' axis (default the last). The result then has params (..., k)
-        and diagnostics (...).
+        and diagnostics (...). For a nonlinear model x may have d columns: (..., N, d),
+        or (N, d) shared (``gauss2d`` takes d = 2; the polynomial one column).
     weights : (B, N), >= 0; a weight multiplies the point's squared residual (as in WLS).
     lengths : (B,) ints, points beyond them are padding. ``mask`` (B, N) bool does the same.
         Points with a non-finite x, y or weight, or weight 0, are skipped.
@@ -66,7 +69,8 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         0..D (default 3) chosen by BIC (``FitResult.degrees``; higher coefficients 0).
     model : ``None``/``"poly"`` (the polynomial of ``degree``), a built-in family (``"exp"``,
         ``"gauss"``, ``"logistic"``, ``"power"``, see batchfit.fitting.models.FAMILIES), or a callable
-        ``f(x, params)`` on ONE series (1-D ``x``, 1-D ``params``), like the seed's ``f``.
+        ``f(x, params)`` on ONE series (``x`` (N,), or (N, d) for x with d columns; 1-D
+        ``params``), like the seed's ``f``.
     p0 : starting parameters of a nonlinear model: (k,) or (B, k), or a callable
         ``p0(x, y) -> params`` on one series (unused points are NaN); families have their
         own data-driven start. For polynomials it is the ``init`` of gd/adam/newton.
@@ -74,7 +78,9 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         ``(lower, upper)`` box constraints (sequences of k, +-inf where free), kept by
         projecting every step onto the box.
     loss : ``mse`` or scipy's robust ``huber``, ``soft_l1``, ``cauchy``, ``arctan`` (with
-        ``f_scale``), or a callable ``loss(pred, y)`` (see batchfit.fitting.losses).
+        ``f_scale``), ``poisson`` (the Poisson deviance of counts y >= 0, for nonlinear
+        models: maximum likelihood, stderr from the inverse Fisher information), or a
+        callable ``loss(pred, y)`` (see batchfit.fitting.losses).
     solver : ``auto`` (exact for MSE, newton otherwise), ``exact``, ``newton``, ``gd``, ``adam``.
     lr, epochs, tol, init, seed : iterative solvers. GD/Adam: learning rate (default 1e-3) and
         epochs (default 15000), initial raw coefficients (``random`` seeded normal, ``zeros``
@@ -99,6 +105,10 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         parameter of the first start (``p0``, or a family's data-driven guess) scaled by a
         seeded random factor between 1/10 and 10 (a zero one drawn from [-1, 1]); keep the
         converged fit of lowest loss (``FitResult.converged_starts`` counts them).
+    covariance : also return each series' full parameter covariance,
+        ``FitResult.covariance`` (..., k, k) float64 in the order of ``params`` (its
+        diagonal is ``stderr**2``; NaN where undefined), the input of
+        ``batchfit.predict(..., interval=0.95)``'s confidence bands.
 
     Returns
     -------
@@ -110,12 +120,21 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
         polynomials the frame they were fitted in (``x_centre``, ``x_scale``,
         ``frame_params``: evaluate with ``batchfit.predict``), and for iterative solvers
         ``history``.
+
+        With ``model`` a list of candidates (``["exp", "gauss", "poly1"]``, or
+        ``"auto:exp,gauss,poly1"``; ``polyD`` is the polynomial of degree D): a
+        ``ChoiceResult``, each series' model chosen by AICc (batchfit.fitting.choice).
     """
+    if parse_models(model) is not None:
+        options = dict(locals())
+        points = {name: options.pop(name) for name in ("x", "y", "weights", "lengths", "mask",
+                                                     "axis")}
+        return fit_choice(lambda **one: fit(**points, **one), options)
     opts = resolve(degree=degree, model=model, p0=p0, param_names=param_names, bounds=bounds,
                    loss=loss, f_scale=f_scale, solver=solver, lr=lr, epochs=epochs, tol=tol,
                    init=init, seed=seed, device=device, dtype=dtype, compile=compile,
                    history_every=history_every, history_sample=history_sample, track=track,
-                   restarts=restarts, y=y)
+                   restarts=restarts, y=y, covariance=covariance)
     try:
         ndim = np.ndim(y)
     except ValueError:  # ragged nesting: the input checks say so in their words
@@ -129,34 +148,44 @@ def fit(x, y, weights=None, lengths=None, *, mask=None, degree: int = 2, model=N
 def _as_batch(x, y, weights, lengths, mask, axis: int):
     """(batch shape, (x, y, weights, lengths, mask) as (B, N) with the points last), for y of
     any shape with its points on ``axis``."""
-    def moved(value):
-        return torch.movedim(value, axis, -1) if isinstance(value, torch.Tensor) \
-            else np.moveaxis(np.asarray(value), axis, -1)
+    ndim = np.ndim(y)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for y of {ndim} dimensions")
+    columns = x_columns_of(np.shape(x), np.shape(y))
+    last = axis in (-1, ndim - 1)
 
-    if not -np.ndim(y) <= axis < np.ndim(y):
-        raise ValueError(f"axis {axis} is out of range for y of {np.ndim(y)} dimensions")
+    def moved(value, to=-1):
+        """``value``'s points axis moved to ``to`` (counted from the end: -2 for x with
+        columns, whose negative axes are one further out than y's)."""
+        source = axis + to + 1 if axis < 0 else axis
+        return torch.movedim(value, source, to) if isinstance(value, torch.Tensor) \
+            else np.moveaxis(np.asarray(value), source, to)
+
     y = moved(y)
     shape, n = tuple(y.shape[:-1]), y.shape[-1]
 
-    def flat(value, name):
+    def flat(value, name, trailing=()):
+        """(B, N, *trailing); an (N, *trailing) value shared by every series as it is."""
         if value is None:
             return None
-        if np.ndim(value) == 1 and axis in (-1, np.ndim(y) - 1):
-            return value  # (N,): shared by every series
-        value = moved(value)
+        if np.ndim(value) == 1 + len(trailing) and last:
+            return value
+        value = moved(value, -1 - len(trailing))
+        target = (*y.shape, *trailing)
         try:
-            value = value.expand(*y.shape) if isinstance(value, torch.Tensor) else \
-                np.broadcast_to(value, y.shape)
+            value = value.expand(*target) if isinstance(value, torch.Tensor) else \
+                np.broadcast_to(value, target)
         except (RuntimeError, ValueError):
             raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to y's "
-                             f"{tuple(y.shape)}") from None
-        return value.reshape(-1, n)
+                             f"{tuple(y.shape)}" + (f" (with {trailing[0]} columns)"
+                                                    if trailing else "")) from None
+        return value.reshape(-1, n, *trailing)
 
     if lengths is not None:
         lengths = np.asarray(lengths).reshape(-1) if not isinstance(lengths, torch.Tensor) \
             else lengths.reshape(-1)
-    return shape, (flat(x, "x"), y.reshape(-1, n), flat(weights, "weights"), lengths,
-                   flat(mask, "mask"))
+    return shape, (flat(x, "x", () if columns is None else (columns,)), y.reshape(-1, n),
+                   flat(weights, "weights"), lengths, flat(mask, "mask"))
 
 
 def _epochs(opts: Options, model: Model) -> int:
@@ -173,7 +202,7 @@ def config(opts: Options) -> SolverConfig:
                         f_scale=opts.f_scale, lr=opts.lr, epochs=_epochs(opts, model), tol=opts.tol,
                         init=opts.init, seed=opts.seed, history_every=opts.history_every,
                         history_sample=opts.history_sample, track=opts.track,
-                        restarts=opts.restarts)
+                        restarts=opts.restarts, covariance=opts.covariance)
 
 
 def solve(x, y, weights, lengths, mask, opts: Options) -> FitResult:
@@ -181,15 +210,30 @@ def solve(x, y, weights, lengths, mask, opts: Options) -> FitResult:
     series that float32 cannot hold, or whose fit it limits, solved again in float64)."""
     configure_threads()
     opts = opts.with_(device=resolve_device(opts.device, x, y))
+    inputs = checked_inputs(x, y, weights, lengths, mask, device=opts.device)
+    _check_x_columns(config(opts).model, inputs)
     if opts.solver == "exact":  # float64 statistics whatever the dtype: one pass, then a solve
-        inputs = checked_inputs(x, y, weights, lengths, mask, device=opts.device)
         if inputs.y.numel() == 0:
             return solve_without_points(inputs.y.shape[0], opts.device, config(opts),
                                         opts.solver)
         return exact_fit(inputs, config(opts), vectorizer(opts), opts)
     result = _solve_iterative(x, y, weights, lengths, mask, opts)
-    far = out_of_range_rows(checked_inputs(x, y, weights, lengths, mask, device=opts.device))
+    far = out_of_range_rows(inputs)
     return result.marked(far, Status.OUT_OF_RANGE) if bool(far.any()) else result
+
+
+def _check_x_columns(model: Model, inputs) -> None:
+    """A one-line error where x's column count is not the model's (``Model.x_columns``)."""
+    columns = inputs.x.shape[-1] if inputs.x.ndim == 3 else 1
+    wanted = model.x_columns
+    if wanted is None or wanted == columns:
+        return
+    if model.is_poly:
+        raise ValueError(f"x has {columns} columns but the polynomial takes one; fit x with "
+                         "several columns with a model (model=...)")
+    shape = "(..., N)" if wanted == 1 else f"(..., N, {wanted})"
+    raise ValueError(f"model {model.name} needs x with {wanted} column"
+                     f"{'s' if wanted > 1 else ''} (shape {shape}), got {columns}")
 
 
 def _solve_iterative(x, y, weights, lengths, mask, opts: Options) -> FitResult:
@@ -213,6 +257,10 @@ def _solve_points(x, y, weights, lengths, mask, opts: Options) -> FitResult:
     cfg, vectorize = config(opts), vectorizer(opts)
     problem = make_problem(x, y, weights, lengths, mask, dtype=getattr(torch, opts.dtype),
                            device=opts.device, centre_x=cfg.model.is_poly)
+    if cfg.loss.likelihood:
+        w, _, y_used = vectorize(used_points, Series.of(problem))
+        if bool(((w > 0) & (y_used < 0)).any()):
+            raise ValueError(f"loss {cfg.loss.name} needs counts y >= 0")
     if cfg.loss.reduces and bool((vectorize(used_points, Series.of(problem))[0] != 1).any()):
         raise ValueError("a loss callable that returns a scalar cannot skip padded, masked, "
                          "weighted or non-finite points; return per-point losses instead")
@@ -263,7 +311,7 @@ def _with_float64_rows(result: FitResult, x, y, weights, lengths, mask, wide: np
                        opts: Options) -> FitResult:
     """``result`` with its ``wide`` rows fitted again in float64."""
     rows = np.flatnonzero(wide)
-    part = _solve_points(take_rows(x, rows, 2), take_rows(y, rows, 2),
+    part = _solve_points(_x_rows(x, y, rows), take_rows(y, rows, 2),
                          take_rows(weights, rows, 2), take_rows(lengths, rows, 1),
                          take_rows(mask, rows, 2),
                          opts.with_(dtype="float64", init=take_rows(opts.init, rows, 2),
@@ -275,7 +323,7 @@ def _fit_wide_apart(x, y, weights, lengths, mask, wide: np.ndarray, opts: Option
     """Fit the ``wide`` series (beyond float32's range, or limited by its rounding) in
     float64, the others in float32."""
     def fit_group(rows, group: Options):
-        return _solve_points(take_rows(x, rows, 2), take_rows(y, rows, 2),
+        return _solve_points(_x_rows(x, y, rows), take_rows(y, rows, 2),
                              take_rows(weights, rows, 2), take_rows(lengths, rows, 1),
                              take_rows(mask, rows, 2),
                              group.with_(dtype="float64" if wide[rows[0]] else "float32"))
@@ -313,6 +361,13 @@ def fit_in_groups(groups: list[np.ndarray], batch: int, fit_group: Callable,
         joined = torch.cat([getattr(part, field) for part in parts])
         fields[field] = joined[order.to(joined.device)]
     return dataclasses.replace(parts[0], history=history, **fields)
+
+
+def _x_rows(x, y, rows: np.ndarray):
+    """Rows of x, (B, N) or (B, N, d); a shared (N,) or (N, d) x as is."""
+    per_series = np.ndim(y) + 1 if x_columns_of(np.shape(x), np.shape(y)) is not None \
+        else np.ndim(y)
+    return take_rows(x, rows, per_series)
 
 
 def take_rows(value, rows: np.ndarray, per_series_ndim: int):

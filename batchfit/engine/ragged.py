@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchfit.core.options import Options, resolve
+from batchfit.core.options import Options, parse_models, resolve
+from batchfit.engine.choice import fit_choice
 from batchfit.engine.front import fit_in_groups, solve
 from batchfit.fitting.data import (
     FitResult,
@@ -13,11 +14,12 @@ from batchfit.fitting.data import (
 
 
 def _gather(values: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    """Equal-length series stored at ``starts`` -> a (len(starts), length) array; adjacent
-    series are a reshape (no copy)."""
+    """Equal-length series stored at ``starts`` -> a (len(starts), length) array (x of d
+    columns: (len(starts), length, d)); adjacent series are a reshape (no copy)."""
     count = len(starts)
     if count and (np.diff(starts) == length).all():
-        return values[starts[0]:starts[0] + count * length].reshape(count, length)
+        return values[starts[0]:starts[0] + count * length].reshape(count, length,
+                                                                    *values.shape[1:])
     return values[starts[:, None] + np.arange(length)]
 
 
@@ -30,6 +32,8 @@ def fit_ragged(x: np.ndarray, y: np.ndarray, offsets: np.ndarray, weights=None,
     which other series share its batch. Results come back in series order, with the groups'
     training histories merged (``track`` and ``history_sample`` refer to the whole batch).
     """
+    if parse_models(options.get("model")) is not None:
+        return fit_choice(lambda **one: fit_ragged(x, y, offsets, weights, **one), options)
     opts = resolve(**options, y=y)
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths, starts = np.diff(offsets), offsets[:-1]

@@ -26,7 +26,7 @@ class Problem:
     arrived in more precision than the working dtype, so timestamps survive the cast.
     """
 
-    x: torch.Tensor  # (B, N)
+    x: torch.Tensor  # (B, N), or (B, N, d) for x with d columns (nonlinear models)
     y: torch.Tensor  # (B, N)
     w: torch.Tensor | None = None  # (B, N), >= 0
     mask: torch.Tensor | None = None  # (B, N) bool
@@ -135,6 +135,8 @@ class FitResult:
     x_scale: torch.Tensor | None = field(default=None, repr=False)  # (B,) float64
     frame_params: torch.Tensor | None = field(default=None, repr=False)  # (B, k) float64
     degrees: torch.Tensor | None = field(default=None, repr=False)  # (B,) degree="auto"
+    # (B, k, k) float64, with ``covariance=True``: in the order of ``params`` on both axes
+    covariance: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def degree(self) -> int | None:
@@ -151,7 +153,8 @@ class FitResult:
         return polynomial(self.degree) if self.model is None else self.model
 
     RECORD = ("params", "stderr", "loss", "rmse", "r2", "n_points", "iterations", "status")
-    OPTIONAL = ("x_centre", "x_scale", "frame_params", "degrees", "converged_starts")
+    OPTIONAL = ("x_centre", "x_scale", "frame_params", "degrees", "converged_starts",
+                "covariance")
     PER_PARAMETER = ("params", "stderr", "frame_params")
 
     @classmethod
@@ -182,8 +185,29 @@ class FitResult:
         """The per-series fields as numpy arrays, one row per series whatever the batch
         shape (what the output tables are made of)."""
         k = self.params.shape[-1]
-        return {name: getattr(self, name).cpu().numpy().reshape(
-            (-1, k) if name in self.PER_PARAMETER else (-1,)) for name in self.fields}
+        record = {name: getattr(self, name).cpu().numpy().reshape(
+            (-1, k) if name in self.PER_PARAMETER else (-1, k, k) if name == "covariance"
+            else (-1,)) for name in self.fields}
+        return {**record, **self._derived(record)}
+
+    @property
+    def derived(self) -> dict[str, np.ndarray]:
+        """The model's derived columns (``Model.derived``: hill4's ``ic50``, ``ic50_low``,
+        ``ic50_high``), one value per series (batch shape kept; NaN where undefined); empty
+        for models without them."""
+        k = self.params.shape[-1]
+        flat = {"params": self.params.cpu().numpy().reshape(-1, k),
+                "stderr": self.stderr.cpu().numpy().reshape(-1, k),
+                "n_points": self.n_points.cpu().numpy().reshape(-1)}
+        return {name: values.reshape(self.status.shape)
+                for name, values in self._derived(flat).items()}
+
+    def _derived(self, record: dict) -> dict[str, np.ndarray]:
+        model = self.model
+        if model is None or model.derived is None:
+            return {}
+        return dict(zip(model.derived_names, model.derived(
+            record["params"], record["stderr"], record["n_points"])))
 
     def with_rows(self, rows: torch.Tensor, part: FitResult) -> FitResult:
         """This result with the series at ``rows`` taken from ``part`` (fitted apart)."""
@@ -219,7 +243,8 @@ class FitResult:
         return io.fit_arrow(self.record(), output_columns(model), ids,
                             {"solver": self.solver, "loss": self.loss_name,
                              "model": model.name, "degree": self.degree,
-                             "param_columns": list(model.param_names)})
+                             "param_columns": list(model.param_names)},
+                            derived=model.derived_names)
 
     def to_pandas(self, ids=None):
         """``to_arrow`` as a pandas DataFrame (needs pandas)."""
@@ -334,7 +359,7 @@ def scale_for(magnitude: torch.Tensor) -> torch.Tensor:
 
 
 def _used(inputs: Inputs) -> torch.Tensor:
-    used = torch.isfinite(inputs.x) & torch.isfinite(inputs.y)
+    used = finite_x(inputs.x, inputs.y) & torch.isfinite(inputs.y)
     if inputs.w is not None:
         used &= torch.isfinite(inputs.w) & (inputs.w > 0)
     if inputs.mask is not None:
@@ -369,7 +394,8 @@ def float32_overflows(y) -> bool:
 
 class Inputs(NamedTuple):
     """``fit``'s arrays checked and as tensors on the device, not yet cast: ``y`` (B, N); ``x``
-    like y (a shared (N,) x expanded, stride 0, no copy); ``w`` like y or None; ``lengths``
+    like y, or (B, N, d) (a shared (N,) or (N, d) x expanded, stride 0, no copy); ``w`` like
+    y or None; ``lengths``
     (B,) int64 or None; ``mask`` (B, N) bool or None."""
 
     x: torch.Tensor
@@ -389,13 +415,34 @@ class Inputs(NamedTuple):
         return Inputs(*(pick(v) for v in self))
 
 
+def x_columns_of(x_shape: tuple, y_shape: tuple) -> int | None:
+    """The number of columns d of an x with several (a trailing axis beyond y's points:
+    ``(..., N, d)`` for y ``(..., N)`` (broadcast to it), or ``(N, d)`` shared by the series
+    of a (B, N) y), None for x with one value per point (the shape of y, or ``(N,)``; an x
+    as shaped as y wins)."""
+    if len(x_shape) == len(y_shape) + 1:
+        return x_shape[-1]
+    if len(x_shape) == 2 and len(y_shape) == 2 and x_shape[0] == y_shape[-1] and \
+            tuple(x_shape) != tuple(y_shape[-2:]):
+        return x_shape[1]
+    return None
+
+
+def finite_x(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Whether each point's x is finite: over its coordinates for x with several columns."""
+    finite = torch.isfinite(x)
+    return finite.all(-1) if x.ndim > y.ndim else finite
+
+
 def checked_inputs(x, y, weights=None, lengths=None, mask=None, *, device) -> Inputs:
     """Validate ``fit``'s arrays or tensors; one-line ValueErrors on bad input.
 
     ``y`` is (B, N) or (N,) for one series; ``x`` is the same shape, or (N,) shared by all
-    series (broadcast without a copy).
+    series (broadcast without a copy); x with d columns is (B, N, d) (for one series (N, d)),
+    or (N, d) shared (``x_columns_of``).
     """
     y_in = _as_tensor("y", y, device)
+    y_shape = tuple(y_in.shape)
     if y_in.ndim == 1:
         y_in = y_in[None]
     if y_in.ndim != 2:
@@ -403,11 +450,18 @@ def checked_inputs(x, y, weights=None, lengths=None, mask=None, *, device) -> In
     _real("y", y_in)
     batch, n = y_in.shape
     x_in = _as_tensor("x", x, device)
-    if x_in.shape == (n,):
+    columns = x_columns_of(tuple(x_in.shape), y_shape)
+    if columns is not None:  # x (B, N, d), or (N, d) shared by all series
+        if x_in.shape == (n, columns):
+            x_in = x_in.expand(batch, n, columns)
+        if x_in.shape[:2] != y_in.shape or columns == 0:
+            raise ValueError(f"x has shape {tuple(x_in.shape)} but y has {y_shape}; x with d "
+                             "columns must be (B, N, d), or (N, d) shared by all series")
+    elif x_in.shape == (n,):
         x_in = x_in.expand(batch, n)
     elif x_in.ndim == 1 and batch == 1:
         x_in = x_in[None]
-    if x_in.shape != y_in.shape:
+    if columns is None and x_in.shape != y_in.shape:
         raise ValueError(f"x has shape {tuple(x_in.shape)} but y has {tuple(y_in.shape)}; "
                          "x must match y or be 1-D with one value per point")
     _real("x", x_in)
@@ -490,7 +544,7 @@ class Series(NamedTuple):
 def used_points(series: Series):
     """``(w, x, y)`` of one series with every unused point at weight 0 and value 0."""
     x, y = series.x, series.y
-    used = torch.isfinite(x) & torch.isfinite(y)
+    used = finite_x(x, y) & torch.isfinite(y)
     if series.w is not None:
         used &= torch.isfinite(series.w) & (series.w > 0)
     if series.mask is not None:
@@ -498,4 +552,5 @@ def used_points(series: Series):
     if series.length is not None:
         used &= torch.arange(y.shape[-1], device=y.device) < series.length
     w = used.to(y.dtype) if series.w is None else torch.where(used, series.w, 0)
-    return w, torch.where(used, x, 0), torch.where(used, y, 0)
+    return w, torch.where(used[..., None] if x.ndim > y.ndim else used, x, 0), \
+        torch.where(used, y, 0)

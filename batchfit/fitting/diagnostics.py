@@ -12,6 +12,10 @@ Formulas (weights w, used points n, coefficients k, residuals r = y - f(x)):
   ``s^2 = sum w psi^2 / (n - k) / mean_w(psi')^2``, which reduces to the MSE formula for MSE.
   Undefined (NaN) when n <= k, for user loss callables, and where A is not positive definite
   (possible for the non-convex cauchy and arctan).
+* Covariance (``covariance=True``): the same ``cov`` in full, mapped from the frame to the raw
+  coefficients as ``M cov M^T`` in float64 (``models.to_raw_map``), its diagonal the
+  stderr squared. Nonlinear models: ``s^2 (J^T W J)^-1`` and the sandwich likewise;
+  ``poisson``: the inverse Fisher information ``(J^T diag(w / mu) J)^-1``, unscaled.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ PRECISION_LIMITED = -1
 PRECISION_MARGIN = 100
 
 
-def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
-    """Raw-unit standard errors from the frame's curvature matrix and residual spread."""
+def coefficient_errors(sums: Sums, curvature, spread, pivot_tol, covariance: bool = False):
+    """``(errors, covariance)``: raw-unit standard errors from the frame's curvature matrix
+    and residual spread, and with ``covariance`` the raw coefficients' covariance
+    ``M C M^T`` (a Mat, lowest power first, its diagonal the errors squared; else None)."""
     k = len(curvature)
     dof = sums.n - k
     cov_frame, ok = linalg.inverse(curvature, pivot_tol)
@@ -50,7 +56,7 @@ def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
     to_raw = to_raw_map(sums.centre_raw, sums.half, k)
     cov_frame = tuple(tuple(c.to(torch.float64) * sigma2 for c in row) for row in cov_frame)
     defined = ok & (dof > 0)
-    errors = []
+    errors, units, bigs = [], [], []
     for row in to_raw:  # var p_i = M_i C M_i^T, M_i divided by its largest entry first: for
         # x ~ 1e100 or 1e-80 the entries' squares would leave float64's range
         big = functools.reduce(torch.maximum, [m.abs() for m in row])
@@ -58,7 +64,14 @@ def coefficient_errors(sums: Sums, curvature, spread, pivot_tol) -> tuple:
         unit = tuple(m / big for m in row)
         var = linalg.dot(unit, linalg.mat_vec(cov_frame, unit))
         errors.append(torch.where(defined, torch.sqrt(var.clamp(min=0)) * big, torch.nan))
-    return tuple(errors)
+        units.append(unit)
+        bigs.append(big)
+    if not covariance:
+        return tuple(errors), None
+    cov = tuple(tuple(errors[i] ** 2 if i == j else torch.where(
+        defined, linalg.dot(units[i], linalg.mat_vec(cov_frame, units[j])) * bigs[i] * bigs[j],
+        torch.nan) for j in range(k)) for i in range(k))
+    return tuple(errors), cov
 
 
 def frame_of(centre_raw, half, q) -> dict:
@@ -68,8 +81,10 @@ def frame_of(centre_raw, half, q) -> dict:
             "frame_params": monomial_coefficients(q)}
 
 
-def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
-    """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame.
+def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol,
+              covariance: bool = False) -> dict:
+    """Diagnostics of one series fitted with Chebyshev coefficients ``q`` in its frame
+    (``covariance``: also the raw coefficients' covariance, NaN for user losses).
 
     For a built-in robust loss the same pass also gives the loss's gradient and Hessian in
     the frame at ``q`` (``gradient``, ``curvature``: what the last convergence check needs),
@@ -91,9 +106,12 @@ def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
     }
     if not robust:
         out["loss"] = loss.series_loss(pred, y, w, f_scale)
-        out["stderr"] = tuple(torch.full_like(p, torch.nan) for p in out["params"]) \
-            if loss.user is not None else coefficient_errors(sums, sums.gram, sse, pivot_tol)
-        return out
+        if loss.user is not None:
+            nan = tuple(torch.full_like(p, torch.nan) for p in out["params"])
+            errors = nan, (tuple(nan for _ in nan) if covariance else None)
+        else:
+            errors = coefficient_errors(sums, sums.gram, sse, pivot_tol, covariance)
+        return _with_errors(out, errors)
     value, slope, bend = loss.derivatives(r, f_scale)  # l, l' = 2 psi, l'' = 2 psi'
     wsum = w.sum()
     bend_sums = [(w * bend * tm).sum() for tm in terms]
@@ -102,8 +120,15 @@ def summarise(t, y, w, sums: Sums, q, loss: Loss, f_scale, pivot_tol) -> dict:
     out["curvature"] = gram_from_sums([b / wsum for b in bend_sums], k)
     # Huber's sandwich in psi: A = sum w psi' T T^T, s^2 from sum w psi^2 / mean_w(psi')^2
     spread = (w * slope * slope).sum() / 4 / (bend_sums[0] / 2 / sums.wsum) ** 2
-    out["stderr"] = coefficient_errors(sums, gram_from_sums([b / 2 for b in bend_sums], k),
-                                       spread, pivot_tol)
+    return _with_errors(out, coefficient_errors(
+        sums, gram_from_sums([b / 2 for b in bend_sums], k), spread, pivot_tol, covariance))
+
+
+def _with_errors(out: dict, errors) -> dict:
+    """``out`` with ``coefficient_errors``' answer: stderr, and the covariance if any."""
+    out["stderr"], covariance = errors
+    if covariance is not None:
+        out["covariance"] = covariance
     return out
 
 
@@ -139,4 +164,6 @@ def finalize(summary: dict, n, solvable, converged, diverged, params=None,
         frame = summary["frame"]
         out.update(x_centre=frame["x_centre"], x_scale=frame["x_scale"],
                    frame_params=tuple(map(blank, frame["frame_params"])))
+    if "covariance" in summary:
+        out["covariance"] = tuple(tuple(map(blank, row)) for row in summary["covariance"])
     return out

@@ -72,6 +72,7 @@ class SolverConfig:
     unroll: int = 10  # GD/Adam epochs per compiled call
     model: Model | None = None  # None: the polynomial of ``degree``
     restarts: int = 0  # extra starting points per series (models; see nonlinear.multi_start)
+    covariance: bool = False  # also each series' full parameter covariance
 
     @property
     def k(self) -> int:
@@ -362,6 +363,10 @@ def fit_result(out: dict, iterations, cfg: SolverConfig, solver: str,
     if "frame_params" in out:
         wide.update(x_centre=out["x_centre"], x_scale=out["x_scale"],
                     frame_params=stack(in_user_order(cfg.model, out["frame_params"])))
+    if "covariance" in out:  # (k x k per series, in the user's order on both axes)
+        cov = torch.stack([stack(row) for row in out["covariance"]], dim=-2)
+        wide["covariance"] = cov.flip(-1, -2) if cfg.model is None or cfg.model.is_poly \
+            else cov
     return FitResult(params=stack(in_user_order(cfg.model, out["params"])),
                      stderr=stack(in_user_order(cfg.model, out["stderr"])), **wide,
                      model=cfg.model,

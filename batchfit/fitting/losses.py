@@ -9,6 +9,12 @@ per-point losses (same shape as ``y``; batchfit takes the weighted mean over val
 ragged, weighted and NaN-holed data all work) or one scalar, the seed's form
 ``lambda pred, y: ((pred - y) ** 2).mean()``, which is only allowed when every series has all
 its points valid and unit weights (a scalar cannot skip padding).
+
+``poisson`` is a likelihood, not a function of the residual: the Poisson deviance of counts
+``y >= 0`` at predictions ``mu``, ``2 (y log(y / mu) - (y - mu))`` per point (``y log y = 0``
+at y = 0), twice the negative log-likelihood up to a constant, so its minimiser is the
+maximum-likelihood fit (a weight multiplies a point's log-likelihood term). It is +inf
+where ``mu <= 0``, so Levenberg-Marquardt rejects any step that leaves the domain.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from batchfit.core.keys import fingerprint
-from batchfit.core.names import BUILTIN_LOSSES
+from batchfit.core.names import BUILTIN_LOSSES, LIKELIHOOD_LOSSES
 
 
 def _linear(z):
@@ -93,6 +99,20 @@ def _arctan_terms(r, f, slopes):
     return value, 2 * r * inverse, 2 * (1 - 3 * z * z) * inverse**2
 
 
+def _poisson_terms(pred, y, slopes):
+    """The deviance and, with ``slopes``, its derivatives in the prediction: the slope
+    ``2 (1 - y / mu)`` and Fisher's curvature ``2 / mu`` (the observed one, ``2 y / mu^2``
+    as Gpufit's MLE uses, is 0 at y = 0, where a Levenberg-Marquardt step needs a positive
+    one; at the optimum both give the same information on average). +inf, with no slope,
+    where ``mu <= 0``."""
+    positive = pred > 0
+    mu = torch.where(positive, pred, 1)  # (the discarded branch stays finite for autograd)
+    value = torch.where(positive, 2 * (torch.xlogy(y, y / mu) - (y - mu)), torch.inf)
+    if not slopes:
+        return value
+    return value, torch.where(positive, 2 * (1 - y / mu), 0), torch.where(positive, 2 / mu, 0)
+
+
 TERMS = {_linear: _linear_terms, _huber: _huber_terms, _soft_l1: _soft_l1_terms,
          _cauchy: _cauchy_terms, _arctan: _arctan_terms}
 
@@ -119,6 +139,23 @@ class Loss:
     def is_mse(self) -> bool:
         return self.rho is _linear
 
+    @property
+    def likelihood(self) -> bool:
+        """A deviance of (pred, y) (``poisson``), not a function of the residual."""
+        return self.name in LIKELIHOOD_LOSSES and self.user is None
+
+    def weighted(self, w: torch.Tensor, per_point: torch.Tensor) -> torch.Tensor:
+        """``w * per_point``, 0 on unused points (w = 0) even where a likelihood is +inf
+        there (an unused point's prediction may leave its domain)."""
+        return torch.where(w > 0, w * per_point, 0) if self.likelihood else w * per_point
+
+    def pred_derivatives(self, pred: torch.Tensor, y: torch.Tensor, f_scale: torch.Tensor):
+        """Per-point ``(l, dl/dpred, d2l/dpred2)`` in closed form (built-in losses only)."""
+        if self.likelihood:
+            return _poisson_terms(pred, y, slopes=True)
+        value, slope, bend = self.derivatives(y - pred, f_scale)
+        return value, -slope, bend
+
     def point_loss(self, r: torch.Tensor, f_scale: torch.Tensor) -> torch.Tensor:
         """Per-point loss of residuals ``r`` (built-in losses only)."""
         return TERMS[self.rho](r, f_scale, slopes=False)
@@ -134,13 +171,15 @@ class Loss:
 
     def series_loss(self, pred, y, w, f_scale):
         """Weighted mean loss of one series; ``w`` is 0 on points that are not used."""
-        if self.user is None:
+        if self.likelihood:
+            per_point = _poisson_terms(pred, y, slopes=False)
+        elif self.user is None:
             per_point = self.point_loss(y - pred, f_scale)
         else:
             per_point = self.user(pred, y)
             if self.reduces:
                 return per_point
-        return (w * per_point).sum() / w.sum()
+        return self.weighted(w, per_point).sum() / w.sum()
 
 
 def resolve_loss(loss: str | Callable) -> Loss:
@@ -151,6 +190,8 @@ def resolve_loss(loss: str | Callable) -> Loss:
             raise ValueError("a loss callable must return per-point losses (same shape as y) "
                              f"or a scalar, got shape {tuple(out.shape)}")
         return Loss(getattr(loss, "__name__", "custom"), user=loss, reduces=out.ndim == 0)
+    if loss in LIKELIHOOD_LOSSES:
+        return Loss(loss)
     if loss not in RHO:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(BUILTIN_LOSSES)} "
                          "or pass a callable")

@@ -374,7 +374,7 @@ def solve_kernel(degree: int, weighted: bool, refined: bool):
                    "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
                    "params": linalg.mat_vec(to_raw_map(centre, half, k), q_full),
                    "stderr": tuple(e / ys for e in coefficient_errors(sums, gram, sse,
-                                                                       consts.pivot_tol)),
+                                                                       consts.pivot_tol)[0]),
                    "frame": frame_of(centre, half, q_full)}
         count = n.to(torch.int64)
         # (finite in the row's scale: a loss beyond float64 for |y| above ~1e154 is inf)

@@ -15,7 +15,9 @@ by projecting every step onto the box; a parameter held at a bound (its gradient
 outward) is left out of the step and of the convergence test. ``restarts`` fits every series
 from more starting points and keeps the best converged fit. Standard errors come from the
 Jacobian at the solution, as for polynomials: ``s^2 (J^T W J)^-1`` (MSE) or Huber's
-M-estimator form (robust losses); NaN for user losses.
+M-estimator form (robust losses); NaN for user losses. ``poisson`` (counts): LM on its
+slope ``2 (1 - y / mu)`` and Fisher curvature ``2 / mu`` per prediction, standard errors from
+the inverse Fisher information ``(J^T diag(w / mu) J)^-1`` (no residual scale).
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def setup_kernel(model: Model):
         if model.domain is not None:
             w = torch.where(model.domain(x), w, 0)
         wsum = w.sum()
-        xbar = torch.where(wsum > 0, (w * x).sum() / wsum.clamp(min=1e-30), 1)
+        wx = w[..., None] if x.ndim > y.ndim else w  # (x with d columns: per coordinate)
+        xbar = torch.where(wsum > 0, (wx * x).sum(0) / wsum.clamp(min=1e-30), 1)
         ybar = torch.where(wsum > 0, (w * y).sum() / wsum.clamp(min=1e-30), 0)
-        data = ModelData(torch.where(w > 0, x, xbar), torch.where(w > 0, y, 0), w)
+        data = ModelData(torch.where(wx > 0, x, xbar), torch.where(w > 0, y, 0), w)
         return data, (w > 0).sum(), (w * (y - ybar) ** 2).sum(), ybar, wsum
     return kernel
 
@@ -198,16 +201,16 @@ def point_jacobian(model: Model, x: torch.Tensor, p: Vec):
 def predictions_and_jacobian(model: Model, x: torch.Tensor, p: Vec):
     if model.pointwise:
         return point_jacobian(model, x, p)
-    return jacobian(lambda *q: predict(model, x, q), p, x.shape[-1])
+    return jacobian(lambda *q: predict(model, x, q), p, x.shape[0])  # (x (N,) or (N, d))
 
 
 def loss_slopes(loss: Loss, pred, data: ModelData, consts):
     """The series' loss, and per prediction its first derivative and curvature (clipped at
     0): in closed form for built-in losses, by torch.func for a user's."""
     if loss.user is None:
-        value, slope, bend = loss.derivatives(data.y - pred, consts.f_scale)
+        value, slope, bend = loss.pred_derivatives(pred, data.y, consts.f_scale)
         wsum = data.w.sum()
-        return (data.w * value).sum() / wsum, -data.w * slope / wsum, \
+        return loss.weighted(data.w, value).sum() / wsum, data.w * slope / wsum, \
             (data.w * bend / wsum).clamp(min=0)
 
     def series_loss(values):
@@ -316,8 +319,9 @@ def lm_call(model: Model, loss: Loss, vectorize, consts, cost: float, policy: di
 
 
 @factory
-def final_kernel(model: Model, loss: Loss, newton: bool):
-    """Per series: last convergence check, diagnostics, standard errors, status."""
+def final_kernel(model: Model, loss: Loss, newton: bool, covariance: bool = False):
+    """Per series: last convergence check, diagnostics, standard errors (and with
+    ``covariance`` the parameters' covariance), status."""
     evaluate = gauss_newton(model, loss)
 
     def kernel(p: Vec, data: ModelData, n, sst, ybar, wsum, floor, loss0, consts):
@@ -330,26 +334,34 @@ def final_kernel(model: Model, loss: Loss, newton: bool):
         used = data.w > 0
         sse = (data.w * r * r).sum()
         k = len(p)
+        dof = (n - k).clamp(min=1)
         if loss.user is not None:
-            spread, weights = torch.full_like(value, torch.nan), data.w
+            sigma2, weights = torch.full_like(value, torch.nan), data.w
+        elif loss.likelihood:  # the inverse Fisher information (J^T diag(w / mu) J)^-1
+            weights = torch.where(used & (pred > 0), data.w / torch.where(pred > 0, pred, 1), 0)
+            sigma2 = torch.ones_like(value)  # (the variance is the mean's: no scale to fit)
         elif loss.is_mse:
-            spread, weights = sse, data.w
+            sigma2, weights = sse / dof, data.w
         else:
             psi, dpsi = loss.psi(r, consts.f_scale)
             weights = data.w * dpsi
-            spread = (data.w * psi**2).sum() / (weights.sum() / wsum) ** 2
+            sigma2 = (data.w * psi**2).sum() / (weights.sum() / wsum) ** 2 / dof
         # (the information matrix of every column pair: the normal equations' layout)
         _, information = normal_equations(jac, torch.zeros_like(weights), weights)
         cov, identified = linalg.inverse(information, consts.pivot_tol)
-        sigma2 = spread / (n - k).clamp(min=1)
-        stderr = tuple(torch.where((n > k) & identified,
-                                   torch.sqrt((cov[i][i] * sigma2).clamp(min=0)), torch.nan)
-                       .to(torch.float64) for i in range(k))
+        defined = ((n >= k) if loss.likelihood else (n > k)) & identified
+        stderr = tuple(torch.where(defined, torch.sqrt((cov[i][i] * sigma2).clamp(min=0)),
+                                   torch.nan).to(torch.float64) for i in range(k))
         summary = {"loss": value,
                    "rmse": torch.sqrt(torch.where(used, r * r, 0).sum() / n.clamp(min=1)),
                    "r2": torch.where(sst > 0, 1 - sse / sst, torch.nan),
                    "level": torch.sqrt(ybar**2 + sst / wsum.clamp(min=1e-30)),
                    "params": tuple(pj.to(torch.float64) for pj in p), "stderr": stderr}
+        if covariance:
+            summary["covariance"] = tuple(tuple(
+                stderr[i] ** 2 if i == j else torch.where(defined, cov[i][j] * sigma2, torch.nan
+                                                          ).to(torch.float64)
+                for j in range(k)) for i in range(k))
         _, solvable = linalg.cholesky(matrix, consts.pivot_tol)
         return finalize(summary, n, solvable | ~torch.isfinite(value), converged,
                         loop.diverged(value, loss0, floor),
@@ -364,7 +376,8 @@ def initial_params(model: Model, problem: Problem, data: ModelData, p0) -> torch
     if p0 is None:
         start = model.start(data.x, data.y, data.w)
     elif callable(p0):
-        x = torch.where(data.w > 0, data.x, torch.nan)
+        x = torch.where((data.w > 0).reshape(*data.w.shape, *[1] * (data.x.ndim - 2)),
+                        data.x, torch.nan)
         y = torch.where(data.w > 0, data.y, torch.nan)
         start = torch.func.vmap(lambda xi, yi: torch.as_tensor(p0(xi, yi)))(x, y)
     else:
@@ -465,6 +478,7 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
                           structural)
         state = train(call, state, (identity, data, floor), cfg, recorder, loss0,
                        per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
-    out = vectorize(final_kernel(model, loss, solver == "newton"), state.params, data, n, sst,
+    out = vectorize(final_kernel(model, loss, solver == "newton", cfg.covariance),
+                    state.params, data, n, sst,
                     ybar, wsum, floor, loss0, consts, eager_s=cost, **policy)
     return fit_result(out, state.iterations, cfg, solver, recorder.history())

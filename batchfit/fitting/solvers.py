@@ -173,7 +173,7 @@ def prepare_kernel(degree: int, points: bool) -> Callable:
 
 
 @factory
-def final_kernel(loss: Loss, degree: int, newton: bool) -> Callable:
+def final_kernel(loss: Loss, degree: int, newton: bool, covariance: bool = False) -> Callable:
     """Per series, after an iterative solver: last convergence check, diagnostics, status.
     Newton's MSE steps use the sums only, so its answer gets the exact solver's refinement
     step on the points (a Newton step on the point residuals)."""
@@ -191,7 +191,8 @@ def final_kernel(loss: Loss, degree: int, newton: bool) -> Callable:
             value, converged = check(q, data, floor, consts)
         if newton and loss.is_mse:
             q = refine(t, y, w, sums.gram, q, consts.pivot_tol)
-        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
+        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol,
+                            covariance)
         if closed_form:
             value = summary["loss"]
             converged = loop.decrement_ok(summary["curvature"], summary["gradient"], value,
@@ -214,14 +215,15 @@ def refine(t, y, w, gram: Mat, q: Vec, pivot_tol) -> Vec:
 
 
 @factory
-def exact_kernel(loss: Loss, degree: int) -> Callable:
+def exact_kernel(loss: Loss, degree: int, covariance: bool = False) -> Callable:
     """The careful exact fit of one series: prepare, solve, refine, summarise."""
     def kernel(series: Series, consts: Consts):
         w, x, y = used_points(series)
         sums, t = prepare(x, y, w, series.x_offset, degree)
         q, solvable = linalg.solve(sums.gram, sums.rhs, consts.pivot_tol)
         q = refine(t, y, w, sums.gram, q, consts.pivot_tol)
-        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol)
+        summary = summarise(t, y, w, sums, q, loss, consts.f_scale, consts.pivot_tol,
+                            covariance)
         return finalize(summary, sums.n, solvable, torch.ones_like(solvable),
                         torch.zeros_like(solvable), check_precision=True)
     return kernel
@@ -254,6 +256,8 @@ def solve_without_points(batch: int, device, cfg: SolverConfig, solver: str) -> 
     # (a polynomial's frame too, blank: its results merge with other groups' and write alike)
     frame = dict(x_centre=nan[:, 0].clone(), x_scale=nan[:, 0].clone(),
                  frame_params=nan.clone()) if cfg.model.is_poly else {}
+    if cfg.covariance:
+        frame["covariance"] = nan[:, :, None].expand(-1, -1, cfg.k).clone()
     return FitResult(params=nan, stderr=nan.clone(), model=cfg.model, loss=nan[:, 0].clone(),
                      rmse=nan[:, 0].clone(), r2=nan[:, 0].clone(),
                      n_points=zeros, iterations=zeros.clone(), status=status, solver=solver,
@@ -288,7 +292,7 @@ def exact_result(out: dict, cfg: SolverConfig) -> FitResult:
 def refit_exact(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
     """The careful exact fit on the points (a float64 problem of a few series whose sums lost
     digits): a solve, then one step of iterative refinement with the residuals."""
-    out = vectorize(exact_kernel(cfg.loss, cfg.degree), Series.of(problem),
+    out = vectorize(exact_kernel(cfg.loss, cfg.degree, cfg.covariance), Series.of(problem),
                     consts_of(cfg, problem),
                     eager_s=EAGER_S_PER_POINT["careful"] * problem.y.numel())
     return exact_result(out, cfg)
@@ -338,7 +342,8 @@ def _setup(problem: Problem, cfg: SolverConfig, vectorize, fit_s: float) -> _Set
 def _finish(cfg, vectorize, setup: _Setup, q: Vec, iterations, loss0, recorder, solver,
             fit_s: float, params: Vec | None = None) -> FitResult:
     """Final convergence check, diagnostics and statuses of an iterative fit."""
-    out = vectorize(final_kernel(cfg.loss, cfg.degree, solver == "newton"), setup.series,
+    out = vectorize(final_kernel(cfg.loss, cfg.degree, solver == "newton", cfg.covariance),
+                    setup.series,
                     setup.sums, setup.solvable, q, params, setup.data, setup.floor, loss0,
                     setup.consts, eager_s=fit_s)
     return fit_result(out, iterations, cfg, solver, recorder.history())

@@ -79,6 +79,15 @@ def coefficient_table(table: pa.Table, source: str) -> tuple[pa.Table, dict]:
     if id_name != "series_id":  # (the output keeps the input's name; here it is series_id)
         names = ["series_id" if name == id_name else name for name in names]
         table = table.rename_columns(names)
+    choice = meta.get("candidate_columns")  # a model choice: every candidate's columns
+    if isinstance(choice, dict) and "model" in names and all(
+            name in names for columns in choice.values() for name in columns):
+        return table, {**meta, "model": "auto", "degree": None, "columns": []}
+    stated = meta.get("param_columns")
+    if meta.get("model") == "formula" and isinstance(meta.get("formula"), str) and \
+            _named_columns(stated, names):  # (before the polynomial: a formula's a, b, c)
+        return table, {**meta, "degree": None,
+                       "columns": [(name, i) for i, name in enumerate(stated)]}
     # The metadata may only name a built-in family; the columns must then be there.
     family = meta.get("model") if meta.get("model") in FAMILY_PARAMS else None
     if family is not None and all(name in names for name, _ in family_columns(family)):
@@ -89,9 +98,13 @@ def coefficient_table(table: pa.Table, source: str) -> tuple[pa.Table, dict]:
     if degree is not None:
         return table, {**meta, "model": "poly", "degree": degree,
                        "columns": list(poly_columns(degree))}
-    stated = meta.get("param_columns")  # a custom model: its columns, if really there
-    if isinstance(stated, list) and stated and all(
-            isinstance(name, str) and name in names for name in stated):
+    if _named_columns(stated, names):  # a custom model: its columns, if really there
         return table, {**meta, "model": None, "degree": None,
                        "columns": [(name, i) for i, name in enumerate(stated)]}
     raise ValueError(f"{path} has no coefficient columns")
+
+
+def _named_columns(stated, names) -> bool:
+    """Whether the metadata's ``param_columns`` are a list of columns that are there."""
+    return isinstance(stated, list) and bool(stated) and all(
+        isinstance(name, str) and name in names for name in stated)

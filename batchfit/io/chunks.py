@@ -26,7 +26,7 @@ class Chunk:
     """Whole series, back to back: series i owns ``x[offsets[i]:offsets[i + 1]]``."""
 
     ids: pa.Array  # one per series, the input's id type
-    x: np.ndarray
+    x: np.ndarray  # (points,), or (points, d) for x with d columns (``ColumnSpec.x_columns``)
     y: np.ndarray
     w: np.ndarray | None
     offsets: np.ndarray  # int64, len(ids) + 1
@@ -106,24 +106,35 @@ def whole_series(batches, layout: Layout) -> Iterator[Chunk]:
 
 
 def canonical_order(table: pa.Table, spec: ColumnSpec) -> pa.Array:
-    """Sort by (series id, x, y): equal inputs in any row order give equal sums."""
-    return pc.sort_indices(table, sort_keys=[(spec.series_id, "ascending"),
-                                             (spec.x, "ascending"), (spec.y, "ascending")])
+    """Sort by (series id, x, y) (x's columns in turn): equal inputs in any row order give
+    equal sums."""
+    return pc.sort_indices(table, sort_keys=[(spec.series_id, "ascending")] + [
+        (name, "ascending") for name in (*spec.x_columns, spec.y)])
 
 
-def _is_canonical(x: np.ndarray, y: np.ndarray, starts: np.ndarray) -> bool:
-    """Are the points of every series already sorted by (x, y)?"""
-    if len(x) < 2:
+def _is_canonical(keys: list[np.ndarray], starts: np.ndarray) -> bool:
+    """Are the points of every series already sorted by ``keys`` (x's columns, then y)?"""
+    if len(keys[0]) < 2:
         return True
-    new_series = np.zeros(len(x) - 1, dtype=bool)
+    new_series = np.zeros(len(keys[0]) - 1, dtype=bool)
     new_series[starts[1:] - 1] = True
     with np.errstate(invalid="ignore"):  # inf - inf is NaN: "not sorted" (only costs a sort)
-        dx = np.diff(x)
-        rising = (dx > 0) | new_series
+        step = np.diff(keys[0])
+        rising = (step > 0) | new_series
         if rising.all():  # the common case (x increasing within each series): y is not read
             return True
-        dy = np.diff(y)
-    return bool(np.all(rising | ((dx == 0) & (dy >= 0))))
+        ordered = np.diff(keys[-1]) >= 0  # (lexicographic: the last key decides ties)
+        for key in reversed(keys[1:-1]):
+            later = np.diff(key)
+            ordered = (later > 0) | ((later == 0) & ordered)
+    return bool(np.all(rising | ((step == 0) & ordered)))
+
+
+def _stacked_x(columns: list[np.ndarray]) -> np.ndarray:
+    """x of one column as it is; of d columns (points, d), of one float dtype."""
+    if len(columns) == 1:
+        return columns[0]
+    return np.stack(columns, axis=1).astype(np.result_type(*columns), copy=False)
 
 
 def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
@@ -167,17 +178,19 @@ def _long_chunks(batches, layout: Layout) -> Iterator[Chunk]:
 def _long_chunk(table: pa.Table, starts: np.ndarray, layout: Layout) -> Chunk:
     spec = layout.spec
     ids = table.column(spec.series_id).combine_chunks()
-    x, y = to_float(table.column(spec.x)), to_float(table.column(spec.y))
+    xs = [to_float(table.column(name)) for name in spec.x_columns]
+    y = to_float(table.column(spec.y))
     w = to_float(table.column(spec.weight)) if layout.has_weight else None
     offsets = np.append(starts, len(ids)).astype(np.int64)
-    if not _is_canonical(x, y, starts):
+    x = _stacked_x(xs)
+    if not _is_canonical([*xs, y], starts):
         # Sort the points of each series by (x, y) and leave the series where they are:
         # sorting by id would reorder series whose ids are not ascending (grouped input
         # need not be sorted), and ``starts`` would then cut the wrong series.
         run = np.repeat(np.arange(len(starts)), np.diff(offsets))
-        order = pc.sort_indices(pa.table({"run": run, "x": x, "y": y}),
-                                sort_keys=[("run", "ascending"), ("x", "ascending"),
-                                           ("y", "ascending")]).to_numpy()
+        keys = {"run": run, **{f"x{j}": values for j, values in enumerate(xs)}, "y": y}
+        order = pc.sort_indices(pa.table(keys), sort_keys=[
+            (name, "ascending") for name in keys]).to_numpy()
         x, y, w = x[order], y[order], None if w is None else w[order]
     return Chunk(ids.take(pa.array(starts, pa.int64())), x, y, w, offsets)
 
@@ -205,4 +218,6 @@ def list_chunk(batch: pa.RecordBatch, layout: Layout) -> Chunk:
                              f"values but {name!r} has {other[row]}")
     values = [to_float(pc.list_flatten(values)) for values in lists]
     offsets = np.concatenate([[0], np.cumsum(lengths[0])]).astype(np.int64)
-    return Chunk(ids, values[0], values[1], values[2] if layout.has_weight else None, offsets)
+    d = len(spec.x_columns)
+    return Chunk(ids, _stacked_x(values[:d]), values[d],
+                 values[d + 1] if layout.has_weight else None, offsets)

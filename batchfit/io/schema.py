@@ -14,7 +14,11 @@ FORMATS = ("auto", "long", "list")
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """Which columns hold what. ``weight`` is used when present; required if ``weight_given``."""
+    """Which columns hold what. ``weight`` is used when present; required if ``weight_given``.
+
+    ``x`` names one column, or several (a sequence, e.g. ``("x0", "x1")``: x with d columns,
+    the models' x of shape (N, d)); ``x`` is then the first and ``x_columns`` all of them.
+    """
 
     series_id: str = "series_id"
     x: str = "x"
@@ -22,6 +26,21 @@ class ColumnSpec:
     weight: str = "weight"
     weight_given: bool = False
     format: str = "auto"
+    more_x: tuple[str, ...] = ()  # x's columns after the first (set from a sequence ``x``)
+
+    def __post_init__(self):
+        if not isinstance(self.x, str):
+            names = tuple(self.x)
+            if not names or not all(isinstance(name, str) and name for name in names):
+                raise ValueError(f"x must name one column or several, got {self.x!r}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"x names a column twice: {', '.join(names)}")
+            object.__setattr__(self, "x", names[0])
+            object.__setattr__(self, "more_x", names[1:])
+
+    @property
+    def x_columns(self) -> tuple[str, ...]:
+        return (self.x, *self.more_x)
 
 
 def first_line(exc: Exception) -> str:
@@ -169,7 +188,8 @@ class Layout:
     @property
     def columns(self) -> list[str]:
         spec = self.spec
-        return [spec.series_id, spec.x, spec.y] + ([spec.weight] if self.has_weight else [])
+        return [spec.series_id, *spec.x_columns, spec.y] + \
+            ([spec.weight] if self.has_weight else [])
 
     def schema(self, columns: list[str] | None = None) -> pa.Schema:
         """The read schema of ``columns`` (default: all)."""
@@ -183,12 +203,13 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
         raise ValueError(f"unknown format {spec.format!r}; use auto, long or list")
     names = schema.names
     # Only the columns read must be unambiguous; a repeated name elsewhere is not ours.
-    duplicated = sorted({n for n in (spec.series_id, spec.x, spec.y, spec.weight)
+    duplicated = sorted({n for n in (spec.series_id, *spec.x_columns, spec.y, spec.weight)
                          if names.count(n) > 1})
     if duplicated:
         raise ValueError(f"{where} has duplicate column names: {', '.join(duplicated)}")
     has_weight = spec.weight in names
-    wanted = [spec.series_id, spec.x, spec.y] + ([spec.weight] if spec.weight_given else [])
+    wanted = [spec.series_id, *spec.x_columns, spec.y] + \
+        ([spec.weight] if spec.weight_given else [])
     for column in wanted:
         if column not in names:
             raise ValueError(f"missing column {column!r} in {where} "
@@ -202,11 +223,12 @@ def describe(schema: pa.Schema, spec: ColumnSpec, where: str) -> Layout:
     if not is_id_type(id_type):
         raise ValueError(f"column {spec.series_id!r} must hold integers or strings, "
                          f"got {id_type} (in {where})")  # which file, in a directory
-    for column in [spec.x, spec.y] + ([spec.weight] if has_weight else []):
+    for column in [*spec.x_columns, spec.y] + ([spec.weight] if has_weight else []):
         type_ = schema.field(column).type
 
         def accepted(value_type, column=column):  # (x may also be a time: read as seconds)
-            return is_numeric(value_type) or (column == spec.x and is_temporal(value_type))
+            return is_numeric(value_type) or (column in spec.x_columns
+                                              and is_temporal(value_type))
 
         if fmt == "list":
             if not is_list_type(type_) or not accepted(type_.value_type):

@@ -299,7 +299,7 @@ class CsvSource(Source):
         # (the first block held the whole file: its rows are counted)
         whole = not file.lower().endswith(COMPRESSED) and \
             storage.size(file) < CSV_BLOCK // 2
-        values = (spec.x, spec.y, spec.weight)
+        values = (*spec.x_columns, spec.y, spec.weight)
         self.schema_arrow = pa.schema([
             field.with_type(pa.float64()) if field.name in values and (
                 pa.types.is_integer(field.type) or pa.types.is_null(field.type)) else field

@@ -37,19 +37,28 @@ def frame_name(name: str) -> str:
 
 def output_schema(id_type: pa.DataType, columns, metadata: dict, *, restarts: bool = False,
                   id_name: str = "series_id", frame: bool = False,
-                  degrees: bool = False) -> pa.Schema:
+                  degrees: bool = False, derived=(), covariance: bool = False) -> pa.Schema:
     """The contract's output columns, in order, with the ``batchfit`` metadata entry.
     ``columns``: the model's ``(name, parameter index)`` (``models.output_columns``);
     ``id_name``: the input's id column, whose name the output keeps (first); ``frame``: a
     polynomial's fits in their frames (``x_centre``, ``x_scale``, ``<name>_frame``, see
     ``FitResult``); ``degrees``: the degree chosen per series (``degree``); ``restarts``: a
-    multi-start fit, which adds ``converged_starts``."""
+    multi-start fit, which adds ``converged_starts``; ``derived``: the model's derived
+    columns (``Model.derived_names``: hill4's ``ic50``, ``ic50_low``, ``ic50_high``), after
+    the standard errors; ``covariance``: each series' parameter covariance, its upper
+    triangle as ``cov_<name_i>_<name_j>`` (``covariance_columns``), after those."""
     names = [name for name, _ in columns]
     metadata = {**metadata, "coefficient_columns": [list(pair) for pair in columns],
                 "id_column": id_name}
+    if derived:
+        metadata["derived_columns"] = list(derived)
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(name, pa.float64()) for name in names]
     fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
+    fields += [pa.field(name, pa.float64()) for name in derived]
+    if covariance:
+        metadata["covariance"] = True
+        fields += [pa.field(name, pa.float64()) for name, _, _ in covariance_columns(columns)]
     if frame:
         fields += [pa.field(name, pa.float64()) for name in FRAME_COLUMNS]
         fields += [pa.field(frame_name(name), pa.float64()) for name in names]
@@ -65,6 +74,18 @@ def output_schema(id_type: pa.DataType, columns, metadata: dict, *, restarts: bo
                          "rename it in the input")
     return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
                                                                  default=str)})
+
+
+COVARIANCE_PREFIX = "cov_"
+
+
+def covariance_columns(columns) -> list[tuple[str, int, int]]:
+    """(column, parameter index i, index j) of the covariance's upper triangle: for the
+    coefficient columns ``columns`` (``(name, index)``, in output order), every pair
+    ``cov_<name_i>_<name_j>`` with i <= j in that order."""
+    columns = list(columns)
+    return [(f"{COVARIANCE_PREFIX}{a}_{b}", i, j) for at, (a, i) in enumerate(columns)
+            for b, j in columns[at:]]
 
 
 def count_statuses(codes: np.ndarray) -> dict[str, int]:
@@ -85,6 +106,8 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
     ``native.solve``): params, stderr, loss, rmse, r2, n_points, iterations, status. The
     coefficient columns are the schema's (see ``output_schema``); undefined numbers (NaN)
     become nulls."""
+    if b"candidates" in schema.metadata.get(b"batchfit", b""):  # (a model choice's)
+        return choice_table(ids, record, schema)
     params, stderr = record["params"], record["stderr"]
 
     def floats(values):
@@ -97,6 +120,12 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
         columns[f"{name}_stderr"] = floats(stderr[:, index])
         if framed:
             columns[frame_name(name)] = floats(record["frame_params"][:, index])
+    meta = json.loads(schema.metadata[b"batchfit"])
+    for name in meta.get("derived_columns", ()):
+        columns[name] = floats(record[name])
+    if meta.get("covariance"):
+        columns.update({name: floats(record["covariance"][:, i, j]) for name, i, j in
+                        covariance_columns(coefficient_columns(schema))})
     if framed:
         columns.update({name: floats(record[name]) for name in FRAME_COLUMNS})
     if "degree" in schema.names:
@@ -111,10 +140,8 @@ def result_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
     return pa.table([columns[field.name] for field in schema], schema=schema)
 
 
-def fit_arrow(record: dict, columns, ids, metadata: dict) -> pa.Table:
-    """A FitResult's record as the output table (``FitResult.to_arrow``): ``ids`` any
-    sequence or Arrow array of one id per series, or None for 0 .. B-1."""
-    n = len(record["status"])
+def _id_array(ids, n: int) -> pa.Array:
+    """``ids`` (any sequence or Arrow array, None for 0 .. n-1) as an Arrow array of n."""
     if ids is None:
         ids = pa.array(np.arange(n, dtype=np.int64))
     elif isinstance(ids, pa.ChunkedArray):
@@ -126,9 +153,77 @@ def fit_arrow(record: dict, columns, ids, metadata: dict) -> pa.Table:
             raise ValueError(f"ids cannot be an id column: {first_line(exc)}") from None
     if len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries for {n} series")
+    return ids
+
+
+def fit_arrow(record: dict, columns, ids, metadata: dict, *, derived=()) -> pa.Table:
+    """A FitResult's record as the output table (``FitResult.to_arrow``): ``ids`` any
+    sequence or Arrow array of one id per series, or None for 0 .. B-1; ``derived``: the
+    names of the record's derived columns (``output_schema``)."""
+    ids = _id_array(ids, len(record["status"]))
     return result_table(ids, record, output_schema(
         ids.type, columns, metadata, restarts="converged_starts" in record,
-        frame="frame_params" in record, degrees="degrees" in record))
+        frame="frame_params" in record, degrees="degrees" in record, derived=derived,
+        covariance="covariance" in record))
+
+
+DIAGNOSTIC_FIELDS = (("n_points", pa.int64()), ("loss", pa.float64()),
+                     ("rmse", pa.float64()), ("r2", pa.float64()),
+                     ("iterations", pa.int64()), ("status", pa.string()))
+
+
+def choice_schema(id_type: pa.DataType, candidates: dict, metadata: dict, *,
+                  id_name: str = "series_id") -> pa.Schema:
+    """The output of a model choice (``--model auto:A,B``): the id, ``model`` (the chosen
+    candidate), each candidate's parameters ``<candidate>_<param>`` and then their
+    ``_stderr`` (null where not chosen), ``aicc_<candidate>`` for every candidate, the
+    chosen fit's diagnostics. ``candidates``: name -> parameter names; the metadata maps
+    each candidate to its columns (``candidate_columns``), so ``predict`` evaluates every
+    row with its own model."""
+    columns = {name: [f"{name}_{param}" for param in params]
+               for name, params in candidates.items()}
+    metadata = {**metadata, "model": "auto", "candidates": list(candidates),
+                "candidate_columns": columns, "id_column": id_name}
+    fields = [pa.field(id_name, id_type), pa.field("model", pa.string())]
+    for names in columns.values():
+        fields += [pa.field(name, pa.float64()) for name in names]
+        fields += [pa.field(f"{name}_stderr", pa.float64()) for name in names]
+    fields += [pa.field(f"aicc_{name}", pa.float64()) for name in candidates]
+    fields += [pa.field(name, kind) for name, kind in DIAGNOSTIC_FIELDS]
+    if id_name in [field.name for field in fields[1:]]:
+        raise ValueError(f"the id column {id_name!r} has the name of an output column; "
+                         "rename it in the input")
+    return pa.schema(fields, metadata={"batchfit": json.dumps(metadata, sort_keys=True,
+                                                                 default=str)})
+
+
+def choice_table(ids: pa.Array, record: dict, schema: pa.Schema) -> pa.Table:
+    """One output row per series of a model choice's record (``ChoiceResult.record()``)."""
+    meta = json.loads(schema.metadata[b"batchfit"])
+
+    def floats(values):
+        return pa.array(np.asarray(values, dtype=np.float64), from_pandas=True)
+
+    candidates = meta["candidates"]
+    columns = {schema.names[0]: ids,
+               "model": pa.array(np.asarray(candidates)[record["model"]], pa.string())}
+    for c, name in enumerate(candidates):
+        fit = record["candidates"][name]
+        for i, column in enumerate(meta["candidate_columns"][name]):
+            columns[column] = floats(fit["params"][:, i])
+            columns[f"{column}_stderr"] = floats(fit["stderr"][:, i])
+        columns[f"aicc_{name}"] = floats(record["aicc"][:, c])
+    for name, kind in DIAGNOSTIC_FIELDS[:-1]:
+        columns[name] = pa.array(np.asarray(record[name], kind.to_pandas_dtype()),
+                                 from_pandas=True)
+    columns["status"] = pa.array(np.asarray(STATUS_LABELS)[record["status"]], pa.string())
+    return pa.table([columns[field.name] for field in schema], schema=schema)
+
+
+def choice_arrow(record: dict, candidates: dict, ids, metadata: dict) -> pa.Table:
+    """A ChoiceResult's record as its output table (``ids`` as in ``fit_arrow``)."""
+    ids = _id_array(ids, len(record["status"]))
+    return choice_table(ids, record, choice_schema(ids.type, candidates, metadata))
 
 
 def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:

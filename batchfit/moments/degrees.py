@@ -77,6 +77,9 @@ def padded(record: dict, lower: int, degree: int) -> dict:
             out[name] = np.concatenate([pad, record[name]], axis=1)
     if "q" in record:
         out["q"] = np.concatenate([record["q"], np.zeros((rows, extra))], axis=1)
+    if "covariance" in record:  # (the missing coefficients' entries undefined)
+        out["covariance"] = np.full((rows, degree + 1, degree + 1), np.nan)
+        out["covariance"][:, extra:, extra:] = record["covariance"]
     out["degrees"] = np.full(rows, lower, np.int64)
     return out
 

@@ -54,6 +54,8 @@ from batchfit.pipeline.job import (
     DEFAULT_BATCH_SIZE,
     DatasetPart,
     JobSummary,
+    add_covariance,
+    check_x_columns,
     fit_part,
     fit_table,
     job_schema,
@@ -108,6 +110,7 @@ def _run_ray(input_path, output_path, columns, address, workers, num_gpus_per_wo
     if num_gpus_per_worker < 0:
         raise ValueError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker}")
     resolved = resolve(**fit_options)
+    check_x_columns(resolved, columns)
     if kind == "ipc" and not resolved.aggregates:
         raise ValueError(f"the Ray engine moves points from Parquet and CSV, and "
                          f"{storage.shown(input_path)} is Arrow IPC: convert it to Parquet, "
@@ -449,6 +452,7 @@ def _merge_task(index: int, job: _Job, target: str, *parts):
         return clock.info(flagged={"ids": ids.take(pa.array(untrusted.picked)),
                                    "table": table[untrusted.picked], "q": untrusted.q}), \
             (ids, table, chunks, records)
+    add_covariance(backend, table, chunks, records)
     return clock.info(**_write_records(index, ids, chunks, records, job, target)), None
 
 
@@ -473,6 +477,7 @@ def _refine_task(index: int, job: _Job, target: str, state, moments):
                for record in records]  # (writable copies)
     refine_untrusted(job.backend(), table, chunks, records, untrusted_rows(chunks, records),
                      moments, job.weighted)
+    add_covariance(job.backend(), table, chunks, records)
     return clock.info(**_write_records(index, ids, chunks, records, job, target))
 
 

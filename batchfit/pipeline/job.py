@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchfit import engine, io
+from batchfit.core.names import DERIVED_COLUMNS
 from batchfit.core.options import Options, resolve
 from batchfit.moments import degrees
 from batchfit.moments import layout as moments
+from batchfit.moments.covariance import covariance
 from batchfit.pipeline.metadata import job_metadata
 
 DEFAULT_BATCH_SIZE = 100_000  # series per fit call
@@ -62,10 +64,15 @@ def default_output(path: str) -> str:
 
 
 def job_schema(opts: Options, id_type, metadata: dict, id_name: str):
-    """The output schema of a job with these options (``io.output_schema``)."""
+    """The output schema of a job with these options (``io.output_schema``; a model
+    choice's: ``io.choice_schema``)."""
+    if opts.candidates is not None:
+        return io.choice_schema(id_type, opts.candidate_params(), metadata, id_name=id_name)
     return io.output_schema(id_type, list(opts.columns()), metadata,
                             restarts=bool(opts.restarts), id_name=id_name,
-                            frame=opts.is_poly, degrees=opts.auto_degree)
+                            frame=opts.is_poly, degrees=opts.auto_degree,
+                            derived=DERIVED_COLUMNS.get(opts.family, ()),
+                            covariance=opts.covariance)
 
 
 def run_job(input_path: str, output_path: str | None = None, *,
@@ -97,6 +104,14 @@ def run_job(input_path: str, output_path: str | None = None, *,
                         track_ids, resume, progress, input_format, fit_options)
 
 
+def check_x_columns(opts: Options, columns: io.ColumnSpec) -> None:
+    """Several x columns need a model: the polynomial (and its statistics path) is 1-D."""
+    if len(columns.x_columns) > 1 and opts.is_poly:
+        raise ValueError(f"x has {len(columns.x_columns)} columns "
+                         f"({', '.join(columns.x_columns)}) but the polynomial takes one; fit "
+                         "x with several columns with a model (--model)")
+
+
 def _run_job(input_path, output_path, columns, batch_size, history_path, track, track_ids,
              resume, progress, input_format, fit_options) -> JobSummary:
     start = time.perf_counter()
@@ -106,6 +121,7 @@ def _run_job(input_path, output_path, columns, batch_size, history_path, track, 
     io.check_writable(output_path)
     io.check_apart(output_path, input_path)
     opts = resolve(**fit_options)
+    check_x_columns(opts, columns)
     if history_path is not None:
         if opts.solver == "exact":
             raise ValueError("history_path needs an iterative solver (solver gd, adam or "
@@ -118,6 +134,9 @@ def _run_job(input_path, output_path, columns, batch_size, history_path, track, 
         if resume:
             raise ValueError("resume cannot be combined with history_path (the training "
                              "history is not checkpointed)")
+        if opts.candidates is not None:
+            raise ValueError("history_path records one model's training; a model choice "
+                             "fits several")
     dataset = io.Dataset(input_path, columns, input_format)
     backend = engine.moment_backend(opts) if opts.aggregates else None
     if not opts.aggregates or backend.uses_torch:  # (checks a device, custom model or loss)
@@ -212,7 +231,16 @@ def _fits_of_gathered(dataset, codes, agg, backend, weighted: bool, batch_size: 
     order = runs if grouped else codes.sorted_by_id(present)
     chunks, records = solve_statistics(backend, table, order, weighted, batch_size, workers)
     _refine(dataset, codes, agg, backend, table, chunks, records, weighted, workers)
+    add_covariance(backend, table, chunks, records)
     return chunks, records, order, grouped
+
+
+def add_covariance(backend, table, chunks, records):
+    """With ``covariance``, each (refined) record's covariance from its rows' statistics
+    (``moments.covariance``), in place."""
+    if backend.opts.covariance:
+        for chunk, record in zip(chunks, records):
+            record["covariance"] = covariance(table[chunk], record)
 
 
 def solve_statistics(backend, table, order: np.ndarray, weighted: bool, batch_size: int,

@@ -32,6 +32,8 @@ def job_metadata(opts: Options, input_path: str, layout: Layout, input_format: s
     return {"version": __version__, **opts.describe(device), "input": storage.shown(input_path),
             "format": layout.format, "input_format": input_format, "x_unit": layout.x_unit,
             "engine": engine,
-            "columns": {"series_id": columns.series_id, "x": columns.x, "y": columns.y,
+            "columns": {"series_id": columns.series_id,
+                        "x": columns.x if not columns.more_x else list(columns.x_columns),
+                        "y": columns.y,
                         "weight": columns.weight if layout.has_weight else None},
             "options": options}
