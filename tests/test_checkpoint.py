@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -165,3 +168,29 @@ def test_an_output_name_near_the_limit_can_resume(tmp_path, monkeypatch):
     assert main(args) == 0
     assert pq.read_table(tmp_path / name).num_rows == 200
     assert sorted(os.listdir(tmp_path)) == sorted(["d.parquet", "d.truth.parquet", name])
+
+
+def test_a_run_killed_while_making_its_checkpoint_leaves_nothing_after_the_next(tmp_path):
+    """SIGKILL between the checkpoint's temporary directory and its rename (the soak test
+    found this window): the temporary directory is named as the output's temporary files,
+    so the next run that writes the output removes it."""
+    data, out = str(tmp_path / "d.parquet"), str(tmp_path / "out.parquet")
+    generate(data, series=20, points=8, seed=0)
+    killed = (
+        "import os, signal, sys\n"
+        "from batchfit.io import checkpoint\n"
+        "made = checkpoint.temp_beside\n"
+        "def made_then_killed(*args, **kwargs):\n"
+        "    made(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.temp_beside = made_then_killed\n"
+        "from batchfit.app.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.run([sys.executable, "-c", killed, "run", data, "-o", out,
+                              "--resume", "--no-progress"], check=False,
+                             capture_output=True)
+    assert process.returncode == -signal.SIGKILL
+    left = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".out.parquet."), left
+    assert main(["run", data, "-o", out, "--no-progress"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["d.parquet", "d.truth.parquet", "out.parquet"]

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 
 from batchfit.core import interrupts
 from batchfit.io import storage
-from batchfit.io.write import hidden_beside
+from batchfit.io.write import hidden_beside, temp_beside
 
 FORMAT = 2  # of manifest.json; a checkpoint of another format is another job's
 MANIFEST = "manifest.json"
@@ -40,6 +39,7 @@ class Checkpoint:
     """
 
     def __init__(self, output_path: str, job: dict):
+        self.output_path = output_path
         self.directory = hidden_beside(output_path, ".resume", RESUME_ROOM)
         self.job = json.loads(json.dumps(job, sort_keys=True, default=str))
         self.parts: dict[tuple[int, int], list] = {}  # (first, count) -> [file, digest]
@@ -77,10 +77,10 @@ class Checkpoint:
         """The directory appears whole, with its manifest, or not at all."""
         if storage.is_remote(self.directory):
             return self._publish()
-        parent = os.path.dirname(self.directory)
         with interrupts.deferred():  # (a signal waits for these few small steps)
-            temp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(self.directory) + ".",
-                                    suffix=".tmp")
+            # named as the output's temporary files (.NAME.PID.XXXX.tmp), so that what a
+            # SIGKILL leaves here is removed by the next run that writes, as theirs are
+            temp = temp_beside(self.output_path, directory=True)
             try:
                 _write_json(os.path.join(temp, MANIFEST), self._manifest())
                 os.rename(temp, self.directory)

@@ -232,7 +232,7 @@ def coefficient_columns(schema: pa.Schema) -> list[tuple[str, int]]:
     return [tuple(pair) for pair in meta["coefficient_columns"]]
 
 
-TEMP_EXTRA_BYTES = 40  # (what ``_temp_beside`` adds to a name: dots, PID, random part)
+TEMP_EXTRA_BYTES = 40  # (what ``temp_beside`` adds to a name: dots, PID, random part)
 
 
 def check_writable(path: str, directory_output: bool = False, what: str = "output"):
@@ -333,7 +333,7 @@ def hidden_beside(path: str, suffix: str, room: int = TEMP_EXTRA_BYTES) -> str:
     return os.path.join(directory, f".{name}{suffix}")
 
 
-def _temp_beside(path: str, directory: bool = False) -> str:
+def temp_beside(path: str, directory: bool = False) -> str:
     """A new hidden temporary file (or ``directory``) ``.NAME.PID.XXXX.tmp`` beside ``path``,
     after removing the ones a killed run (a PID no longer alive on this machine) left
     behind."""
@@ -408,7 +408,7 @@ class AtomicParquetWriter:
         self.path, self.final = path, final
         self.remote = storage.is_remote(path)
         with interrupts.deferred():  # (made and recorded at once: an interrupt removes it)
-            self.temp = _remote_temp(path) if self.remote else _temp_beside(path)
+            self.temp = _remote_temp(path) if self.remote else temp_beside(path)
             interrupts.remove_on_interrupt(self.temp, storage.unlink)
         try:
             filesystem, where = storage.locate(self.temp) if self.remote else (None, self.temp)
@@ -533,7 +533,7 @@ def atomic_directory(path: str, on_failure=None):
     temp = None
     try:
         with interrupts.deferred():  # (made and held at once: a failure below removes it)
-            temp = _temp_beside(path, directory=True)
+            temp = temp_beside(path, directory=True)
         yield temp
         _replace_directory(temp, path)
     except BaseException:
