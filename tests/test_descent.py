@@ -150,3 +150,35 @@ def test_continuing_on_the_active_rows_changes_nothing(rng, monkeypatch):
     np.testing.assert_array_equal(narrowed.history.tracked_loss.numpy(),
                                   full.history.tracked_loss.numpy())
     assert narrowed.iterations.max() > 3 * np.median(narrowed.iterations.numpy())
+
+
+def test_small_steps_run_on_one_thread_and_the_count_is_restored(rng, monkeypatch):
+    """Steps with little work run on one CPU thread (waking sleeping OpenMP threads would
+    cost more): the same numbers, and torch's thread count is as it was afterwards."""
+    from batchfit.fitting import loop
+
+    seen = []
+
+    def decay(x, p):
+        seen.append(torch.get_num_threads())
+        return p[..., 0:1] * torch.exp(-p[..., 1:2] * x)
+
+    x = np.linspace(0, 3, 20)
+    y = 2 * np.exp(-1.3 * x) + 0.01 * rng.normal(size=(30, 20))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = batchfit.fit(x, y, model=decay, p0=[1, 1], dtype="float64", compile=False)
+        # (the setup's calls before the loop and the final one after it run on two)
+        steps = seen[seen.index(1):-1]
+        assert len(steps) >= 10 and set(steps) == {1} and seen[-1] == 2
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(loop, "ONE_THREAD_BELOW", 0)
+        both = batchfit.fit(x, y, model=decay, p0=[1, 1], dtype="float64", compile=False)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(one.params.numpy(), both.params.numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(one.iterations.numpy(), both.iterations.numpy())
+    np.testing.assert_allclose(one.params.numpy().mean(0), [2, 1.3], rtol=1e-2)

@@ -42,6 +42,7 @@ improves) stops ``not_converged``; a non-finite loss stops it as diverged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -322,38 +323,69 @@ def put_rows(full, rows: torch.Tensor, part):
     return full.index_put((rows,), part)
 
 
+# Work per step (rows x points per series) under which the CPU runs a step on one thread:
+# waking OpenMP's sleeping threads (OMP_WAIT_POLICY=PASSIVE, batchfit's default) costs more
+# than the step saves (hill4 LM, 10 points, per step on 2 cores: one thread 0.33 ms against
+# two 1.1 ms at 32 rows, 1.2 against 1.6 ms at 2,048, 3.8 against 2.8 ms at 8,192).
+ONE_THREAD_BELOW = 1 << 16
+
+
+@contextmanager
+def threads_for_steps(device):
+    """``use(work)``, called before each step, runs the step on one CPU thread when its work
+    is below ``ONE_THREAD_BELOW`` and on all of them otherwise (on a GPU it does nothing);
+    the count is restored at the end."""
+    threads = torch.get_num_threads()
+    current = [threads]
+
+    def use(work: int):
+        wanted = 1 if work < ONE_THREAD_BELOW else threads
+        if device.type == "cpu" and wanted != current[0]:
+            torch.set_num_threads(wanted)
+            current[0] = wanted
+    try:
+        yield use
+    finally:
+        if current[0] != threads:
+            torch.set_num_threads(threads)
+
+
 def train(call, state: LoopState, inputs, cfg: SolverConfig, recorder: Recorder, loss0, *,
-           per_call: int, sync_every: int) -> LoopState:
+           per_call: int, sync_every: int, work_per_series: int) -> LoopState:
     """Run ``call(state, inputs, epoch0) -> (state, loss)`` (one compiled chunk) until the
     epochs are spent or every series is frozen.
 
     The host looks at the device only every ``sync_every`` calls, to stop early; and when
     fewer than a quarter of the series are still moving it continues on those alone (the
     frozen rest would cost a full pass per step for nothing), writing them back at the end.
+    On the CPU, a step whose rows times ``work_per_series`` (a series' points) are few runs
+    on one thread (``threads_for_steps``).
     """
     recorder.record(0, loss0, finished=cfg.epochs == 0)
     full, loss_full, rows = state, loss0, None  # rows: the active subset, None = everyone
     done, calls = 0, 0
-    while done < cfg.epochs:
-        state, loss = call(state, inputs, done)
-        done, calls = min(done + per_call, cfg.epochs), calls + 1
-        if rows is not None:
-            loss = loss_full.index_put((rows,), loss)
-        loss_full = loss
-        finished = done >= cfg.epochs
-        if not finished and calls % sync_every == 0:
-            active = torch.nonzero(~state.frozen).squeeze(1)
-            finished = active.numel() == 0
-            current = state.frozen.shape[0]
-            # (never down to one row: a batch of one would make torch.compile specialise)
-            if not finished and 2 <= active.numel() < COMPACT_BELOW * current:
-                full = state if rows is None else put_rows(full, rows, state)
-                rows = active if rows is None else rows[active]
-                state = take_rows(state, active, current)
-                inputs = take_rows(inputs, active, current)
-        recorder.record(done, loss_full, finished)
-        if finished:
-            break
+    with threads_for_steps(state.frozen.device) as use_threads:
+        while done < cfg.epochs:
+            use_threads(state.frozen.shape[0] * work_per_series)
+            state, loss = call(state, inputs, done)
+            done, calls = min(done + per_call, cfg.epochs), calls + 1
+            if rows is not None:
+                loss = loss_full.index_put((rows,), loss)
+            loss_full = loss
+            finished = done >= cfg.epochs
+            if not finished and calls % sync_every == 0:
+                active = torch.nonzero(~state.frozen).squeeze(1)
+                finished = active.numel() == 0
+                current = state.frozen.shape[0]
+                # (never down to one row: a batch of one would make torch.compile specialise)
+                if not finished and 2 <= active.numel() < COMPACT_BELOW * current:
+                    full = state if rows is None else put_rows(full, rows, state)
+                    rows = active if rows is None else rows[active]
+                    state = take_rows(state, active, current)
+                    inputs = take_rows(inputs, active, current)
+            recorder.record(done, loss_full, finished)
+            if finished:
+                break
     return state if rows is None else put_rows(full, rows, state)
 
 

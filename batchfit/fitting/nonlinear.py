@@ -462,7 +462,7 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         state = LoopState(p, loop.start(zeros(problem), model.k), zeros(problem, torch.int64),
                           structural)
         state = train(call, state, (data, floor), cfg, recorder, loss0, per_call=1,
-                       sync_every=1)
+                       sync_every=1, work_per_series=problem.y.shape[-1])
     else:
         chunk = descent_chunk(objective, solver, cfg.unroll, model.lower, model.upper)
         identity = tuple(tuple(torch.ones_like(n, dtype=problem.dtype) if i == j else
@@ -477,7 +477,8 @@ def solve_model(problem: Problem, cfg: SolverConfig, vectorize, solver: str, p0)
         state = LoopState(p, OPTIMIZERS[solver]().init(p), zeros(problem, torch.int64),
                           structural)
         state = train(call, state, (identity, data, floor), cfg, recorder, loss0,
-                       per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll))
+                       per_call=cfg.unroll, sync_every=max(1, 1000 // cfg.unroll),
+                       work_per_series=problem.y.shape[-1])
     out = vectorize(final_kernel(model, loss, solver == "newton", cfg.covariance),
                     state.params, data, n, sst,
                     ybar, wsum, floor, loss0, consts, eager_s=cost, **policy)

@@ -477,8 +477,10 @@ def solve_descent(problem: Problem, cfg: SolverConfig, vectorize, solver: str) -
             return LoopState(*new), loss
 
         inputs = (to_frame, setup.data, setup.floor)
+    # (MSE's descent works on the moments, a few k x k products per series and epoch)
     state = train(call, state, inputs, cfg, recorder, loss0, per_call=cfg.unroll,
-                  sync_every=max(1, 1000 // cfg.unroll))
+                  sync_every=max(1, 1000 // cfg.unroll),
+                  work_per_series=cfg.k**2 if cfg.loss.is_mse else problem.y.shape[-1])
     q = mat_vec(to_frame, state.params)
     return _finish(cfg, vectorize, setup, q, state.iterations, loss0, recorder, solver, cost,
                    params=state.params)
@@ -521,6 +523,6 @@ def solve_newton(problem: Problem, cfg: SolverConfig, vectorize) -> FitResult:
         return LoopState(q, damping, iterations + (~frozen & ~converged), stopped), value
 
     state = train(call, state, (setup.data, setup.floor), cfg, recorder, loss0, per_call=1,
-                   sync_every=1)
+                   sync_every=1, work_per_series=problem.y.shape[-1])
     return _finish(cfg, vectorize, setup, state.params, state.iterations, loss0, recorder,
                    "newton", cost)
