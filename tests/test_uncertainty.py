@@ -217,6 +217,37 @@ def test_interval_matches_a_band_by_hand():
         np.testing.assert_allclose(band.upper[i] - band.value[i], half, rtol=1e-4)
 
 
+def test_a_formula_table_gives_the_formula_band(tmp_path):
+    """A table written from a formula (by ``to_arrow`` or by ``batchfit run``) is evaluated
+    from its formula, not read as the quadratic its a, b, c columns would also name."""
+    rng = np.random.default_rng(5)
+    x = np.linspace(0, 4, 15)
+    y = 3 * np.exp(-0.7 * x) + 0.5 + rng.normal(0, 0.05, (2, len(x)))
+    formula = "a*exp(-b*x) + c"
+    fit = batchfit.fit(x, y, model=formula, dtype="float64", covariance=True, compile=False)
+    data = tmp_path / "decays.parquet"
+    pq.write_table(pa.table({"series_id": np.repeat([0, 1], len(x)), "x": np.tile(x, 2),
+                             "y": y.ravel()}), data)
+    out = tmp_path / "decays.coeffs.parquet"
+    assert main(["run", str(data), "--model", formula, "--covariance", "--dtype", "float64",
+                 "--output", str(out)]) == 0
+    at = np.linspace(-1.0, 5.0, 7)
+    for table in (fit.to_arrow(), str(out)):
+        band = batchfit.predict(table, at, interval=0.95)
+        for i in range(2):
+            p, pcov = optimize.curve_fit(lambda x, a, b, c: _exp((a, b, c), x), x, y[i],
+                                         p0=[3, 0.7, 0.5], xtol=1e-14, ftol=1e-14)
+            np.testing.assert_allclose(band.value[i], _exp(p, at), rtol=1e-6)
+            g = _exp_jac(p, at)
+            half = stats.t.ppf(0.975, len(x) - 3) * np.sqrt(np.einsum("ni,ij,nj->n", g, pcov, g))
+            np.testing.assert_allclose(band.upper[i] - band.value[i], half, rtol=1e-4)
+    table = fit.to_arrow()
+    meta = dict(table.schema.metadata)
+    meta[b"batchfit"] = meta[b"batchfit"].replace(b'"formula": ', b'"was": ')
+    with pytest.raises(ValueError, match="formula model but its metadata lacks the formula"):
+        batchfit.predict(table.replace_schema_metadata(meta), at)
+
+
 def test_interval_needs_covariance():
     x, y, _ = _quadratics(batch=2)
     with pytest.raises(ValueError, match="fit with covariance=True"):

@@ -240,10 +240,11 @@ class FitResult:
         from batchfit.fitting.models import output_columns
 
         model = self.output_model
-        return io.fit_arrow(self.record(), output_columns(model), ids,
-                            {"solver": self.solver, "loss": self.loss_name,
-                             "model": model.name, "degree": self.degree,
-                             "param_columns": list(model.param_names)},
+        meta = {"solver": self.solver, "loss": self.loss_name, "model": model.name,
+                "degree": self.degree, "param_columns": list(model.param_names)}
+        if model.formula is not None:  # (what ``predict`` and ``plot`` evaluate it from)
+            meta["formula"] = model.formula
+        return io.fit_arrow(self.record(), output_columns(model), ids, meta,
                             derived=model.derived_names)
 
     def to_pandas(self, ids=None):

@@ -84,8 +84,10 @@ def coefficient_table(table: pa.Table, source: str) -> tuple[pa.Table, dict]:
             name in names for columns in choice.values() for name in columns):
         return table, {**meta, "model": "auto", "degree": None, "columns": []}
     stated = meta.get("param_columns")
-    if meta.get("model") == "formula" and isinstance(meta.get("formula"), str) and \
-            _named_columns(stated, names):  # (before the polynomial: a formula's a, b, c)
+    if meta.get("model") == "formula":  # (before the polynomial: a formula's a, b, c)
+        if not (isinstance(meta.get("formula"), str) and _named_columns(stated, names)):
+            raise ValueError(f"{path} was written from a formula model but its metadata lacks "
+                             f"the formula or its parameter columns")
         return table, {**meta, "degree": None,
                        "columns": [(name, i) for i, name in enumerate(stated)]}
     # The metadata may only name a built-in family; the columns must then be there.
